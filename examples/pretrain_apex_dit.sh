@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# APEX one-step text-to-image training on a Megatron-Core DiT.
+#
+#   bash examples/pretrain_apex_dit.sh                 # tiny real job on a laptop CPU (~15 min):
+#                                                      # flow matching, then APEX fine-tuning, then
+#                                                      # one-step and 4-step samples on disk
+#   NPROC_PER_NODE=8 bash examples/pretrain_apex_dit.sh --model ... --tensor-model-parallel-size 2 ...
+#
+# Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT as for any torchrun job.
+# Every argument given to this script is passed on to pretrain_apex_dit.py after the defaults
+# below, so it overrides them (argparse keeps the last value of a flag).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+NPROC_PER_NODE=${NPROC_PER_NODE:-1}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+PYTHON=${PYTHON:-python}
+
+# Where the run goes: the last --save among the arguments wins, as it does for the trainer.
+SAVE=runs/apex-tiny
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  if [[ "${args[$i]}" == "--save" && $((i + 1)) -lt ${#args[@]} ]]; then SAVE="${args[$((i + 1))]}"; fi
+  if [[ "${args[$i]}" == --save=* ]]; then SAVE="${args[$i]#--save=}"; fi
+done
+
+MODEL_ARGS=(
+  --model qwen-image-tiny
+)
+TRAIN_ARGS=(
+  --micro-batch-size 64
+  --global-batch-size 64
+  --train-iters 1600
+  --lr 1e-3
+  --min-lr 1e-4
+  --lr-warmup-iters 100
+  --lr-decay-style cosine
+  --clip-grad 1.0
+  --seed 1234
+  --ema-decay 0.99
+)
+# Flow matching for the first APEX_START iterations, then APEX (`released` variant, see
+# ../shared/reference/APEX_SPEC.md and docs/): the paper fine-tunes APEX from a pretrained model.
+OBJECTIVE_ARGS=(
+  --objective apex
+  --apex-variant released
+  --apex-start-iter 900
+  --teacher frozen
+)
+CHECKPOINT_ARGS=(
+  --save "$SAVE"
+  --save-interval 200
+  --log-interval 10
+)
+# Resume when the save directory already holds a complete checkpoint.
+if [[ -f "$SAVE/latest" ]]; then CHECKPOINT_ARGS+=(--load "$SAVE"); fi
+
+"$PYTHON" -m torch.distributed.run \
+  --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC_PER_NODE" \
+  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
+  examples/pretrain_apex_dit.py \
+  "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${OBJECTIVE_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "$@"
+
+# One-step and few-step samples, one row per class prompt of the built-in dataset.
+if [[ "$NODE_RANK" == 0 && "${SKIP_SAMPLES:-0}" != 1 ]]; then
+  for nfe in 1 4; do
+    "$PYTHON" tools/sample.py --load "$SAVE" --nfe "$nfe" --num-per-prompt 8 --out "$SAVE/samples_nfe$nfe"
+  done
+fi

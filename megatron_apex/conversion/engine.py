@@ -1,0 +1,183 @@
+"""A small, generic, table-driven converter between Hugging Face (diffusers) state dicts and
+ours, with tensor-parallel sharding and merging driven by the same table.
+
+A table is a list of :class:`ParamRule`: our key pattern, the HF key pattern(s) it is made
+of, how (``transform``), and the dimension megatron shards it along (``tp_split_dim``,
+None = replicated). Patterns may contain ``{i}``, expanded over layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+EXTRA_STATE_SUFFIX = "_extra_state"
+
+
+@dataclass(frozen=True)
+class ParamRule:
+    ours: str
+    hf: Tuple[str, ...]
+    transform: str = "copy"
+    tp_split_dim: Optional[int] = None
+    optional: bool = False  # may be absent (APEX extras that plain diffusers checkpoints lack)
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.ours
+
+
+# ----------------------------------------------------------------------------- transforms
+def _copy_fuse(tensors: Sequence[torch.Tensor], ctx: Mapping) -> torch.Tensor:
+    return tensors[0]
+
+
+def _copy_split(tensor: torch.Tensor, ctx: Mapping) -> List[torch.Tensor]:
+    return [tensor]
+
+
+def _qkv_fuse(tensors: Sequence[torch.Tensor], ctx: Mapping) -> torch.Tensor:
+    """q, k, v [H*hd, ...] -> megatron per-head layout [H * (q_h | k_h | v_h), ...]."""
+    head_dim = ctx["head_dim"]
+    q, k, v = tensors
+    if not q.shape == k.shape == v.shape or q.shape[0] % head_dim:
+        raise ValueError(f"q/k/v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} do not fuse "
+                         f"with head_dim {head_dim}")
+    heads = q.shape[0] // head_dim
+    rest = q.shape[1:]
+    stacked = torch.stack([x.reshape(heads, head_dim, *rest) for x in (q, k, v)], dim=1)
+    return stacked.reshape(3 * heads * head_dim, *rest)
+
+
+def _qkv_split(tensor: torch.Tensor, ctx: Mapping) -> List[torch.Tensor]:
+    head_dim = ctx["head_dim"]
+    if tensor.shape[0] % (3 * head_dim):
+        raise ValueError(f"fused qkv of shape {tuple(tensor.shape)} does not split with head_dim {head_dim}")
+    heads = tensor.shape[0] // (3 * head_dim)
+    rest = tensor.shape[1:]
+    per_head = tensor.reshape(heads, 3, head_dim, *rest)
+    return [per_head[:, j].reshape(heads * head_dim, *rest).clone() for j in range(3)]
+
+
+TRANSFORMS: Dict[str, Tuple[Callable, Callable]] = {
+    "copy": (_copy_fuse, _copy_split),
+    # Contiguous TP chunks of the fused tensor along dim 0 hold whole heads, so sharding the
+    # fused tensor needs no extra rule.
+    "qkv_per_head": (_qkv_fuse, _qkv_split),
+}
+
+
+# ----------------------------------------------------------------------------- expansion
+def expand(table: Iterable[ParamRule], num_layers: int) -> List[Tuple[str, Tuple[str, ...], ParamRule]]:
+    """Concrete (our key, hf keys, rule) triples."""
+    out = []
+    for rule in table:
+        if rule.transform not in TRANSFORMS:
+            raise ValueError(f"mapping rule for {rule.ours!r}: unknown transform {rule.transform!r}")
+        layers = range(num_layers) if rule.per_layer else [None]
+        for i in layers:
+            fmt = (lambda s: s.format(i=i)) if i is not None else (lambda s: s)
+            out.append((fmt(rule.ours), tuple(fmt(h) for h in rule.hf), rule))
+    return out
+
+
+def _ensure_unique(expanded):
+    seen = {}
+    for ours, hf_keys, _ in expanded:
+        for key in (("ours", ours),) + tuple(("hf", h) for h in hf_keys):
+            if key in seen:
+                raise ValueError(f"mapping table lists {key[1]!r} twice")
+            seen[key] = True
+
+
+def hf_to_ours(hf_sd: Mapping[str, torch.Tensor], table: Sequence[ParamRule], num_layers: int,
+               ctx: Optional[Mapping] = None, source: str = "the HF state dict") -> Tuple[Dict, List[str]]:
+    """Returns (our state dict, our keys of optional rules that ``hf_sd`` lacked).
+
+    Raises ValueError naming the first missing required key or any key no rule consumes.
+    """
+    ctx = ctx or {}
+    expanded = expand(table, num_layers)
+    _ensure_unique(expanded)
+    ours, missing_optional, consumed = {}, [], set()
+    for our_key, hf_keys, rule in expanded:
+        present = [h in hf_sd for h in hf_keys]
+        if not all(present):
+            if rule.optional and not any(present):
+                missing_optional.append(our_key)
+                continue
+            absent = hf_keys[present.index(False)]
+            raise ValueError(f"{source} lacks key {absent!r} (needed for {our_key!r})")
+        fuse, _ = TRANSFORMS[rule.transform]
+        ours[our_key] = fuse([hf_sd[h] for h in hf_keys], ctx)
+        consumed.update(hf_keys)
+    unexpected = sorted(k for k in hf_sd if k not in consumed)
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise ValueError(f"{source} has key {unexpected[0]!r}{more} that the mapping does not know")
+    return ours, missing_optional
+
+
+def ours_to_hf(sd: Mapping[str, torch.Tensor], table: Sequence[ParamRule], num_layers: int,
+               ctx: Optional[Mapping] = None, source: str = "the model state dict") -> Dict[str, torch.Tensor]:
+    """Inverse of :func:`hf_to_ours`; megatron's ``*._extra_state`` entries are dropped."""
+    ctx = ctx or {}
+    expanded = expand(table, num_layers)
+    _ensure_unique(expanded)
+    hf, consumed = {}, set()
+    for our_key, hf_keys, rule in expanded:
+        if our_key not in sd:
+            if rule.optional:
+                continue
+            raise ValueError(f"{source} lacks key {our_key!r}")
+        _, split = TRANSFORMS[rule.transform]
+        for h, tensor in zip(hf_keys, split(sd[our_key], ctx)):
+            hf[h] = tensor
+        consumed.add(our_key)
+    unexpected = sorted(k for k in sd if k not in consumed and not k.endswith(EXTRA_STATE_SUFFIX))
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise ValueError(f"{source} has key {unexpected[0]!r}{more} that the mapping does not know")
+    return hf
+
+
+# ----------------------------------------------------------------------------- TP sharding
+def _split_dims(table: Sequence[ParamRule], num_layers: int) -> Dict[str, Optional[int]]:
+    return {our_key: rule.tp_split_dim for our_key, _, rule in expand(table, num_layers)}
+
+
+def shard_for_tp(sd: Mapping[str, torch.Tensor], table: Sequence[ParamRule], num_layers: int,
+                 tp_rank: int, tp_size: int) -> Dict[str, torch.Tensor]:
+    """This rank's slice of a full (TP=1) state dict: contiguous chunks along ``tp_split_dim``."""
+    dims = _split_dims(table, num_layers)
+    out = {}
+    for key, tensor in sd.items():
+        if key.endswith(EXTRA_STATE_SUFFIX):
+            continue
+        if key not in dims:
+            raise ValueError(f"state dict key {key!r} is not in the mapping table")
+        dim = dims[key]
+        if dim is None or tp_size == 1:
+            out[key] = tensor
+            continue
+        if tensor.shape[dim] % tp_size:
+            raise ValueError(f"{key!r} dim {dim} ({tensor.shape[dim]}) is not divisible by TP size {tp_size}")
+        out[key] = tensor.chunk(tp_size, dim=dim)[tp_rank].clone()
+    return out
+
+
+def merge_tp_shards(shards: Sequence[Mapping[str, torch.Tensor]], table: Sequence[ParamRule],
+                    num_layers: int) -> Dict[str, torch.Tensor]:
+    """Inverse of :func:`shard_for_tp` (replicated entries are taken from rank 0)."""
+    dims = _split_dims(table, num_layers)
+    out = {}
+    for key, tensor in shards[0].items():
+        if key.endswith(EXTRA_STATE_SUFFIX):
+            continue
+        if key not in dims:
+            raise ValueError(f"state dict key {key!r} is not in the mapping table")
+        dim = dims[key]
+        out[key] = tensor if dim is None else torch.cat([s[key] for s in shards], dim=dim)
+    return out

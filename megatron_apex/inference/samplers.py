@@ -1,0 +1,46 @@
+"""Samplers on the OT path x_t = t*z + (1-t)*x (t = 1 noise, t = 0 data).
+
+`euler`   : the probability-flow ODE, velocity queries F(x_t, t, c) with tt = t.
+`flowmap` : any-step jumps F(x_t, t, c, tt = next t): x_tt = x_t - (t - tt) * F. For a model
+            without a target-time input it is identical to `euler`.
+`renoise` : predict the endpoint x = x_t - t*F, then re-noise it to the next t with fresh noise.
+A one-step generator trained with a target-time input (the `released` APEX variant) is sampled
+with `flowmap`: at NFE = 1 that is x = z - F(z, 1, c, tt = 0).
+"""
+
+from typing import Optional
+
+import torch
+
+METHODS = ("euler", "flowmap", "renoise")
+
+
+def time_grid(nfe: int, device=None) -> torch.Tensor:
+    if nfe < 1:
+        raise ValueError(f"--nfe must be >= 1, got {nfe}")
+    return torch.linspace(1.0, 0.0, nfe + 1, device=device)
+
+
+@torch.no_grad()
+def sample(model, noise: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None,
+           nfe: int = 1, method: str = "flowmap", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    if method not in METHODS:
+        raise ValueError(f"unknown sampling method {method!r}; choose one of {METHODS}")
+    grid = time_grid(nfe, device=noise.device)
+    batch = noise.shape[0]
+    x = noise
+    for i in range(nfe):
+        t, t_next = grid[i], grid[i + 1]
+        t_vec = t.expand(batch)
+        tt_vec = t_next.expand(batch) if method == "flowmap" else None
+        velocity = model(x, t_vec, context, context_mask, t_target=tt_vec)
+        if method == "renoise":
+            x0 = x - t * velocity
+            if i == nfe - 1:
+                x = x0
+            else:
+                fresh = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+                x = t_next * fresh + (1 - t_next) * x0
+        else:
+            x = x - (t - t_next) * velocity
+    return x

@@ -1,0 +1,70 @@
+"""Multi-axis rotary position embedding (Qwen-Image's ``QwenEmbedRope``).
+
+Angles are produced per token, repeat-interleaved to the head dim, so that megatron-core's
+``apply_rotary_pos_emb`` with ``rotary_interleaved=True`` applies exactly the complex
+rotation of consecutive channel pairs that diffusers uses.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def axis_inverse_frequencies(dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """(dim/2,) float32 ``1 / theta^(2j/dim)`` (same expression as diffusers, bit for bit)."""
+    if dim % 2:
+        raise ValueError(f"every RoPE axis dim must be even, got {dim}")
+    return 1.0 / torch.pow(theta, torch.arange(0, dim, 2).to(torch.float32).div(dim))
+
+
+def _axis_angles(positions: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
+    return torch.outer(positions.to(torch.float32), axis_inverse_frequencies(dim, theta))
+
+
+def centred_positions(n: int) -> torch.Tensor:
+    """``-ceil(n/2) .. floor(n/2)-1``: diffusers' ``scale_rope=True`` centring of an image axis."""
+    return torch.arange(n) - (n - n // 2)
+
+
+def qwen_image_rope_angles(
+    grid_h: int,
+    grid_w: int,
+    text_len: int,
+    axes_dims: Sequence[int],
+    theta: float = 10000.0,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rotation angles ``(text (L, head_dim), image (h*w, head_dim))``, float32.
+
+    Image token (i, j) in raster order has positions (frame 0, centred row, centred column);
+    text token k has position ``max(h//2, w//2) + k`` on all three axes, so text sits just past
+    the largest image coordinate.
+    """
+    if len(axes_dims) != 3:
+        raise ValueError(f"axes_dims_rope must have 3 entries (frame, height, width), got {list(axes_dims)}")
+    d_frame, d_h, d_w = axes_dims
+    rows = centred_positions(grid_h)
+    cols = centred_positions(grid_w)
+    frame = _axis_angles(torch.zeros(1), d_frame, theta).expand(grid_h * grid_w, -1)
+    height = _axis_angles(rows, d_h, theta)[:, None, :].expand(grid_h, grid_w, -1).reshape(grid_h * grid_w, -1)
+    width = _axis_angles(cols, d_w, theta)[None, :, :].expand(grid_h, grid_w, -1).reshape(grid_h * grid_w, -1)
+    image = torch.cat([frame, height, width], dim=-1)
+
+    text_pos = torch.arange(text_len) + max(grid_h // 2, grid_w // 2)
+    text = torch.cat([_axis_angles(text_pos, d, theta) for d in axes_dims], dim=-1)
+
+    # Megatron's interleaved rotation reads angle j at channels 2j and 2j+1.
+    text = text.repeat_interleave(2, dim=-1)
+    image = image.repeat_interleave(2, dim=-1)
+    if device is not None:
+        text, image = text.to(device), image.to(device)
+    return text, image
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor, config, cp_group=None) -> torch.Tensor:
+    """Rotate ``x`` [s, b, heads, head_dim] by ``angles`` [s, head_dim] (megatron-core RoPE)."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb(x, angles[:, None, None, :], config, cp_group=cp_group)

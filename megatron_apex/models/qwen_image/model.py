@@ -1,0 +1,317 @@
+"""Qwen-Image dual-stream MMDiT on megatron-core, with APEX's condition shift and an
+any-step target-time input.
+
+Contract: ``model(x_t, t, context, context_mask=None, fake_condition=False, t_target=None)``
+returns the velocity with the shape of ``x_t`` (B, C, H, W); ``t`` in [0, 1], 1 = noise.
+With ``fake_condition`` False and ``t_target`` None it computes exactly diffusers'
+``QwenImageTransformer2DModel`` on the packed latents.
+
+Pipeline stages: ``pre_process`` owns the input embeddings (image, text, condition shift,
+time), ``post_process`` the final adaLN and projection. Between stages one tensor
+[L + N + 1, B, D] travels: text tokens, image tokens, then the time embedding as a last row.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.utils import sharded_state_dict_default
+from torch import nn
+
+from megatron_apex.models.common.modulation import AdaLNModulation, modulate
+from megatron_apex.models.common.norms import RMSNorm
+from megatron_apex.models.common.rope import qwen_image_rope_angles
+from megatron_apex.models.common.timestep import TimestepEmbedder
+from megatron_apex.models.qwen_image.config import QwenImageConfig
+from megatron_apex.models.qwen_image.layers import zeros_init
+from megatron_apex.objectives.apex import ConditionShift, apply_condition_shift
+
+FakeCondition = Union[bool, torch.Tensor]
+
+
+def pack_latents(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, (H/p)(W/p), C*p*p), channel order (c, py, px): diffusers'
+    ``QwenImagePipeline._pack_latents``."""
+    b, c, h, w = x.shape
+    p = patch_size
+    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int, patch_size: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents`."""
+    b, n, d = tokens.shape
+    p = patch_size
+    c = d // (p * p)
+    x = tokens.reshape(b, height // p, width // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, height, width)
+
+
+def _parallel_groups():
+    """(tp_size, pp_size, tp_group, cp_group); sizes 1 and no groups before megatron is set up
+    (enough to build the model, e.g. on the meta device; running it needs the groups)."""
+    if parallel_state.model_parallel_is_initialized():
+        return (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_group(),
+            parallel_state.get_context_parallel_group(),
+        )
+    return 1, 1, None, None
+
+
+class QwenImageModel(MegatronModule):
+    """See the module docstring. ``spec`` defaults to ``get_qwen_image_layer_spec("auto")``;
+    ``layer_range`` = (first, stop) global layer indices overrides megatron's per-stage split.
+
+    Initialisation (``init_style="dit"``, applied when ``perform_initialization``):
+    xavier-uniform weights and zero biases for every linear in the blocks (fused QKV as one
+    matrix, as DiT does) and for ``img_in`` / ``txt_in``; N(0, ``init_std``) for the timestep
+    embedders' weights; adaLN-Zero: block modulations, the final modulation and ``proj_out``
+    start at zero, so every block starts as the identity and the output starts at 0; norm
+    weights 1; the target-time embedder per ``target_time_init``; the condition shift at
+    ``A = a, b = b``. Megatron builds each tensor-parallel weight from a full-size master on
+    the CPU, so every TP size gets the same weights from the same seed.
+    """
+
+    def __init__(self, config: QwenImageConfig, spec: Optional[ModuleSpec] = None,
+                 pre_process: bool = True, post_process: bool = True,
+                 layer_range: Optional[tuple] = None):
+        tp_size, pp_size, tp_group, cp_group = _parallel_groups()
+        config.validate(tp_size)
+        transformer_config = config.to_transformer_config(tp_size, pp_size)
+        super().__init__(config=transformer_config)
+        if spec is None:
+            from megatron_apex.models.specs import get_qwen_image_layer_spec
+
+            spec = get_qwen_image_layer_spec("auto")
+        self.model_config = config
+        self.spec = spec
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.input_tensor = None
+        self.cp_group = cp_group
+        hidden = config.hidden_size
+        dtype = config.torch_dtype
+
+        if pre_process:
+            self.img_in = nn.Linear(config.in_channels, hidden, dtype=dtype)
+            self.txt_norm = RMSNorm(transformer_config, config.joint_attention_dim, eps=config.norm_eps)
+            self.txt_in = nn.Linear(config.joint_attention_dim, hidden, dtype=dtype)
+            shift_dim = config.joint_attention_dim if config.shift_site == "input" else hidden
+            self.condition_shift = ConditionShift(
+                shift_dim, kind=config.shift_kind, a=config.shift_a, b=config.shift_b,
+                learnable=config.shift_learnable,
+            ).to(dtype)
+            self.time_embedder = TimestepEmbedder(hidden, config.timestep_channels, dtype=dtype)
+            if config.target_time_embedder:
+                self.target_time_embedder = TimestepEmbedder(hidden, config.timestep_channels, dtype=dtype)
+
+        if layer_range is None:
+            self.num_local_layers, self.layer_offset = self._stage_layers(transformer_config, pp_size)
+        else:
+            start, stop = layer_range
+            if not 0 <= start <= stop <= config.num_layers:
+                raise ValueError(f"layer_range {layer_range} must lie within [0, --num-layers={config.num_layers}]")
+            self.num_local_layers, self.layer_offset = stop - start, start
+        self.layers = nn.ModuleList([
+            build_module(spec, config=transformer_config, layer_number=self.layer_offset + i + 1,
+                         tp_group=tp_group, cp_group=cp_group)
+            for i in range(self.num_local_layers)
+        ])
+
+        if post_process:
+            self.final_modulation = AdaLNModulation(
+                transformer_config, spec.submodules.modulation_linear, hidden, 2, zeros_init, tp_group
+            )
+            self.final_norm = build_module(spec.submodules.adaln_norm, config=transformer_config,
+                                           hidden_size=hidden, eps=config.norm_eps)
+            self.proj_out = nn.Linear(hidden, config.patch_size ** 2 * config.out_channels, dtype=dtype)
+
+        if config.perform_initialization:
+            self._init_replicated_weights()
+
+    # ------------------------------------------------------------------ construction helpers
+    @staticmethod
+    def _stage_layers(transformer_config, pp_size):
+        if pp_size == 1:
+            return transformer_config.num_layers, 0
+        from megatron.core.transformer.transformer_block import get_num_layers_to_build
+        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+        return get_num_layers_to_build(transformer_config), get_transformer_layer_offset(transformer_config)
+
+    @torch.no_grad()
+    def _init_replicated_weights(self):
+        """DiT-style init of the modules megatron does not initialise (see class docstring)."""
+        cfg = self.model_config
+        if self.pre_process:
+            for linear in (self.img_in, self.txt_in):
+                nn.init.xavier_uniform_(linear.weight)
+                nn.init.zeros_(linear.bias)
+            for linear in (self.time_embedder.linear_1, self.time_embedder.linear_2):
+                nn.init.normal_(linear.weight, std=cfg.init_std)
+                nn.init.zeros_(linear.bias)
+            if cfg.target_time_embedder:
+                self.init_target_time_embedder()
+        if self.post_process:
+            nn.init.zeros_(self.proj_out.weight)
+            nn.init.zeros_(self.proj_out.bias)
+
+    @torch.no_grad()
+    def init_target_time_embedder(self):
+        """``copy``: the first embedder's weights (the authors' release); ``zero``: the
+        first's ``linear_1`` and a zero ``linear_2``, so emb_2 = 0 and a flow-matching
+        checkpoint computes exactly what it did before."""
+        target = self.target_time_embedder
+        target.load_state_dict(self.time_embedder.state_dict())
+        if self.model_config.target_time_init == "zero":
+            nn.init.zeros_(target.linear_2.weight)
+            nn.init.zeros_(target.linear_2.bias)
+
+    # ------------------------------------------------------------------ pipeline plumbing
+    def set_input_tensor(self, input_tensor) -> None:
+        """Receive the previous stage's [L + N + 1, B, D] tensor (megatron passes a list)."""
+        if isinstance(input_tensor, (list, tuple)):
+            if len(input_tensor) != 1:
+                raise ValueError(f"QwenImageModel takes one input tensor per stage, got {len(input_tensor)}")
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    def stage_tensor_shape(self, batch_size: int, text_len: int, height: int, width: int) -> tuple:
+        """Shape of the tensor sent between pipeline stages, for the p2p schedule."""
+        p = self.model_config.patch_size
+        return (text_len + (height // p) * (width // p) + 1, batch_size, self.model_config.hidden_size)
+
+    # ------------------------------------------------------------------ forward pieces
+    def _check_inputs(self, x_t, t, context, context_mask, t_target):
+        cfg = self.model_config
+        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 4:
+            raise ValueError(f"x_t must be a (B, C, H, W) tensor, got shape {tuple(getattr(x_t, 'shape', ()))}")
+        b, c, h, w = x_t.shape
+        if c != cfg.out_channels:
+            raise ValueError(f"x_t has {c} channels, the model expects --out-channels ({cfg.out_channels})")
+        p = cfg.patch_size
+        if h % p or w % p:
+            raise ValueError(f"x_t height x width ({h} x {w}) must be multiples of --patch-size ({p})")
+        t = self._check_time("t", t, b, x_t.device)
+        if t_target is not None:
+            t_target = self._check_time("t_target", t_target, b, x_t.device)
+        if not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[0] != b:
+            raise ValueError(
+                f"context must be (B={b}, L, {cfg.joint_attention_dim}), got {tuple(getattr(context, 'shape', ()))}"
+            )
+        if context.shape[2] != cfg.joint_attention_dim:
+            raise ValueError(
+                f"context has width {context.shape[2]}, the model expects --joint-attention-dim "
+                f"({cfg.joint_attention_dim})"
+            )
+        if context_mask is not None and tuple(context_mask.shape) != tuple(context.shape[:2]):
+            raise ValueError(
+                f"context_mask must have shape {tuple(context.shape[:2])} (B, L), got {tuple(context_mask.shape)}"
+            )
+        return t, t_target
+
+    @staticmethod
+    def _check_time(name, value, batch, device):
+        value = torch.as_tensor(value, device=device)
+        if value.dim() == 0:
+            value = value.expand(batch)
+        if value.shape != (batch,):
+            raise ValueError(f"{name} must have shape ({batch},), got {tuple(value.shape)}")
+        if not value.is_floating_point():
+            value = value.float()
+        return value
+
+    def _embed_time(self, t, t_target):
+        temb = self.time_embedder(t)
+        if not self.model_config.target_time_embedder:
+            if t_target is not None and not torch.equal(t_target.to(t.dtype), t):
+                raise ValueError(
+                    "t_target differs from t but the model has no target-time embedder "
+                    "(--target-time-embedder is off)"
+                )
+            return temb
+        tt = t if t_target is None else t_target
+        # tt = t makes the second term exactly zero: plain velocity queries are unchanged.
+        step = (t.float() - tt.float()).to(temb.dtype)[:, None]
+        return temb + self.target_time_embedder(tt) * step
+
+    def _embed_text(self, context, fake_condition):
+        site = self.model_config.shift_site
+        if site == "input":
+            context = apply_condition_shift(self.condition_shift, context, fake_condition)
+        txt = self.txt_in(self.txt_norm(context))
+        if site == "projected":
+            txt = apply_condition_shift(self.condition_shift, txt, fake_condition)
+        return txt
+
+    @staticmethod
+    def _attention_mask(context_mask, num_image_tokens):
+        """[B, 1, 1, L + N] bool, True = masked out (megatron / TE convention); None = no mask."""
+        if context_mask is None:
+            return None
+        keep_text = context_mask.bool() if context_mask.dtype != torch.bool else context_mask
+        keep_image = keep_text.new_ones(keep_text.shape[0], num_image_tokens)
+        return ~torch.cat([keep_text, keep_image], dim=1)[:, None, None, :]
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                context_mask: Optional[torch.Tensor] = None, fake_condition: FakeCondition = False,
+                t_target: Optional[torch.Tensor] = None) -> torch.Tensor:
+        cfg = self.model_config
+        t, t_target = self._check_inputs(x_t, t, context, context_mask, t_target)
+        _, _, height, width = x_t.shape
+        p = cfg.patch_size
+        grid_h, grid_w = height // p, width // p
+        text_len = context.shape[1]
+        num_image = grid_h * grid_w
+        dtype = self.config.params_dtype
+
+        if self.pre_process:
+            img = self.img_in(pack_latents(x_t.to(dtype), p))
+            txt = self._embed_text(context.to(dtype), fake_condition)
+            temb = self._embed_time(t, t_target)
+            img = img.transpose(0, 1).contiguous()
+            txt = txt.transpose(0, 1).contiguous()
+        else:
+            if self.input_tensor is None:
+                raise RuntimeError("a non-first pipeline stage needs set_input_tensor() before forward")
+            stage = self.input_tensor
+            expected = (text_len + num_image + 1, x_t.shape[0], cfg.hidden_size)
+            if tuple(stage.shape) != expected:
+                raise ValueError(f"pipeline input tensor has shape {tuple(stage.shape)}, expected {expected}")
+            txt, img, temb = stage[:text_len], stage[text_len:-1], stage[-1]
+
+        attention_mask = self._attention_mask(context_mask, num_image)
+        rope = qwen_image_rope_angles(grid_h, grid_w, text_len, cfg.axes_dims_rope, cfg.rope_theta, img.device)
+        silu_temb = F.silu(temb)
+        for layer in self.layers:
+            img, txt = layer(img, txt, silu_temb, rope, attention_mask)
+
+        if not self.post_process:
+            return torch.cat([txt, img, temb.unsqueeze(0)], dim=0)
+
+        scale, shift = self.final_modulation(silu_temb)  # diffusers' AdaLayerNormContinuous order
+        img = modulate(self.final_norm(img), shift, scale)
+        out = self.proj_out(img).transpose(0, 1)
+        return unpack_latents(out, height, width, p).to(x_t.dtype)
+
+    # ------------------------------------------------------------------ checkpoints
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """Like the default, but layers are keyed by their GLOBAL index so pipeline stages
+        (and re-partitionings of them) address the same checkpoint entries."""
+        sharded = {}
+        for name, module in self.named_children():
+            if name == "layers":
+                continue
+            sharded.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
+        for i, layer in enumerate(self.layers):
+            sharded.update(sharded_state_dict_default(
+                layer, f"{prefix}layers.{self.layer_offset + i}.", sharded_offsets, metadata
+            ))
+        return sharded

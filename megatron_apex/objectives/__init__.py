@@ -1,0 +1,13 @@
+"""Training objectives: the OT flow path (flow), plain flow matching (fm), APEX (apex)."""
+
+from megatron_apex.objectives.apex import (APEXConfig, ConditionShift, apex_loss,
+                                           apply_condition_shift)
+from megatron_apex.objectives.flow import (TimeSamplerConfig, endpoint, interpolate, mix_weight,
+                                           per_sample_mse, sample_time, velocity_target)
+from megatron_apex.objectives.fm import fm_loss
+
+__all__ = [
+    "APEXConfig", "ConditionShift", "apex_loss", "apply_condition_shift",
+    "TimeSamplerConfig", "endpoint", "interpolate", "mix_weight", "per_sample_mse",
+    "sample_time", "velocity_target", "fm_loss",
+]

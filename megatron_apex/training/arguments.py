@@ -1,0 +1,281 @@
+"""Megatron-style command-line flags, parsed into explicit dataclass configs.
+
+No global argument state: `parse_args(argv)` returns a `RunConfig` that is passed down
+explicitly. Flag names follow Megatron-LM wherever Megatron-LM has the flag.
+"""
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+OBJECTIVES = ("apex", "fm")
+
+
+@dataclass
+class ParallelArgs:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    use_distributed_optimizer: bool = False
+
+
+@dataclass
+class OptimArgs:
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    lr_warmup_iters: int = 0
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    bf16: bool = False
+
+
+@dataclass
+class TrainArgs:
+    micro_batch_size: int = 64
+    global_batch_size: int = 64
+    train_iters: int = 100
+    seed: int = 1234
+    ema_decay: float = 0.0
+    exit_interval: Optional[int] = None  # stop (with a checkpoint) once iteration % N == 0
+
+
+@dataclass
+class ObjectiveArgs:
+    objective: str = "apex"
+    # Iterations of plain flow matching before the APEX terms switch on (the paper fine-tunes
+    # APEX from a pretrained flow model; 0 = APEX from the first iteration).
+    apex_start_iter: int = 0
+    # Where the real velocity of the distribution-matching query comes from (`released`
+    # variant): "frozen" = a frozen copy of the model taken when APEX starts, "online" = the
+    # model being trained (the release's full-tuning setting).
+    teacher: str = "frozen"
+    apex: Dict[str, Any] = field(default_factory=dict)  # APEXConfig fields
+    time_sampler: Dict[str, Any] = field(default_factory=dict)  # TimeSamplerConfig fields
+
+
+@dataclass
+class DataArgs:
+    data_path: Optional[str] = None  # None = the built-in dataset
+
+
+@dataclass
+class CheckpointArgs:
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None
+    # Load only the weights of --load (EMA too when both have it) and start a new run at
+    # iteration 0 with a fresh optimizer: fine-tuning from a pretrained or converted model.
+    finetune: bool = False
+
+
+@dataclass
+class LoggingArgs:
+    log_interval: int = 10
+    tensorboard_dir: Optional[str] = None
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: str = "qwen-image-tiny"
+    model_overrides: Dict[str, Any] = field(default_factory=dict)
+    parallel: ParallelArgs = field(default_factory=ParallelArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    objective: ObjectiveArgs = field(default_factory=ObjectiveArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    logging: LoggingArgs = field(default_factory=LoggingArgs)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the flag, then exit 2 (argparse's convention)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pretrain_apex_dit.py", description=__doc__,
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="qwen-image-tiny", help="registry name (megatron_apex.models.registry)")
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--kv-channels", type=int, help="attention head dim")
+    g.add_argument("--patch-size", type=int)
+    g.add_argument("--shift-site", choices=("input", "projected"), help="where c_fake = A c + b is applied")
+    g.add_argument("--shift-kind", choices=("scalar", "diagonal", "full"))
+    g.add_argument("--shift-a", type=float, help="condition shift scale a (c_fake = a*c + b)")
+    g.add_argument("--shift-b", type=float, help="condition shift offset b")
+    g.add_argument("--target-time-embedder", choices=("none", "copy", "zero"),
+                   help="any-step target-time embedder: none, initialised from the time embedder, or zero")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=64)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data-parallel size")
+    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights kept for sampling; 0 = off")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="exit (after saving a checkpoint) when the iteration is a multiple of this")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--bf16", action="store_true")
+
+    g = p.add_argument_group("objective")
+    g.add_argument("--objective", default="apex", help=f"one of {OBJECTIVES}")
+    g.add_argument("--apex-variant", default=None, help="paper | released (see APEX_SPEC.md)")
+    g.add_argument("--apex-start-iter", type=int, default=0,
+                   help="plain flow matching before this iteration, APEX after it (fine-tuning from FM)")
+    g.add_argument("--teacher", choices=("frozen", "online"), default="frozen",
+                   help="real velocity of the released variant's distribution-matching query")
+    g.add_argument("--apex-option", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other APEXConfig field, e.g. --apex-option dm_clamp=1.0 (repeatable)")
+    for flag, kind in (("--lam", float), ("--lambda-p", float), ("--lambda-e", float)):
+        g.add_argument(flag, type=kind)
+    g.add_argument("--weighting", help="w(t) of L_mix: paper | endpoint | velocity")
+    g.add_argument("--fake-grad", help="detach | through")
+    g.add_argument("--time-sampler", help="uniform | logit_normal")
+    g.add_argument("--time-option", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other TimeSamplerConfig field (repeatable)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", default=None, help="directory of webdataset shards; default: built-in dataset")
+
+    g = p.add_argument_group("checkpointing and logging")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--finetune", action="store_true",
+                   help="load only the model weights of --load; iteration, optimizer and data restart")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--tensorboard-dir", default=None, help="default: <save>/tensorboard")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _parse_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _options(items: List[str], flag: str) -> Dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"{flag} {item!r}: expected FIELD=VALUE")
+        key, value = item.split("=", 1)
+        out[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    return out
+
+
+# APEXConfig / TimeSamplerConfig fields that have a flag of their own, for error messages.
+_FLAG_OF_FIELD = {"variant": "--apex-variant", "lam": "--lam", "lambda_p": "--lambda-p", "lambda_e": "--lambda-e",
+                  "weighting": "--weighting", "fake_grad": "--fake-grad", "kind": "--time-sampler"}
+
+
+def _validate_objective(apex: Dict[str, Any], time_sampler: Dict[str, Any], objective: str) -> None:
+    """Build the objective's configs once here so a bad value fails at start, naming its flag."""
+    from megatron_apex.objectives.apex import APEXConfig
+    from megatron_apex.objectives.flow import TimeSamplerConfig
+
+    for cls, fields, option in ((APEXConfig, apex, "--apex-option"), (TimeSamplerConfig, time_sampler, "--time-option")):
+        if cls is APEXConfig and objective != "apex":
+            continue
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"{option} {unknown[0]}: unknown field; known: {', '.join(sorted(known))}")
+        try:
+            cls(**fields)
+        except ValueError as err:
+            message = str(err)
+            for name, flag in _FLAG_OF_FIELD.items():
+                if f"{cls.__name__}.{name} " in message and name in fields:
+                    raise ValueError(f"{flag} {fields[name]!r}: {message}") from None
+            raise ValueError(f"{option}: {message}") from None
+
+
+def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
+    a = build_parser().parse_args(argv)
+    if a.objective not in OBJECTIVES:
+        raise ValueError(f"--objective {a.objective!r}: unknown objective; choose one of {OBJECTIVES}")
+
+    model_overrides = {}
+    for flag, key in (("num_layers", "num_layers"), ("num_attention_heads", "num_attention_heads"),
+                      ("kv_channels", "attention_head_dim"), ("patch_size", "patch_size"),
+                      ("shift_site", "shift_site"), ("shift_kind", "shift_kind"),
+                      ("shift_a", "shift_a"), ("shift_b", "shift_b")):
+        value = getattr(a, flag)
+        if value is not None:
+            model_overrides[key] = value
+    if a.target_time_embedder is not None:
+        model_overrides["target_time_embedder"] = a.target_time_embedder != "none"
+        if a.target_time_embedder != "none":
+            model_overrides["target_time_init"] = a.target_time_embedder
+
+    apex = _options(a.apex_option, "--apex-option")
+    for flag, key in (("apex_variant", "variant"), ("lam", "lam"), ("lambda_p", "lambda_p"),
+                      ("lambda_e", "lambda_e"), ("weighting", "weighting"), ("fake_grad", "fake_grad")):
+        value = getattr(a, flag)
+        if value is not None:
+            apex[key] = value
+    time_sampler = _options(a.time_option, "--time-option")
+    if a.time_sampler is not None:
+        time_sampler["kind"] = a.time_sampler
+
+    for flag in ("micro_batch_size", "train_iters", "log_interval", "tensor_model_parallel_size",
+                 "pipeline_model_parallel_size"):
+        if getattr(a, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    for flag in ("save_interval", "exit_interval"):
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    if not 0.0 <= a.ema_decay < 1.0:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {a.ema_decay}")
+
+    _validate_objective(apex, time_sampler, a.objective)
+    if a.finetune and not a.load:
+        raise ValueError("--finetune needs --load (the checkpoint to fine-tune from)")
+
+    return RunConfig(
+        model=a.model,
+        model_overrides=model_overrides,
+        parallel=ParallelArgs(a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
+                              a.use_distributed_optimizer),
+        optim=OptimArgs(a.lr, a.min_lr, a.lr_warmup_iters, a.lr_decay_style, a.weight_decay,
+                        a.adam_beta1, a.adam_beta2, a.adam_eps, a.clip_grad, a.bf16),
+        train=TrainArgs(a.micro_batch_size, a.global_batch_size, a.train_iters, a.seed, a.ema_decay,
+                        a.exit_interval),
+        objective=ObjectiveArgs(a.objective, a.apex_start_iter, a.teacher, apex, time_sampler),
+        data=DataArgs(a.data_path),
+        checkpoint=CheckpointArgs(a.save, a.load, a.save_interval, a.finetune),
+        logging=LoggingArgs(a.log_interval, a.tensorboard_dir, not a.no_progress),
+    )

@@ -1,0 +1,66 @@
+"""Per-iteration metrics: `<save>/metrics.jsonl` (one JSON object per logged iteration) and
+TensorBoard scalars, written by the last pipeline stage's first data-parallel rank only."""
+
+import json
+import os
+from typing import Dict, Optional
+
+
+class MetricsLogger:
+    def __init__(self, save_dir: Optional[str], tensorboard_dir: Optional[str] = None, enabled: bool = True):
+        self.enabled = enabled and save_dir is not None
+        self._jsonl = None
+        self._tb = None
+        if not self.enabled:
+            return
+        os.makedirs(save_dir, exist_ok=True)
+        # Append: a resumed run continues the same file; entries past the resumed iteration
+        # are dropped first so the file never shows two different values for one iteration.
+        self.path = os.path.join(save_dir, "metrics.jsonl")
+        tb_dir = tensorboard_dir or os.path.join(save_dir, "tensorboard")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(tb_dir)
+        except ImportError:  # tensorboard is a base dependency; stay usable without it
+            self._tb = None
+
+    def truncate_after(self, iteration: int) -> None:
+        """Drop entries logged after `iteration` (they belong to a run that was interrupted
+        before its next checkpoint and will be recomputed)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["iteration"] <= iteration]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
+    def log(self, record: Dict) -> None:
+        if not self.enabled:
+            return
+        if self._jsonl is None:
+            self._jsonl = open(self.path, "a")
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            step = record["iteration"]
+            for key, value in record.items():
+                if key != "iteration" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"train/{key}", value, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(path: str):
+    """All records of a metrics.jsonl, in file order."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

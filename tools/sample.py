@@ -1,0 +1,107 @@
+"""Sample a trained checkpoint: `PREFIX.png` (a grid, one row per prompt) and `PREFIX.npz`
+(`images` uint8 N x H x W x C, `prompts`, and `labels` for the built-in class prompts).
+
+    python tools/sample.py --load runs/apex-tiny --nfe 1 --out runs/apex-tiny/samples_nfe1
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="save directory (follows its `latest`) or one iter_* directory")
+    p.add_argument("--nfe", type=int, default=1, help="number of function evaluations (steps)")
+    p.add_argument("--num-per-prompt", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output prefix: writes PREFIX.png and PREFIX.npz")
+    p.add_argument("--method", default="flowmap", help="flowmap | euler | renoise")
+    p.add_argument("--weights", default="auto", help="auto (EMA when the checkpoint has it) | ema | model")
+    p.add_argument("--prompts", default=None, help="text file, one prompt per line; default: one per class")
+    return p.parse_args(argv)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images: np.ndarray, rows: int, path: str) -> None:
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    cols = n // rows
+    grid = images[: rows * cols].reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+    scale = max(1, 256 // max(h, w))
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    tmp = path + ".tmp.png"
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megatron_apex.data.builtin import build_builtin_shards
+    from megatron_apex.data.shards import read_manifest
+    from megatron_apex.data.text_encoder import MiniLMTextEncoder
+    from megatron_apex.inference.loading import load_model_for_inference
+    from megatron_apex.inference.samplers import sample
+
+    try:
+        model, state = load_model_for_inference(args.load, args.weights)
+        data_path = state["args"]["data"]["data_path"] or build_builtin_shards()
+        manifest = read_manifest(data_path)
+        if args.prompts:
+            if not os.path.isfile(args.prompts):
+                raise FileNotFoundError(f"--prompts {args.prompts}: no such file")
+            prompts = [line.strip() for line in open(args.prompts) if line.strip()]
+            if not prompts:
+                raise ValueError(f"--prompts {args.prompts}: no prompts in the file")
+            labels = None
+        elif manifest.get("class_prompts"):
+            prompts = list(manifest["class_prompts"])
+            labels = np.arange(len(prompts))
+        else:
+            raise ValueError(f"{data_path} has no class prompts; pass --prompts FILE")
+    except (ValueError, FileNotFoundError) as err:
+        print(f"sample.py: error: {err}", file=sys.stderr)
+        return 2
+
+    encoder = MiniLMTextEncoder()
+    context, mask = encoder.encode(prompts, max_length=int(manifest["max_text_len"]))
+    context, mask = torch.from_numpy(context), torch.from_numpy(mask)
+    k = args.num_per_prompt
+    context = context.repeat_interleave(k, dim=0)
+    mask = mask.repeat_interleave(k, dim=0)
+    gen = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn((len(prompts) * k, *manifest["image_shape"]), generator=gen)
+    images = []
+    for start in range(0, noise.shape[0], 64):
+        sl = slice(start, start + 64)
+        images.append(sample(model, noise[sl], context[sl], mask[sl], nfe=args.nfe, method=args.method,
+                             generator=gen))
+    images = to_uint8(torch.cat(images))
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    save_grid(images, len(prompts), args.out + ".png")
+    payload = {"images": images, "prompts": np.array(np.repeat(prompts, k)), "nfe": args.nfe}
+    if manifest.get("dataset"):
+        payload["dataset"] = manifest["dataset"]
+    if labels is not None:
+        payload["labels"] = np.repeat(labels, k)
+    tmp = args.out + ".tmp.npz"
+    np.savez_compressed(tmp, **payload)
+    os.replace(tmp, args.out + ".npz")
+    print(f"wrote {args.out}.png and {args.out}.npz ({images.shape[0]} images, NFE={args.nfe}, "
+          f"{state['weights']} weights of {state['checkpoint']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
