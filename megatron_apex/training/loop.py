@@ -74,9 +74,6 @@ class Trainer:
         set_seed(tr.seed)
         self._build_model = lambda: build_model(self.model_config)
         self.model = self._build_model()
-        from megatron.core.enums import ModelType
-        if not hasattr(self.model, "model_type"):
-            self.model.model_type = ModelType.encoder_or_decoder  # TODO move into the model
         self.ddp_model, self.optimizer, self.scheduler = self._build_optimizer(self.model)
         self.ema = frozen_copy(self.model, self._build_model) if tr.ema_decay > 0 else None
         self.teacher = None

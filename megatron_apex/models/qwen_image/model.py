@@ -18,6 +18,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import sharded_state_dict_default
@@ -86,6 +87,8 @@ class QwenImageModel(MegatronModule):
         config.validate(tp_size)
         transformer_config = config.to_transformer_config(tp_size, pp_size)
         super().__init__(config=transformer_config)
+        # megatron-core's schedules read this off the model
+        self.model_type = ModelType.encoder_or_decoder
         if spec is None:
             from megatron_apex.models.specs import get_qwen_image_layer_spec
 
