@@ -64,9 +64,13 @@ if [[ -f "$SAVE/latest" ]]; then CHECKPOINT_ARGS+=(--load "$SAVE"); fi
   examples/pretrain_apex_dit.py \
   "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${OBJECTIVE_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "$@"
 
-# One-step and few-step samples, one row per class prompt of the built-in dataset.
+# One-step and few-step samples, one row per class prompt of the built-in dataset, scored by
+# tools/evaluate.py (class accuracy and Frechet distance in the feature space of a classifier
+# trained on the real images; the first call trains and caches that classifier, ~30 s).
 if [[ "$NODE_RANK" == 0 && "${SKIP_SAMPLES:-0}" != 1 ]]; then
   for nfe in 1 4; do
-    "$PYTHON" tools/sample.py --load "$SAVE" --nfe "$nfe" --num-per-prompt 8 --out "$SAVE/samples_nfe$nfe"
+    "$PYTHON" tools/sample.py --load "$SAVE" --nfe "$nfe" --num-per-prompt "${NUM_PER_PROMPT:-100}" \
+      --out "$SAVE/samples_nfe$nfe"
+    if [[ "${SKIP_EVAL:-0}" != 1 ]]; then "$PYTHON" tools/evaluate.py --samples "$SAVE/samples_nfe$nfe.npz"; fi
   done
 fi

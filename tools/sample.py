@@ -31,12 +31,15 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(images: np.ndarray, rows: int, path: str) -> None:
+def save_grid(images: np.ndarray, rows: int, path: str, max_cols: int = 10) -> None:
+    """One row per prompt, its first `max_cols` samples (the npz holds all of them)."""
     from PIL import Image
 
     n, h, w, c = images.shape
-    cols = n // rows
-    grid = images[: rows * cols].reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+    per_row = n // rows
+    cols = min(per_row, max_cols)
+    grid = images[: rows * per_row].reshape(rows, per_row, h, w, c)[:, :cols]
+    grid = grid.transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
     scale = max(1, 256 // max(h, w))
     img = Image.fromarray(grid[..., 0] if c == 1 else grid)
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)

@@ -41,7 +41,8 @@ def _metrics(save):
 
 def test_launcher_trains_checkpoints_logs_and_samples(tmp_path):
     save = tmp_path / "run"
-    env = {**_env(), "PYTHON": sys.executable, "MASTER_PORT": str(free_port())}
+    env = {**_env(), "PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "NUM_PER_PROMPT": "8",
+           "SKIP_EVAL": "1"}
     proc = subprocess.run(["bash", str(REPO / "examples" / "pretrain_apex_dit.sh"), *TINY, "--train-iters", "4",
                            "--save", str(save), "--save-interval", "2"],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
