@@ -149,3 +149,31 @@ def config_from_diffusers(diffusers_config: Mapping, **overrides):
         fields["axes_dims_rope"] = tuple(fields["axes_dims_rope"])
     fields.update(overrides)
     return QwenImageConfig(**fields).validate()
+
+
+# ----------------------------------------------------------------------------- for tools/convert_hf.py
+DIFFUSERS_CLASS = "QwenImageTransformer2DModel"
+# QwenImageConfig fields that config.json determines; every other field is an APEX/run option.
+DIFFUSERS_ARCH_FIELDS = _DIFFUSERS_ARCH
+# Architecture that diffusers hard-codes: a model that differs has no diffusers equivalent.
+_DIFFUSERS_FIXED = {"rope_theta": 10000.0, "mlp_ratio": 4, "norm_eps": 1e-6, "timestep_channels": 256}
+
+
+def transform_context(config) -> Dict:
+    """What the table's transforms need to know about the model (the QKV head size)."""
+    return _ctx(config)
+
+
+def config_to_diffusers(config) -> Dict:
+    """diffusers' ``config.json`` for a ``QwenImageConfig`` (architecture fields only; the
+    APEX fields have no diffusers counterpart)."""
+    for key, value in _DIFFUSERS_FIXED.items():
+        if getattr(config, key) != value:
+            raise ValueError(f"the model has {key}={getattr(config, key)!r}; diffusers' {DIFFUSERS_CLASS} "
+                             f"hard-codes {value!r}, so it has no diffusers equivalent")
+    out = {"_class_name": DIFFUSERS_CLASS}
+    for key in _DIFFUSERS_ARCH:
+        value = getattr(config, key)
+        out[key] = list(value) if isinstance(value, tuple) else value
+    out.update({key: False for key in _DIFFUSERS_UNSUPPORTED})
+    return out

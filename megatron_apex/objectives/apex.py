@@ -441,6 +441,12 @@ def distribution_matching_direction(model: Callable, teacher: Optional[Callable]
     else:
         v_fake = call_model(model, y, t_dm, context, context_mask, fake_condition=True)
         v_real = call_model(teacher if teacher is not None else model, y, t_dm, context, context_mask)
+    return dm_direction_from_velocities(v_fake, v_real, cfg)
+
+
+@torch.no_grad()
+def dm_direction_from_velocities(v_fake: torch.Tensor, v_real: torch.Tensor, cfg: APEXConfig) -> torch.Tensor:
+    """Point 4's ``g = v_fake - v_real`` (float32 or wider), normalised and/or clamped per cfg."""
     g = v_fake.to(torch.promote_types(v_fake.dtype, torch.float32)) - v_real
     if cfg.dm_normalize:
         rms = g.pow(2).flatten(1).mean(dim=1).sqrt().clamp_min(1e-12)
@@ -612,3 +618,245 @@ def apex_loss(model: Callable, x0: torch.Tensor, noise: torch.Tensor, t: torch.T
     return released_apex_loss(model, x0, noise, t, context, context_mask, cfg, generator=generator,
                               teacher=teacher, step=step, uncond_context=uncond_context,
                               uncond_context_mask=uncond_context_mask)
+
+
+# ============================================================================================
+# 6. Two-phase decomposition (what pipeline parallelism can run)
+# ============================================================================================
+# Under pipeline parallelism a model output exists only after a whole pass through every
+# stage, so a query whose INPUT depends on another query's output (x_fake from F(x_t, t, c);
+# the DM point y from the one-step sample x_g) cannot run in the same pass. The objective is
+# split into rounds of no-grad queries (each round one batched forward-only pass) and then ONE
+# training pass that batches every query that needs a gradient. Only sg(x_fake) can cross
+# from a no-grad round into the training pass, hence fake_grad="detach". With the same draws
+# the terms equal apex_loss's up to floating-point batching.
+
+@dataclass
+class ModelQuery:
+    """One batch of model-contract inputs. ``teacher``: answered by the teacher (no-grad
+    rounds only)."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    context: torch.Tensor
+    context_mask: Optional[torch.Tensor] = None
+    fake_condition: bool = False
+    t_target: Optional[torch.Tensor] = None
+    teacher: bool = False
+
+    @property
+    def rows(self) -> int:
+        return self.x_t.shape[0]
+
+
+def batch_queries(queries) -> ModelQuery:
+    """The queries as one batched call: rows in order, a per-row fake_condition (a python bool
+    when every query agrees), ``t_target`` = t for queries without one (tt = t is exactly a
+    plain velocity query)."""
+    queries = list(queries)
+    if not queries:
+        raise ValueError("batch_queries: no queries")
+    if len(queries) == 1:
+        return queries[0]
+    flags = {bool(q.fake_condition) for q in queries}
+    if len(flags) == 1:
+        fake: FakeCondition = flags.pop()
+    else:
+        fake = torch.cat([torch.full((q.rows,), bool(q.fake_condition), dtype=torch.bool, device=q.x_t.device)
+                          for q in queries])
+    masks = [q.context_mask for q in queries]
+    if any(m is None for m in masks) and not all(m is None for m in masks):
+        raise ValueError("context_mask: either every batched query has one or none has")
+    targets = None
+    if any(q.t_target is not None for q in queries):
+        targets = torch.cat([q.t if q.t_target is None else q.t_target.to(q.t.dtype) for q in queries])
+    return ModelQuery(torch.cat([q.x_t for q in queries]), torch.cat([q.t for q in queries]),
+                      torch.cat([q.context for q in queries]),
+                      None if masks[0] is None else torch.cat(masks), fake, targets)
+
+
+def answer_query(model: Callable, query: ModelQuery) -> torch.Tensor:
+    return call_model(model, query.x_t, query.t, query.context, query.context_mask,
+                      fake_condition=query.fake_condition, t_target=query.t_target)
+
+
+def split_output(output: torch.Tensor, queries) -> list:
+    """Inverse of batch_queries on the batched call's output."""
+    return list(torch.split(output, [q.rows for q in queries], dim=0))
+
+
+class TwoPhaseObjective:
+    """One micro-batch of an objective as rounds of no-grad queries plus one training pass.
+
+    Protocol: for r in range(num_rounds): ``receive(r, outputs of nograd_queries(r))``; then
+    ``loss(outputs of train_queries())`` -> the same dict of terms apex_loss returns."""
+
+    num_rounds = 0
+
+    def nograd_queries(self, round_index: int) -> list:
+        raise IndexError(round_index)
+
+    def receive(self, round_index: int, outputs: list) -> None:
+        raise IndexError(round_index)
+
+    def train_queries(self) -> list:
+        raise NotImplementedError
+
+    def loss(self, outputs: list) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class PaperTwoPhase(TwoPhaseObjective):
+    """Variant "paper": round 0 = [F(x_t, t, c) (for x_fake, Eq. 11), F(x_t, t, c_fake) (v_fake,
+    Eq. 14)]; training pass = [real branch (x_t, c), fake branch (x_t_fake, c_fake)]."""
+
+    def __init__(self, x0, noise, t, context, context_mask, cfg: APEXConfig):
+        if cfg.fake_grad != "detach":
+            raise ValueError(f"APEXConfig.fake_grad={cfg.fake_grad!r}: the two-phase (pipeline-parallel) APEX step "
+                             "cannot carry gradients through x_fake; use fake_grad='detach'")
+        self.x0, self.noise, self.t, self.c, self.m, self.cfg = x0, noise, t, context, context_mask, cfg
+        self.x_t = interpolate(x0, noise, t)
+        self.fake_on, self.mix_on = cfg.lambda_p > 0, cfg.lam > 0
+        self.num_rounds = int(self.fake_on or self.mix_on)
+        self.x_fake = self.v_fake = None
+
+    def _real(self, fake: bool) -> ModelQuery:
+        return ModelQuery(self.x_t, self.t, self.c, self.m, fake_condition=fake)
+
+    def nograd_queries(self, round_index):
+        if round_index >= self.num_rounds:
+            raise IndexError(round_index)
+        return [self._real(False)] * self.fake_on + [self._real(True)] * self.mix_on
+
+    def receive(self, round_index, outputs):
+        outputs = list(outputs)
+        if self.fake_on:
+            self.x_fake = fake_sample(outputs.pop(0), self.x_t, self.t).detach()
+        if self.mix_on:
+            self.v_fake = outputs.pop(0).detach()
+
+    def train_queries(self):
+        queries = [self._real(False)]
+        if self.fake_on:
+            queries.append(ModelQuery(fake_trajectory(self.x_fake, self.noise, self.t), self.t, self.c, self.m,
+                                      fake_condition=True))
+        return queries
+
+    def loss(self, outputs):
+        cfg = self.cfg
+        velocity = outputs[0]
+        target = mixed_target(self.x0, self.v_fake, self.x_t, self.t, cfg.lam)
+        l_mix = mixed_consistency_loss(velocity, self.x_t, self.t, target, cfg.weighting).mean()
+        if self.fake_on:
+            l_fake = per_sample_mse(outputs[1], velocity_target(self.x_fake, self.noise)).mean()
+        else:
+            l_fake = l_mix.new_zeros(())
+        return {"loss": apex_total(l_fake, l_mix, cfg.lambda_p, cfg.lambda_e), "l_fake": l_fake, "l_mix": l_mix}
+
+
+class ReleasedTwoPhase(TwoPhaseObjective):
+    """Variant "released": round 0 = the one-step samples F(z, 1, c, tt=0) -> sg(x_g); round 1
+    (DM on) = the distribution-matching queries at y (fake: model under c_fake; real: the
+    teacher, or the model when there is none) -> g; training pass = [data branch, one-step
+    branch (its DM target sg(F_g) - g), fake branch]. ``teacher``: whether a teacher answers
+    the real DM query. CFG-enhanced targets and the consistency term need further rounds and
+    are not decomposed."""
+
+    def __init__(self, x0, noise, t, context, context_mask, cfg: APEXConfig, *,
+                 generator: Optional[torch.Generator] = None, teacher: bool = False, step: Optional[int] = None):
+        for name, off in (("cfg_scale", 0.0), ("w_consistency", 0.0)):
+            if getattr(cfg, name) != off:
+                raise ValueError(f"APEXConfig.{name}={getattr(cfg, name)} is not available in the two-phase "
+                                 "(pipeline-parallel) APEX step; leave it at its default")
+        self.cfg, self.teacher = cfg, teacher
+        batch = x0.shape[0]
+        self.dm_on = cfg.w_dm > 0 and not dm_held_off(cfg, step)
+        self.fake_on = cfg.w_fake > 0
+        gen_rows, base_rows = split_rows(batch, cfg.batch_split)
+        self.z_g, self.c_g, self.m_g = noise[gen_rows], context[gen_rows], _rows(context_mask, gen_rows)
+        # drawn exactly as released_apex_loss draws them: the same generator gives the same numbers
+        self.fresh = draw_fresh(self.z_g.shape[0], tuple(self.z_g.shape[1:]), cfg, generator, x0.device, x0.dtype,
+                                t.dtype)
+        self.ones = torch.ones(self.z_g.shape[0], device=noise.device, dtype=t.dtype)
+        x_b, z_b = x0[base_rows], noise[base_rows]
+        self.t_b, self.c_b, self.m_b = t[base_rows], context[base_rows], _rows(context_mask, base_rows)
+        self.x_t = interpolate(x_b, z_b, self.t_b)
+        self.base_target = velocity_target(x_b, z_b)
+        self.num_rounds = (1 if self.dm_on or self.fake_on else 0) + (1 if self.dm_on else 0)
+        self.x_g = self.g = None
+
+    def _one_step(self) -> ModelQuery:
+        return ModelQuery(self.z_g, self.ones, self.c_g, self.m_g, t_target=torch.zeros_like(self.ones))
+
+    def nograd_queries(self, round_index):
+        if round_index == 0 and self.num_rounds > 0:
+            return [self._one_step()]
+        if round_index == 1 and self.dm_on:
+            y = interpolate(self.x_g, self.fresh.z_dm, self.fresh.t_dm)
+            return [ModelQuery(y, self.fresh.t_dm, self.c_g, self.m_g, fake_condition=True),
+                    ModelQuery(y, self.fresh.t_dm, self.c_g, self.m_g, teacher=self.teacher)]
+        raise IndexError(round_index)
+
+    def receive(self, round_index, outputs):
+        if round_index == 0:
+            self.x_g = (self.z_g - outputs[0]).detach()
+        else:
+            self.g = dm_direction_from_velocities(outputs[0], outputs[1], self.cfg)
+
+    def train_queries(self):
+        queries = [ModelQuery(self.x_t, self.t_b, self.c_b, self.m_b)]
+        if self.dm_on:
+            queries.append(self._one_step())
+        if self.fake_on:
+            x_t_fake = interpolate(self.x_g, self.fresh.z_fake, self.fresh.t_fake)
+            queries.append(ModelQuery(x_t_fake, self.fresh.t_fake, self.c_g, self.m_g, fake_condition=True))
+        return queries
+
+    def loss(self, outputs):
+        cfg = self.cfg
+        outputs = list(outputs)
+        l_base = per_sample_mse(outputs.pop(0), self.base_target).mean()
+        zero = l_base.new_zeros(())
+        l_dm = distribution_matching_loss(outputs.pop(0), self.g).mean() if self.dm_on else zero
+        l_fake = (per_sample_mse(outputs.pop(0), velocity_target(self.x_g, self.fresh.z_fake)).mean()
+                  if self.fake_on else zero)
+        loss = cfg.w_base * l_base + cfg.w_fake * l_fake + cfg.w_dm * l_dm
+        return {"loss": loss, "l_base": l_base, "l_fake": l_fake, "l_dm": l_dm}
+
+
+def two_phase_apex(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                   context_mask: Optional[torch.Tensor], cfg: APEXConfig, *,
+                   generator: Optional[torch.Generator] = None, teacher: bool = False,
+                   step: Optional[int] = None) -> TwoPhaseObjective:
+    """apex_loss's arguments (``teacher`` a bool: whether one answers the real DM query) ->
+    the objective of this micro-batch as a TwoPhaseObjective."""
+    if not isinstance(cfg, APEXConfig):
+        raise ValueError(f"two_phase_apex: cfg must be an APEXConfig, got {type(cfg).__name__}")
+    if cfg.variant == "paper":
+        return PaperTwoPhase(x0, noise, t, context, context_mask, cfg)
+    return ReleasedTwoPhase(x0, noise, t, context, context_mask, cfg, generator=generator, teacher=teacher,
+                            step=step)
+
+
+def run_two_phase(model: Callable, objective: TwoPhaseObjective,
+                  teacher: Optional[Callable] = None) -> Dict[str, torch.Tensor]:
+    """The two phases in one process (the reference the pipeline executor is tested against):
+    each round's queries as one no-grad batched call per answering model, then one batched
+    training call."""
+    for r in range(objective.num_rounds):
+        queries = objective.nograd_queries(r)
+        outputs: list = [None] * len(queries)
+        with torch.no_grad():
+            for use_teacher in (False, True):
+                idx = [i for i, q in enumerate(queries) if q.teacher == use_teacher]
+                if not idx:
+                    continue
+                answering = teacher if use_teacher else model
+                if answering is None:
+                    raise ValueError("a no-grad query asks for the teacher, but no teacher was given")
+                mine = [queries[i] for i in idx]
+                for i, out in zip(idx, split_output(answer_query(answering, batch_queries(mine)), mine)):
+                    outputs[i] = out
+        objective.receive(r, outputs)
+    queries = objective.train_queries()
+    return objective.loss(split_output(answer_query(model, batch_queries(queries)), queries))

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 OBJECTIVES = ("apex", "fm")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+APEX_SCHEDULES = ("auto", "direct", "two-phase")
 
 
 @dataclass
@@ -17,6 +19,9 @@ class ParallelArgs:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     use_distributed_optimizer: bool = False
+    # Activation recompute: None = off, "full" = each transformer layer, "selective" = core
+    # attention only (megatron's names); the numbers do not change.
+    recompute_granularity: Optional[str] = None
 
 
 @dataclass
@@ -31,6 +36,10 @@ class OptimArgs:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     bf16: bool = False
+    # Iterations the LR decays over (Megatron's --lr-decay-iters); None = --train-iters. After
+    # them the LR stays at --min-lr: the APEX fine-tuning phase runs at a constant LR when this
+    # equals --apex-start-iter.
+    lr_decay_iters: Optional[int] = None
 
 
 @dataclass
@@ -55,6 +64,10 @@ class ObjectiveArgs:
     teacher: str = "frozen"
     apex: Dict[str, Any] = field(default_factory=dict)  # APEXConfig fields
     time_sampler: Dict[str, Any] = field(default_factory=dict)  # TimeSamplerConfig fields
+    # "direct": the objective inside megatron's forward step; "two-phase": no-grad pipeline
+    # passes, then one batched training pass (needed by pipeline parallelism, same numbers up
+    # to floating-point batching); "auto": two-phase exactly when pipeline-parallel.
+    schedule: str = "auto"
 
 
 @dataclass
@@ -120,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--recompute-granularity", choices=RECOMPUTE_GRANULARITIES, default=None,
+                   help="activation recompute: each layer (full) or core attention only (selective)")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=64)
@@ -133,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), default="cosine")
+    g.add_argument("--lr-decay-iters", type=int, default=None,
+                   help="iterations the LR decays over, then it stays at --min-lr (default: --train-iters)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
@@ -145,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--apex-variant", default=None, help="paper | released (see APEX_SPEC.md)")
     g.add_argument("--apex-start-iter", type=int, default=0,
                    help="plain flow matching before this iteration, APEX after it (fine-tuning from FM)")
+    g.add_argument("--apex-schedule", choices=APEX_SCHEDULES, default="auto",
+                   help="direct: the objective in one forward step; two-phase: no-grad pipeline passes then one "
+                        "batched training pass (what pipeline parallelism runs); auto: two-phase when PP > 1")
     g.add_argument("--teacher", choices=("frozen", "online"), default="frozen",
                    help="real velocity of the released variant's distribution-matching query")
     g.add_argument("--apex-option", action="append", default=[], metavar="FIELD=VALUE",
@@ -255,7 +275,7 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
                  "pipeline_model_parallel_size"):
         if getattr(a, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
-    for flag in ("save_interval", "exit_interval"):
+    for flag in ("save_interval", "exit_interval", "lr_decay_iters"):
         if getattr(a, flag) is not None and getattr(a, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
     if not 0.0 <= a.ema_decay < 1.0:
@@ -269,12 +289,12 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         model=a.model,
         model_overrides=model_overrides,
         parallel=ParallelArgs(a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
-                              a.use_distributed_optimizer),
+                              a.use_distributed_optimizer, a.recompute_granularity),
         optim=OptimArgs(a.lr, a.min_lr, a.lr_warmup_iters, a.lr_decay_style, a.weight_decay,
-                        a.adam_beta1, a.adam_beta2, a.adam_eps, a.clip_grad, a.bf16),
+                        a.adam_beta1, a.adam_beta2, a.adam_eps, a.clip_grad, a.bf16, a.lr_decay_iters),
         train=TrainArgs(a.micro_batch_size, a.global_batch_size, a.train_iters, a.seed, a.ema_decay,
                         a.exit_interval),
-        objective=ObjectiveArgs(a.objective, a.apex_start_iter, a.teacher, apex, time_sampler),
+        objective=ObjectiveArgs(a.objective, a.apex_start_iter, a.teacher, apex, time_sampler, a.apex_schedule),
         data=DataArgs(a.data_path),
         checkpoint=CheckpointArgs(a.save, a.load, a.save_interval, a.finetune),
         logging=LoggingArgs(a.log_interval, a.tensorboard_dir, not a.no_progress),

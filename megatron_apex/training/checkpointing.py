@@ -5,12 +5,18 @@ A save is written into `<save>/.tmp_iter_XXXXXXX/`, then renamed into place, and
 or the new one as `latest`, never a half-written one. Besides the sharded tensors, every
 checkpoint holds `train_state.json` (iteration, consumed samples, scheduler state, the run's
 flags, the model config) so that tools can rebuild the model without the original command line.
+
+Optimizer state goes through `optimizer_sharded_state_dict` / `load_optimizer_state`, which
+make megatron-core's distributed optimizer checkpoint correctly with plain torch Adam (no
+Transformer Engine / Apex), see `load_optimizer_state`.
 """
 
+import contextlib
 import json
 import os
+import re
 import shutil
-from typing import Dict, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch.distributed as dist
 
@@ -47,6 +53,30 @@ def _write_text_atomic(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def mark_tp_replicas(sharded_state_dict: Dict) -> Dict:
+    """Make TP rank 0 the only main replica of every tensor that each tensor-parallel rank
+    holds whole (in place; returns the dict).
+
+    megatron-core 0.16's `sharded_state_dict_default` (used for modules without a sharded
+    state dict of their own, e.g. a plain nn.Linear) passes the data-parallel group but no
+    tensor-parallel group, so such tensors get replica_id (0, 0, dp) on EVERY TP rank; the
+    checkpoint then has several main replicas of one tensor and saving (or loading) at TP > 1
+    fails with "Invalid access pattern". A tensor not split along any axis is held whole by
+    every TP rank of its stage, which is what replica_id[1] = tp_rank says."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    if not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_world_size() == 1:
+        return sharded_state_dict
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    for value in nested_values(sharded_state_dict):
+        if (isinstance(value, ShardedTensor) and all(f == 1 for f in value.axis_fragmentations)
+                and isinstance(value.replica_id, tuple) and len(value.replica_id) == 3 and value.replica_id[1] == 0):
+            value.replica_id = (value.replica_id[0], tp_rank, value.replica_id[2])
+    return sharded_state_dict
 
 
 def save_checkpoint(save: str, iteration: int, sharded_state_dict: Dict, train_state: Dict) -> str:
@@ -111,3 +141,96 @@ def load_checkpoint(ckpt: str, sharded_state_dict: Dict) -> Dict:
 def strip_prefix(state_dict: Dict, prefix: str) -> Dict:
     """A loaded sub-dict (saved with `sharded_state_dict(prefix=...)`) as the module's own keys."""
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+
+
+_LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
+
+
+def module_state_dict(loaded: Dict, prefix: str, module) -> Dict:
+    """A loaded sub-dict as ``module.load_state_dict`` wants it: prefix stripped and, for a
+    pipeline stage, the global layer indices its `sharded_state_dict` keys layers by turned
+    back into the stage's own (``module.layer_offset`` = the global index of its layer 0)."""
+    offset = getattr(module, "layer_offset", 0)
+    state = strip_prefix(loaded, prefix)
+    if not offset:
+        return state
+    return {_LAYER_KEY.sub(lambda m: f"layers.{int(m.group(1)) - offset}.", k): v for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer state. megatron-core 0.16's distributed optimizer with plain torch Adam (the path
+# without Transformer Engine / Apex) cannot round-trip its state as it is
+# (../shared/reference/MEGATRON_CPU.md): its default format fails on save; "fully_reshardable"
+# (the format used here: model-space tensors, so it also reshards across TP/PP/DP) asserts on a
+# fresh optimizer and raises KeyError 'step' on load; and, silently, its load gives every
+# parameter THE SAME `step` tensor, which Adam then increments once per parameter per step, so
+# the bias correction of a resumed run is wrong and its losses diverge.
+
+DISTRIBUTED_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _distributed_parts(optimizer) -> List:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [p for p in parts if isinstance(p, DistributedOptimizer)]
+
+
+def _init_fresh_state(part) -> None:
+    """Give a never-stepped distributed optimizer Adam state with a per-parameter `step`, which
+    its `state_dict()` (called while building the sharded state dict) needs."""
+    import torch
+
+    inner = part.optimizer
+    if part.init_state_fn is not None:
+        part.init_state_fn(inner, part.config)
+    for group in inner.param_groups:
+        for p in group["params"]:
+            state = inner.state[p]
+            if state and "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+
+
+def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: Dict, is_loading: bool) -> Dict:
+    if is_loading:
+        for part in _distributed_parts(optimizer):
+            _init_fresh_state(part)
+    return optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
+                                        metadata=dict(DISTRIBUTED_OPTIMIZER_FORMAT))
+
+
+@contextlib.contextmanager
+def _copy_states_without_step(part) -> Iterator[None]:
+    # "fully_reshardable" keeps no per-parameter step (it travels in the param groups); the
+    # per-parameter copy would look it up in the loaded tensors and fail.
+    original = part._set_main_param_and_optimizer_states
+
+    def copy_without_step(model_param, tensors):
+        group_index, group_order = part.model_param_group_index_map[model_param]
+        state = part.optimizer.state[part.optimizer.param_groups[group_index]["params"][group_order]]
+        step = state.pop("step", None)
+        try:
+            original(model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    part._set_main_param_and_optimizer_states = copy_without_step
+    try:
+        yield
+    finally:
+        del part._set_main_param_and_optimizer_states
+
+
+def load_optimizer_state(optimizer, state_dict: Dict) -> None:
+    """`optimizer.load_state_dict`, then every parameter gets a `step` tensor of its own."""
+    parts = _distributed_parts(optimizer)
+    with contextlib.ExitStack() as stack:
+        for part in parts:
+            if not part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+                stack.enter_context(_copy_states_without_step(part))
+        optimizer.load_state_dict(state_dict)
+    for part in parts:
+        for state in part.optimizer.state.values():
+            if "step" in state:
+                state["step"] = state["step"].clone()

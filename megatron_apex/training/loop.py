@@ -5,6 +5,11 @@ Randomness that decides the numbers (noise, times, the objective's fresh samples
 generators seeded by (seed, iteration), for the whole global batch, and then sliced per
 data-parallel rank and micro-batch: a resumed run therefore needs no RNG state, and the numbers
 do not depend on how the global batch is split.
+
+Two ways to run the APEX objective per global batch: "direct" (apex_loss inside megatron's
+forward step, the single-stage path) and "two-phase" (no-grad pipeline passes, then one
+batched training pass: pipeline_apex.py), which pipeline parallelism needs and which gives the
+same numbers up to floating-point batching.
 """
 
 import dataclasses
@@ -38,22 +43,57 @@ def code_version() -> str:
         return "unknown"
 
 
+def check_parallel_config(cfg: RunConfig, model_config, apex_config) -> bool:
+    """Refuse, before any process group exists, what cannot run with the requested
+    parallelism (one line naming the flags); returns whether the two-phase step is used."""
+    par = cfg.parallel
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    model_config.validate(tp)  # --num-attention-heads divisible by --tensor-model-parallel-size
+    if model_config.num_layers % pp:
+        raise ValueError(f"--num-layers ({model_config.num_layers}) must be divisible by "
+                         f"--pipeline-model-parallel-size ({pp})")
+    schedule = cfg.objective.schedule
+    if schedule == "direct" and pp > 1:
+        raise ValueError(f"--apex-schedule direct cannot run with --pipeline-model-parallel-size {pp}: "
+                         "pipeline stages need the two-phase step (use two-phase or auto)")
+    two_phase = schedule == "two-phase" or pp > 1
+    if two_phase and apex_config is not None:
+        where = f"--pipeline-model-parallel-size {pp}" if pp > 1 else "--apex-schedule two-phase"
+        if apex_config.variant == "paper" and apex_config.fake_grad == "through":
+            raise ValueError(f"--fake-grad through cannot run with {where}: gradients through x_fake would cross "
+                             "the no-grad pipeline pass that computes x_fake; use --fake-grad detach")
+        if apex_config.variant == "released":
+            for name in ("cfg_scale", "w_consistency"):
+                if getattr(apex_config, name) != 0:
+                    raise ValueError(f"--apex-option {name}={getattr(apex_config, name)} cannot run with {where} "
+                                     "(not decomposed into no-grad rounds); leave it at 0")
+    return two_phase
+
+
+def _sharded(module, prefix: str) -> Dict:
+    return checkpointing.mark_tp_replicas(module.sharded_state_dict(prefix=prefix))
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         from megatron.core import parallel_state as ps
 
         from megatron_apex.data.sampler import GlobalBatchSampler
         from megatron_apex.data.shards import load_dataset
-        from megatron_apex.models.registry import build_model, get_model_config
+        from megatron_apex.models.registry import get_model_config
         from megatron_apex.objectives.apex import APEXConfig
         from megatron_apex.objectives.flow import TimeSamplerConfig
         from megatron_apex.parallel import init_distributed, set_seed
+        from megatron_apex.parallel.recompute import enable_activation_recompute
+        from megatron_apex.training.pipeline_apex import build_stage_model, stage_model_config
 
         self.cfg = cfg
         self.model_config = get_model_config(cfg.model, **cfg.model_overrides)
+        obj = cfg.objective
+        self.apex_config = APEXConfig(**obj.apex) if obj.objective == "apex" else None
+        self.two_phase = check_parallel_config(cfg, self.model_config, self.apex_config)
         if cfg.parallel.pipeline_model_parallel_size > 1:
-            raise ValueError("--pipeline-model-parallel-size > 1 is not supported yet by the APEX training loop "
-                             "(tracked by the parallelism issue); use 1")
+            self.model_config = stage_model_config(self.model_config)
         self.info = init_distributed(cfg.parallel.tensor_model_parallel_size,
                                      cfg.parallel.pipeline_model_parallel_size)
         self.dp_size = ps.get_data_parallel_world_size()
@@ -65,15 +105,15 @@ class Trainer:
                 f"--global-batch-size ({self.global_batch_size}) must be divisible by --micro-batch-size "
                 f"({tr.micro_batch_size}) x data-parallel size ({self.dp_size})")
         self.num_microbatches = self.global_batch_size // (tr.micro_batch_size * self.dp_size)
-        obj = cfg.objective
-        self.apex_config = APEXConfig(**obj.apex) if obj.objective == "apex" else None
         self.time_config = TimeSamplerConfig(**obj.time_sampler)
         if obj.teacher not in ("frozen", "online"):
             raise ValueError(f"--teacher {obj.teacher!r}: choose frozen or online")
 
         set_seed(tr.seed)
-        self._build_model = lambda: build_model(self.model_config)
+        self._build_model = lambda: build_stage_model(self.model_config)
         self.model = self._build_model()
+        if cfg.parallel.recompute_granularity:
+            enable_activation_recompute(self.model, cfg.parallel.recompute_granularity)
         self.ddp_model, self.optimizer, self.scheduler = self._build_optimizer(self.model)
         self.ema = frozen_copy(self.model, self._build_model) if tr.ema_decay > 0 else None
         self.teacher = None
@@ -109,7 +149,7 @@ class Trainer:
         # Megatron's scheduler counts samples, not iterations.
         scheduler = OptimizerParamScheduler(
             optimizer, init_lr=0.0 if o.lr_warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-            lr_warmup_steps=o.lr_warmup_iters * g, lr_decay_steps=max(tr.train_iters * g, 1),
+            lr_warmup_steps=o.lr_warmup_iters * g, lr_decay_steps=max((o.lr_decay_iters or tr.train_iters) * g, 1),
             lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
             wd_incr_steps=max(tr.train_iters * g, 1), wd_incr_style="constant")
         cfg = model.config
@@ -127,13 +167,13 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------
     def _sharded_state_dict(self, is_loading: bool, with_teacher: bool) -> Dict:
-        model_sd = self.model.sharded_state_dict(prefix="model.")
+        model_sd = _sharded(self.model, "model.")
         state = {"model": model_sd,
-                 "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+                 "optimizer": checkpointing.optimizer_sharded_state_dict(self.optimizer, model_sd, is_loading)}
         if self.ema is not None:
-            state["ema"] = self.ema.sharded_state_dict(prefix="ema.")
+            state["ema"] = _sharded(self.ema, "ema.")
         if with_teacher:
-            state["teacher"] = self.teacher.sharded_state_dict(prefix="teacher.")
+            state["teacher"] = _sharded(self.teacher, "teacher.")
         return state
 
     def _train_state(self) -> Dict:
@@ -169,7 +209,7 @@ class Trainer:
         if diff:
             shown = ", ".join(f"{k}: checkpoint {saved_cfg.get(k)!r} vs run {ours.get(k)!r}" for k in diff)
             raise ValueError(f"--load {ckpt}: model config differs from this run's flags ({shown})")
-        strip = checkpointing.strip_prefix
+        module_state = checkpointing.module_state_dict
         if self.cfg.checkpoint.finetune:
             self._load_weights_only(ckpt, state)
             return
@@ -180,15 +220,15 @@ class Trainer:
         if "scheduler" not in state:
             raise ValueError(f"--load {ckpt}: holds weights only (no optimizer state); add --finetune")
         loaded = checkpointing.load_checkpoint(ckpt, self._sharded_state_dict(True, state.get("has_teacher")))
-        self.model.load_state_dict(strip(loaded["model"], "model."))
-        self.optimizer.load_state_dict(loaded["optimizer"])
+        self.model.load_state_dict(module_state(loaded["model"], "model.", self.model))
+        checkpointing.load_optimizer_state(self.optimizer, loaded["optimizer"])
         if self.ema is not None:
             if "ema" in loaded:
-                self.ema.load_state_dict(strip(loaded["ema"], "ema."))
+                self.ema.load_state_dict(module_state(loaded["ema"], "ema.", self.ema))
             else:  # EMA switched on at resume: start it from the current weights
                 self.ema.load_state_dict(self.model.state_dict())
         if self.teacher is not None:
-            self.teacher.load_state_dict(strip(loaded["teacher"], "teacher."))
+            self.teacher.load_state_dict(module_state(loaded["teacher"], "teacher.", self.teacher))
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration = state["iteration"]
         self.consumed_samples = state["consumed_samples"]
@@ -196,10 +236,10 @@ class Trainer:
             print(f"[megatron_apex] resumed from {ckpt} (iteration {self.iteration})", flush=True)
 
     def _load_weights_only(self, ckpt: str, state: Dict) -> None:
-        strip = checkpointing.strip_prefix
-        sharded = {"model": self.model.sharded_state_dict(prefix="model.")}
+        module_state = checkpointing.module_state_dict
+        sharded = {"model": _sharded(self.model, "model.")}
         loaded = checkpointing.load_checkpoint(ckpt, sharded)
-        self.model.load_state_dict(strip(loaded["model"], "model."))
+        self.model.load_state_dict(module_state(loaded["model"], "model.", self.model))
         if self.ema is not None:
             self.ema.load_state_dict(self.model.state_dict())
         if self.info.rank == 0:
@@ -229,6 +269,10 @@ class Trainer:
             out.append(batch)
         return out
 
+    def _step_teacher(self):
+        """The real velocity's model of this iteration's DM query (None = the model itself)."""
+        return self.teacher if self.cfg.objective.teacher == "frozen" else None
+
     def _forward_step(self, data_iterator, model):
         from megatron_apex.objectives.apex import apex_loss
         from megatron_apex.objectives.fm import fm_loss
@@ -236,22 +280,34 @@ class Trainer:
         batch = next(data_iterator)
         args = (model, batch["image"], batch["noise"], batch["t"], batch["context"], batch["context_mask"])
         if self._apex_active(self.iteration):
-            teacher = self.teacher if self.cfg.objective.teacher == "frozen" else None
-            terms = apex_loss(*args, self.apex_config, generator=batch["generator"], teacher=teacher,
+            terms = apex_loss(*args, self.apex_config, generator=batch["generator"], teacher=self._step_teacher(),
                               step=self.iteration - self.cfg.objective.apex_start_iter)
         else:
             terms = fm_loss(*args)
         return terms["loss"], partial(self._loss_func, terms)
 
+    def _two_phase_objective(self, batch: Dict):
+        from megatron_apex.objectives.apex import two_phase_apex
+        from megatron_apex.training.pipeline_apex import FlowMatchingObjective
+
+        args = (batch["image"], batch["noise"], batch["t"], batch["context"], batch["context_mask"])
+        if self._apex_active(self.iteration):
+            return two_phase_apex(*args, self.apex_config, generator=batch["generator"],
+                                  teacher=self._step_teacher() is not None,
+                                  step=self.iteration - self.cfg.objective.apex_start_iter)
+        return FlowMatchingObjective(*args)
+
     @staticmethod
     def _loss_func(terms: Dict[str, torch.Tensor], output_tensor: torch.Tensor):
-        # clone: the schedule divides the returned loss in place by the number of micro-batches
-        report = {k: v.detach().float().clone() for k, v in terms.items()}
-        return output_tensor, report
+        from megatron_apex.training.pipeline_apex import terms_report
+
+        return output_tensor, terms_report(terms)
 
     def train_step(self) -> Dict[str, float]:
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from megatron_apex.training.pipeline_apex import two_phase_step
 
         if self._needs_teacher(self.iteration) and self.teacher is None:
             self.teacher = frozen_copy(self.model, self._build_model)  # the FM model as it is when APEX starts
@@ -259,11 +315,15 @@ class Trainer:
         batches = self._micro_batches(global_indices)
         self.ddp_model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        forward_backward = get_forward_backward_func()
-        reports = forward_backward(
-            forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.ddp_model],
-            num_microbatches=self.num_microbatches, seq_length=0,
-            micro_batch_size=self.cfg.train.micro_batch_size, forward_only=False)
+        if self.two_phase:
+            reports = two_phase_step(self.ddp_model, [self._two_phase_objective(b) for b in batches],
+                                     teacher=self._step_teacher())
+        else:
+            forward_backward = get_forward_backward_func()
+            reports = forward_backward(
+                forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.ddp_model],
+                num_microbatches=self.num_microbatches, seq_length=0,
+                micro_batch_size=self.cfg.train.micro_batch_size, forward_only=False)
         lr = self.optimizer.param_groups[0]["lr"]
         update_successful, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=self.global_batch_size)

@@ -1,0 +1,500 @@
+"""Diffusers folders <-> our megatron-core distributed checkpoints, streamed, for any model
+family that has a mapping table (tools/convert_hf.py is the command line; docs/conversion.md
+the user guide).
+
+import: the safetensors headers are checked against the keys and shapes the table expects
+before anything is read; then each HF tensor is read once, converted (QKV fused) and cut into
+the tensor-parallel pieces a TP=T run would save, and the pieces are written by megatron's
+``dist_checkpointing`` from this ONE process (it accepts several shards of a key from one
+rank). Pipeline stages address layers by their global index, so a checkpoint has no pipeline
+layout of its own: any TP/PP run (and any other) loads it, resharding on load.
+
+export: the checkpoint is loaded one layer at a time at TP=1 (megatron reshards whatever TP/PP
+it was saved with), split back into diffusers' keys and written into safetensors shards of
+at most ``max_shard_size``: peak memory is one shard plus one layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from megatron_apex.conversion import hf_io
+from megatron_apex.conversion.engine import EXTRA_STATE_SUFFIX, TRANSFORMS, ParamRule, expand, ours_to_hf
+
+APEX_CONFIG_NAME = "megatron_apex_config.json"
+EXTRAS_MODES = ("inline", "separate", "drop")
+WEIGHTS = ("model", "ema")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MAX_LISTED = 12
+
+
+# ============================================================================ model families
+@dataclass(frozen=True)
+class ModelFamily:
+    """Everything family-specific the generic import/export/verify need. A new family (Sana)
+    is one more instance of this: its table, config translation and model builder."""
+
+    name: str
+    diffusers_class: str
+    arch_fields: Tuple[str, ...]  # config fields that config.json determines
+    config_from_diffusers: Callable[..., Any]  # (config.json dict, **overrides) -> our config
+    config_to_diffusers: Callable[[Any], Dict]
+    config_from_saved: Callable[[Dict], Any]  # train_state.json -> our config
+    mapping_table: Callable[[Any], List[ParamRule]]
+    transform_context: Callable[[Any], Dict]
+    hf_to_ours: Callable[..., Dict[str, torch.Tensor]]  # (lazy HF mapping, config, source=) -> TP=1 state dict
+    build_model: Callable[[Any], torch.nn.Module]  # TP=1, every layer, on the current default device
+    model_names: Callable[[], Mapping[str, Callable[[], Any]]]  # registry: name -> config factory
+    default_model_name: str
+    load_reference: Callable[[str], torch.nn.Module]  # the diffusers model of a folder
+    reference_forward: Callable[..., torch.Tensor]  # (hf model, config, x, t, ctx, mask) -> velocity
+
+    def num_layers(self, config) -> int:
+        return config.num_layers
+
+
+def _qwen_image_family() -> ModelFamily:
+    from megatron_apex.conversion import qwen_image_mapping as qm
+
+    def build(config):
+        from megatron_apex.models.qwen_image.model import QwenImageModel
+        from megatron_apex.models.specs import get_qwen_image_layer_spec
+
+        return QwenImageModel(config, spec=get_qwen_image_layer_spec("local"), layer_range=(0, config.num_layers))
+
+    def from_saved(state):
+        from megatron_apex.models.registry import get_model_config
+
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["model_config"].items()}
+        return get_model_config(state["model_name"], **saved)
+
+    def names():
+        from megatron_apex.models.registry import MODEL_REGISTRY
+
+        return MODEL_REGISTRY
+
+    def load_reference(path):
+        from diffusers import QwenImageTransformer2DModel
+
+        return QwenImageTransformer2DModel.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+    def reference_forward(hf_model, config, x, t, ctx, mask):
+        from megatron_apex.models.qwen_image.model import pack_latents, unpack_latents
+
+        b, _, h, w = x.shape
+        p = config.patch_size
+        out = hf_model(hidden_states=pack_latents(x, p), encoder_hidden_states=ctx, encoder_hidden_states_mask=mask,
+                       timestep=t, img_shapes=[(1, h // p, w // p)] * b, return_dict=False)[0]
+        return unpack_latents(out, h, w, p)
+
+    return ModelFamily(
+        name="qwen-image", diffusers_class=qm.DIFFUSERS_CLASS, arch_fields=tuple(qm.DIFFUSERS_ARCH_FIELDS),
+        config_from_diffusers=qm.config_from_diffusers, config_to_diffusers=qm.config_to_diffusers,
+        config_from_saved=from_saved, mapping_table=qm.qwen_image_mapping_table,
+        transform_context=qm.transform_context, hf_to_ours=qm.hf_to_megatron, build_model=build,
+        model_names=names, default_model_name="qwen-image-20b", load_reference=load_reference,
+        reference_forward=reference_forward,
+    )
+
+
+FAMILIES: Dict[str, Callable[[], ModelFamily]] = {"qwen-image": _qwen_image_family}
+
+
+def get_family(name: str) -> ModelFamily:
+    if name not in FAMILIES:
+        raise ValueError(f"--model {name!r}: unknown model family; choose one of {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]()
+
+
+# ============================================================================ shared helpers
+def _listing(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    return shown + (f" (and {len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
+
+
+def check_family(family: ModelFamily, diffusers_config: Mapping, flag: str, path: str) -> None:
+    found = diffusers_config.get("_class_name")
+    if found == family.diffusers_class:
+        return
+    other = [name for name, make in FAMILIES.items() if name != family.name and make().diffusers_class == found]
+    hint = f" (use --model {other[0]})" if other else ""
+    raise ValueError(f"{flag} {path}: config.json _class_name is {found!r}, not {family.diffusers_class!r} "
+                     f"as --model {family.name} needs{hint}")
+
+
+def _init_single_process() -> None:
+    """dist_checkpointing needs a process group; this tool is one process writing every shard."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError("run tools/convert_hf.py as ONE process (not under torchrun): it writes the "
+                           "shards of every tensor-parallel rank itself")
+    from megatron_apex.parallel import init_distributed
+
+    init_distributed(1, 1)
+
+
+def _meta_model(family: ModelFamily, config) -> torch.nn.Module:
+    with torch.device("meta"):
+        return family.build_model(config)
+
+
+def _plain_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if not k.endswith(EXTRA_STATE_SUFFIX)}
+
+
+def expected_hf_keys(family: ModelFamily, config) -> Tuple[Dict[str, Tuple[int, ...]], set]:
+    """{diffusers key: shape} of the model ``config`` describes (found by converting the
+    meta-device model's state dict), and which of those keys are optional extras."""
+    table = family.mapping_table(config)
+    meta = _plain_state(_meta_model(family, config))
+    hf = ours_to_hf(meta, table, family.num_layers(config), family.transform_context(config))
+    optional = {h for _, hf_keys, rule in expand(table, family.num_layers(config)) if rule.optional for h in hf_keys}
+    return {k: tuple(v.shape) for k, v in hf.items()}, optional
+
+
+def check_hf_keys(family: ModelFamily, config, source: hf_io.SafetensorsFolder, flag: str) -> None:
+    """One error listing every missing, unexpected and mis-shaped key, before any tensor is read."""
+    expected, optional = expected_hf_keys(family, config)
+    missing = sorted(k for k in expected if k not in source and k not in optional)
+    unexpected = sorted(k for k in source if k not in expected)
+    mismatched = sorted(f"{k} {list(source.shape(k))} (expected {list(expected[k])})"
+                        for k in expected if k in source and tuple(source.shape(k)) != expected[k])
+    not_float = sorted(k for k in source if k in expected and not source.dtype(k).is_floating_point)
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches: {_listing(mismatched)}")
+    if not_float:
+        problems.append(f"non-floating-point tensors: {_listing(not_float)}")
+    if problems:
+        raise ValueError(f"{flag} {source.folder}: the weights do not match the {family.diffusers_class} its "
+                         f"config.json describes (with these APEX options): " + "; ".join(problems))
+
+
+def _apex_side_config(folder: str, family: ModelFamily) -> Dict:
+    """Non-architecture fields saved by an earlier export (so export -> import restores them)."""
+    path = os.path.join(folder, APEX_CONFIG_NAME)
+    if not os.path.isfile(path):
+        return {}
+    saved = hf_io.read_json(path, "--hf-path").get("model_config", {})
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k not in family.arch_fields}
+
+
+def config_for_folder(family: ModelFamily, folder: str, overrides: Optional[Mapping] = None, flag: str = "--hf-path"):
+    """(our config, config.json dict) for a diffusers folder: architecture from config.json,
+    APEX fields from the folder's megatron_apex_config.json when present, then ``overrides``."""
+    diffusers_config = hf_io.read_config(folder, flag)
+    check_family(family, diffusers_config, flag, folder)
+    fields = {**_apex_side_config(folder, family), **dict(overrides or {})}
+    try:
+        config = family.config_from_diffusers(diffusers_config, **fields)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{flag} {folder}: {err}") from None
+    return config, diffusers_config
+
+
+def _registry_name(family: ModelFamily, config) -> Tuple[str, str]:
+    """(registry name to rebuild ``config`` from, how it matches: "exact" | "architecture" |
+    "none"). All fields are saved, so any name rebuilds the model; the match tells the user
+    which --model to train with."""
+    ours = dataclasses.asdict(config)
+    same_arch = None
+    for name, factory in family.model_names().items():
+        theirs = dataclasses.asdict(factory())
+        if theirs == ours:
+            return name, "exact"
+        if same_arch is None and all(theirs.get(k) == ours.get(k) for k in family.arch_fields):
+            same_arch = name
+    return (same_arch, "architecture") if same_arch else (family.default_model_name, "none")
+
+
+def _split_dims(table: Sequence[ParamRule], num_layers: int) -> Dict[str, Optional[int]]:
+    return {ours: rule.tp_split_dim for ours, _, rule in expand(table, num_layers)}
+
+
+def _json_ready(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+# ============================================================================ import
+def tensor_parallel_shards(template: Mapping, tensors: Dict[str, torch.Tensor], split_dims: Mapping[str, Optional[int]],
+                           tp: int, prefix: str, dtype: torch.dtype) -> Dict:
+    """The sharded state dict that ``tp`` tensor-parallel ranks would save together, built in
+    one process from full tensors (popped from ``tensors`` as they are cut, so memory holds
+    one copy): each TP-split tensor becomes ``tp`` contiguous chunks along its split dim with
+    their global offsets, the rest one piece. ``template`` (a TP=1 model's
+    ``sharded_state_dict``) supplies keys and non-tensor entries."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    out = {}
+    for name, entry in template.items():
+        if not isinstance(entry, ShardedTensor):
+            out[name] = entry  # ShardedObject (extra state): replicated, kept as the model has it
+            continue
+        key = entry.key[len(prefix):]
+        tensor = tensors.pop(key).to(dtype)
+        if tuple(tensor.shape) != tuple(entry.global_shape):
+            raise ValueError(f"converted {key!r} has shape {tuple(tensor.shape)}, the model {tuple(entry.global_shape)}")
+        dim = split_dims[key]
+        if dim is None or tp == 1:
+            out[name] = ShardedTensor.from_rank_offsets(entry.key, tensor.contiguous(), replica_id=entry.replica_id)
+            continue
+        if tensor.shape[dim] % tp:
+            raise ValueError(f"{key!r} dim {dim} ({tensor.shape[dim]}) is not divisible by "
+                             f"--tensor-model-parallel-size {tp}")
+        for rank, chunk in enumerate(tensor.chunk(tp, dim=dim)):
+            # a clone: the writer would copy views anyway, and the full tensor can go now
+            out[f"{name}/tp{rank}"] = ShardedTensor.from_rank_offsets(
+                entry.key, chunk.clone(memory_format=torch.contiguous_format), (dim, rank, tp),
+                replica_id=entry.replica_id)
+        del tensor
+    if tensors:
+        raise ValueError(f"converted keys the model does not have: {_listing(sorted(tensors))}")
+    return out
+
+
+def import_hf(family: ModelFamily, hf_path: str, save: str, tensor_model_parallel_size: int = 1,
+              pipeline_model_parallel_size: int = 1, overrides: Optional[Mapping] = None,
+              model_name: Optional[str] = None) -> Dict:
+    """diffusers folder -> ``save/iter_0000000`` (+ ``latest``); returns the train state written."""
+    from megatron_apex.training import checkpointing
+
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    for flag, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+    config, diffusers_config = config_for_folder(family, hf_path, overrides)
+    hf_io.check_output_path(save, "--save")
+    config.validate(tp)
+    layers = family.num_layers(config)
+    if layers % pp:
+        raise ValueError(f"--pipeline-model-parallel-size {pp} does not divide the model's {layers} layers")
+    if model_name is not None and model_name not in family.model_names():
+        raise ValueError(f"--model-name {model_name!r}: not a registered model; known: "
+                         f"{', '.join(sorted(family.model_names()))}")
+
+    source = hf_io.SafetensorsFolder(hf_path, "--hf-path")
+    check_hf_keys(family, config, source, "--hf-path")
+    table = family.mapping_table(config)
+    split_dims = _split_dims(table, layers)
+    meta = _meta_model(family, config)
+    for key, tensor in _plain_state(meta).items():
+        dim = split_dims.get(key)
+        if dim is not None and tensor.shape[dim] % tp:
+            raise ValueError(f"--tensor-model-parallel-size {tp} does not divide dim {dim} of {key!r} "
+                             f"({tensor.shape[dim]})")
+
+    _init_single_process()
+    prefix = "model."
+    template = meta.sharded_state_dict(prefix=prefix)
+    # Reads each HF tensor once, in table order; fills APEX extras the folder lacks.
+    tensors = family.hf_to_ours(source, config, source=f"--hf-path {hf_path}")
+    source_dtype = source.dominant_dtype()
+    source.close()
+    sharded = tensor_parallel_shards(template, tensors, split_dims, tp, prefix, config.torch_dtype)
+
+    name, match = (model_name, "given") if model_name else _registry_name(family, config)
+    train_state = {
+        "iteration": 0,
+        "consumed_samples": 0,
+        "model_name": name,
+        "model_config": _json_ready(dataclasses.asdict(config)),
+        "has_ema": False,
+        "has_teacher": False,
+        "args": {"model": name, "data": {"data_path": None},
+                 "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}},
+        "source": {
+            "format": "diffusers", "family": family.name, "hf_path": os.path.abspath(hf_path),
+            "config_sha256": hf_io.file_sha256(os.path.join(hf_path, hf_io.CONFIG_NAME)),
+            "diffusers_config": diffusers_config,
+            "dtype": str(source_dtype).replace("torch.", "") if source_dtype is not None else None,
+            "weight_files": source.files,
+            "registry_match": match,
+        },
+    }
+    with hf_io.atomic_output_dir(save, "--save") as tmp:
+        checkpointing.save_checkpoint(tmp, 0, sharded, train_state)
+    return train_state
+
+
+# ============================================================================ export
+def _layer_of(key: str) -> int:
+    match = re.match(r"layers\.(\d+)\.", key)
+    return int(match.group(1)) if match else -1
+
+
+def _checkpoint_tensors(ckpt: str) -> Dict:
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_tensors_metadata(ckpt)
+
+
+def export_hf(family: ModelFamily, load: str, out: str, weights: str = "model",
+              max_shard_size="5GB", dtype: str = "auto", extras: str = "inline") -> Dict:
+    """Our checkpoint (any TP/PP) -> a diffusers folder; returns a summary."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from megatron_apex.training import checkpointing
+
+    if weights not in WEIGHTS:
+        raise ValueError(f"--weights {weights!r}: choose one of {WEIGHTS}")
+    if extras not in EXTRAS_MODES:
+        raise ValueError(f"--extras {extras!r}: choose one of {EXTRAS_MODES}")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose auto or one of {', '.join(DTYPES)}")
+    shard_bytes = hf_io.parse_size(max_shard_size)
+    ckpt = checkpointing.resolve_checkpoint(load, "--load")
+    state = checkpointing.read_train_state(ckpt)
+    hf_io.check_output_path(out, "--hf-path")
+    if weights == "ema" and not state.get("has_ema"):
+        raise ValueError(f"--weights ema: {ckpt} holds no EMA weights (trained with --ema-decay 0)")
+    try:
+        config = family.config_from_saved(state)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"--load {ckpt}: cannot rebuild the model config from train_state.json ({err})") from None
+    diffusers_config = family.config_to_diffusers(config)
+    source = state.get("source") or {}
+    original = source.get("diffusers_config")
+    if isinstance(original, dict) and original.get("_class_name") == family.diffusers_class and \
+            all(original.get(k) == diffusers_config[k] for k in family.arch_fields):
+        # the imported config.json as it was (its diffusers version, fields of other versions)
+        diffusers_config = original
+    if dtype == "auto":
+        out_dtype = DTYPES.get(source.get("dtype") or "", config.torch_dtype)
+    else:
+        out_dtype = DTYPES[dtype]
+
+    _init_single_process()
+    layers = family.num_layers(config)
+    table = family.mapping_table(config)
+    ctx = family.transform_context(config)
+    prefix = f"{weights}."
+    template = {k: v for k, v in _meta_model(family, config).sharded_state_dict(prefix=prefix).items()
+                if isinstance(v, ShardedTensor)}
+    by_key = {v.key[len(prefix):]: v for v in template.values()}
+
+    saved = _checkpoint_tensors(ckpt)
+    missing = sorted(v.key for v in template.values() if v.key not in saved)
+    mismatched = sorted(f"{v.key} {list(saved[v.key].global_shape)} (model {list(v.global_shape)})"
+                        for v in template.values() if v.key in saved
+                        and tuple(saved[v.key].global_shape) != tuple(v.global_shape))
+    if missing or mismatched:
+        parts = ([f"missing tensors: {_listing(missing)}"] if missing else []) + \
+                ([f"shape mismatches: {_listing(mismatched)}"] if mismatched else [])
+        raise ValueError(f"--load {ckpt}: does not match the model its train_state.json describes: " + "; ".join(parts))
+
+    rules = [(o, h, r) for o, h, r in expand(table, layers) if o in by_key or not r.optional]
+    absent = sorted(o for o, _, _ in rules if o not in by_key)
+    unmapped = sorted(set(by_key) - {o for o, _, _ in rules})
+    if absent or unmapped:
+        raise ValueError(f"mapping table and model disagree: table-only {_listing(absent)}; "
+                         f"model-only {_listing(unmapped)}")
+    groups: Dict[int, List] = {}
+    for rule in rules:
+        groups.setdefault(_layer_of(rule[0]), []).append(rule)
+
+    written_extras = []
+    with hf_io.atomic_output_dir(out, "--hf-path") as tmp:
+        main = hf_io.ShardedSafetensorsWriter(tmp, shard_bytes)
+        side = hf_io.ShardedSafetensorsWriter(tmp, 1 << 62, weights_name=hf_io.EXTRAS_NAME,
+                                              index_name=hf_io.EXTRAS_NAME + ".index.json")
+        for layer in sorted(groups):
+            group = groups[layer]
+            request = {}
+            for our_key, _, _ in group:
+                entry = by_key[our_key]
+                request[our_key] = ShardedTensor.from_rank_offsets(
+                    entry.key, torch.empty(entry.global_shape, dtype=saved[entry.key].dtype), replica_id=0)
+            loaded = dist_checkpointing.load(request, ckpt)
+            for our_key, hf_keys, rule in group:
+                pieces = TRANSFORMS[rule.transform][1](loaded.pop(our_key), ctx)
+                for hf_key, tensor in zip(hf_keys, pieces):
+                    if rule.optional and extras == "drop":
+                        continue
+                    writer = side if rule.optional and extras == "separate" else main
+                    writer.add(hf_key, tensor.to(out_dtype))
+                    if rule.optional:
+                        written_extras.append(hf_key)
+            del loaded
+        files = main.close() + side.close()
+        with open(os.path.join(tmp, hf_io.CONFIG_NAME), "w") as f:
+            json.dump(diffusers_config, f, indent=2, sort_keys=True)
+            f.write("\n")
+        with open(os.path.join(tmp, APEX_CONFIG_NAME), "w") as f:
+            json.dump({"family": family.name, "model_name": state.get("model_name"),
+                       "model_config": state["model_config"], "weights": weights, "checkpoint": os.path.abspath(ckpt),
+                       "iteration": state.get("iteration"), "extras": extras, "extra_keys": written_extras,
+                       "dtype": str(out_dtype).replace("torch.", "")}, f, indent=1, sort_keys=True)
+            f.write("\n")
+    return {"files": files, "extras": written_extras, "dtype": out_dtype, "checkpoint": ckpt, "weights": weights}
+
+
+# ============================================================================ verify
+def text_mask(batch: int, text_len: int) -> torch.Tensor:
+    """Right-padded 1/0 mask, valid lengths spread from ``text_len`` down to 1 (all different
+    when batch <= text_len)."""
+    mask = torch.zeros(batch, text_len)
+    for i in range(batch):
+        valid = text_len if batch == 1 else text_len - round(i * (text_len - 1) / (batch - 1))
+        mask[i, :max(1, valid)] = 1
+    return mask
+
+
+def load_ours_from_hf(family: ModelFamily, hf_path: str, overrides: Optional[Mapping] = None):
+    """Our TP=1 model with a diffusers folder's weights, converted in memory."""
+    config, _ = config_for_folder(family, hf_path, overrides)
+    source = hf_io.SafetensorsFolder(hf_path, "--hf-path")
+    check_hf_keys(family, config, source, "--hf-path")
+    _init_single_process()
+    model = family.build_model(config.replace(perform_initialization=False))
+    state = family.hf_to_ours(source, config, source=f"--hf-path {hf_path}")
+    source.close()
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE_SUFFIX)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"converted weights do not fit the model: missing {missing}, unexpected {result.unexpected_keys}")
+    return model.eval(), config
+
+
+def verify(family: ModelFamily, hf_path: str, load: Optional[str] = None, weights: str = "model", batch: int = 2,
+           grid: Tuple[int, int] = (4, 4), text_len: int = 8, seed: int = 0) -> Dict:
+    """Forward of diffusers' model vs ours on the same random inputs (padded text mask, one
+    valid length per sample); returns the max abs difference and the reference's scale."""
+    for flag, value in (("--batch", batch), ("--text-len", text_len), ("--grid", grid[0]), ("--grid", grid[1])):
+        if value < 1:
+            raise ValueError(f"{flag} must be positive, got {value}")
+    hf_config, _ = config_for_folder(family, hf_path)
+    if load is not None:
+        from megatron_apex.inference.loading import load_model_for_inference
+
+        model, _ = load_model_for_inference(load, weights)
+        config = model.model_config
+        differs = [k for k in family.arch_fields if getattr(config, k) != getattr(hf_config, k)]
+        if differs:
+            raise ValueError(f"--load {load} and --hf-path {hf_path} describe different models "
+                             f"({', '.join(f'{k}: {getattr(config, k)} vs {getattr(hf_config, k)}' for k in differs)})")
+    else:
+        model, config = load_ours_from_hf(family, hf_path)
+    reference = family.load_reference(hf_path)
+
+    gen = torch.Generator().manual_seed(seed)
+    p = config.patch_size
+    x = torch.randn(batch, config.out_channels, grid[0] * p, grid[1] * p, generator=gen)
+    t = torch.rand(batch, generator=gen)
+    ctx = torch.randn(batch, text_len, config.joint_attention_dim, generator=gen)
+    mask = text_mask(batch, text_len)
+    with torch.no_grad():
+        ref = family.reference_forward(reference, config, x, t, ctx, mask)
+        ours = model(x, t, ctx, mask)
+    return {"max_abs_diff": (ours.float() - ref.float()).abs().max().item(),
+            "ref_max_abs": ref.abs().max().item(), "shape": tuple(ours.shape)}

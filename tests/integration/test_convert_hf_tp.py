@@ -1,0 +1,232 @@
+"""tools/convert_hf.py with tensor x pipeline parallelism 2 x 2, against single-process and
+diffusers references:
+
+- import at TP=2 x PP=2 then export equals import at TP=1 then export equals the diffusers
+  folder, bit for bit;
+- the one-process import writes exactly the tensor pieces (keys, offsets, shapes) that four
+  real TP=2 x PP=2 ranks save, and those ranks (this file run under torchrun) load it into
+  their stages with the values of the diffusers weights sharded by the mapping table;
+- the checkpoint the four ranks save exports, from one process, to the diffusers folder;
+- the trainer fine-tunes from an imported checkpoint (--load --finetune) and tools/sample.py
+  samples from it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+ARCH = dict(patch_size=2, in_channels=8, out_channels=2, num_layers=4, attention_head_dim=8,
+            num_attention_heads=4, joint_attention_dim=12, axes_dims_rope=(2, 2, 4))
+
+
+def random_diffusers_folder(path, seed, max_shard_size="5GB", **arch):
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = QwenImageTransformer2DModel(**{**ARCH, **arch})
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or ".norm_" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+            else:
+                fan_in = p.shape[-1] if p.dim() == 2 else 4.0
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    return Path(path)
+
+
+# ============================================================================ torchrun worker
+def worker(hf_path: str, imported: str, resave: str, out_json: str) -> None:
+    """One of 4 ranks (TP=2 x PP=2): load the one-process import into this rank's stage, check
+    it against the diffusers weights sharded by the table, then save the stage as a real
+    multi-rank checkpoint."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_apex.conversion import hf_to_megatron, qwen_image_mapping_table, shard_for_tp
+    from megatron_apex.conversion.hf_io import SafetensorsFolder
+    from megatron_apex.models import get_model_config
+    from megatron_apex.parallel import init_distributed
+    from megatron_apex.training import checkpointing
+    from megatron_apex.training.pipeline_apex import build_stage_model, stage_model_config
+
+    init_distributed(2, 2)
+    ckpt = checkpointing.resolve_checkpoint(imported)
+    state = checkpointing.read_train_state(ckpt)
+    config = get_model_config(state["model_name"], **{k: tuple(v) if isinstance(v, list) else v
+                                                      for k, v in state["model_config"].items()})
+    tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    pp_rank, pp = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
+    # built, sharded and loaded exactly as the trainer does it
+    model = build_stage_model(stage_model_config(config))
+    torch.manual_seed(100 + dist.get_rank())
+    with torch.no_grad():  # anything but the checkpoint's values
+        for p in model.parameters():
+            p.normal_()
+
+    def sharded():
+        return checkpointing.mark_tp_replicas(model.sharded_state_dict(prefix="model."))
+
+    loaded = checkpointing.load_checkpoint(ckpt, {"model": sharded()})
+    model.load_state_dict(checkpointing.module_state_dict(loaded["model"], "model.", model))
+
+    # expected: diffusers weights -> ours (full) -> this TP rank's slice -> this stage's keys
+    with SafetensorsFolder(hf_path) as folder:
+        full = hf_to_megatron(folder, config)
+    table = qwen_image_mapping_table(config)
+    expected = shard_for_tp(full, table, config.num_layers, tp_rank, tp)
+    mismatched, compared = [], 0
+    for key, value in model.state_dict().items():
+        if key.endswith("_extra_state"):
+            continue
+        if key.startswith("layers."):
+            local, rest = key.split(".", 2)[1:]
+            key = f"layers.{model.layer_offset + int(local)}.{rest}"
+        compared += 1
+        if not torch.equal(value, expected[key]):
+            mismatched.append(key)
+
+    checkpointing.save_checkpoint(resave, 0, {"model": sharded()}, state)
+    result = {"rank": dist.get_rank(), "tp_rank": tp_rank, "pp_rank": pp_rank, "compared": compared,
+              "mismatched": mismatched, "layers": [model.layer_offset, model.num_local_layers]}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, result)
+    if dist.get_rank() == 0:
+        tmp = out_json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(gathered, f)
+        os.replace(tmp, out_json)
+    dist.barrier()
+
+
+# ============================================================================ tests
+def _tool():
+    spec = importlib.util.spec_from_file_location("convert_hf_tool", REPO / "tools" / "convert_hf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _convert(*argv):
+    assert _tool().main([str(a) for a in argv]) == 0
+
+
+def _tensors(folder):
+    from megatron_apex.conversion.hf_io import SafetensorsFolder
+
+    with SafetensorsFolder(str(folder)) as f:
+        return {k: f[k] for k in f}
+
+
+def _stored_chunks(ckpt):
+    """{(key, offsets, sizes)} of every tensor piece in a checkpoint's torch-DCP metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = FileSystemReader(str(ckpt)).read_metadata()
+    return {(key, tuple(c.offsets), tuple(c.sizes)) for key, item in meta.state_dict_metadata.items()
+            if isinstance(item, TensorStorageMetadata) for c in item.chunks}
+
+
+def test_tp2_pp2_import_and_export_match_single_process_and_real_ranks(tmp_path):
+    import pytest
+
+    pytest.importorskip("diffusers")
+    from dist_utils import run_torchrun
+
+    hf = random_diffusers_folder(tmp_path / "hf", seed=5, max_shard_size="40KB")
+    _convert("import", "--model", "qwen-image", "--hf-path", hf, "--save", tmp_path / "tp2pp2",
+             "--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 2)
+    _convert("import", "--model", "qwen-image", "--hf-path", hf, "--save", tmp_path / "tp1")
+    for name in ("tp2pp2", "tp1"):
+        _convert("export", "--model", "qwen-image", "--load", tmp_path / name, "--hf-path", tmp_path / f"{name}_hf")
+    original, a, b = _tensors(hf), _tensors(tmp_path / "tp2pp2_hf"), _tensors(tmp_path / "tp1_hf")
+    assert a.keys() == b.keys() and set(original) < set(a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], original[k]) for k in original)
+    for name in ("tp2pp2_hf", "tp1_hf"):
+        assert json.loads((tmp_path / name / "config.json").read_text()) == json.loads((hf / "config.json").read_text())
+    # the TP=2 import really holds two pieces of each split tensor (the TP=1 one holds one)
+    emulated = _stored_chunks(tmp_path / "tp2pp2" / "iter_0000000")
+    single = _stored_chunks(tmp_path / "tp1" / "iter_0000000")
+    qkv = "model.layers.0.attention.linear_qkv.weight"
+    assert len([c for c in emulated if c[0] == qkv]) == 2 and len([c for c in single if c[0] == qkv]) == 1
+
+    out = tmp_path / "ranks.json"
+    run_torchrun(Path(__file__), 4, ["--worker", hf, tmp_path / "tp2pp2", tmp_path / "resaved", out], timeout=300)
+    ranks = json.loads(out.read_text())
+    assert sorted((r["tp_rank"], r["pp_rank"]) for r in ranks) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert sorted({tuple(r["layers"]) for r in ranks}) == [(0, 2), (2, 2)]
+    for r in ranks:
+        assert r["compared"] > 20 and r["mismatched"] == [], r
+
+    # four real ranks store exactly the pieces the one-process import wrote
+    assert _stored_chunks(tmp_path / "resaved" / "iter_0000000") == emulated
+    _convert("export", "--model", "qwen-image", "--load", tmp_path / "resaved", "--hf-path", tmp_path / "resaved_hf")
+    c = _tensors(tmp_path / "resaved_hf")
+    assert c.keys() == a.keys() and all(torch.equal(c[k], a[k]) for k in a)
+
+
+def test_trainer_finetunes_and_sample_py_samples_from_an_imported_checkpoint(tmp_path):
+    """The built-in dataset's shapes (28x28 grey, 4x4 patches, MiniLM 384-d text): a diffusers
+    model with qwen-image-tiny's architecture and one layer, imported and fine-tuned."""
+    import pytest
+
+    pytest.importorskip("diffusers")
+    hf = random_diffusers_folder(tmp_path / "hf", seed=9, patch_size=4, in_channels=16, out_channels=1,
+                                 num_layers=1, attention_head_dim=24, num_attention_heads=4,
+                                 joint_attention_dim=384, axes_dims_rope=(8, 8, 8))
+    ckpt = tmp_path / "imported"
+    _convert("import", "--model", "qwen-image", "--hf-path", hf, "--save", ckpt)
+    # this process's own group (the in-process import) holds MASTER_PORT: children pick their own
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    common = ["--model", "qwen-image-tiny", "--num-layers", "1", "--micro-batch-size", "4", "--global-batch-size", "4",
+              "--log-interval", "1", "--no-progress", "--objective", "fm"]
+
+    refused = subprocess.run([sys.executable, str(REPO / "examples" / "pretrain_apex_dit.py"), *common,
+                              "--train-iters", "1", "--load", str(ckpt)], capture_output=True, text=True, env=env,
+                             cwd=REPO, timeout=600)
+    assert refused.returncode != 0 and "--finetune" in refused.stderr + refused.stdout
+
+    # --lr 0: one real training step that must leave the loaded weights exactly as imported
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "pretrain_apex_dit.py"), *common,
+                           "--train-iters", "1", "--lr", "0", "--ema-decay", "0.9", "--load", str(ckpt), "--finetune",
+                           "--save", str(run)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "fine-tuning from the weights" in proc.stdout + proc.stderr
+    assert (run / "latest").read_text().strip() == "1"
+    original = _tensors(hf)
+    for weights in ("model", "ema"):  # the EMA starts from the loaded weights; lr 0 keeps both
+        _convert("export", "--model", "qwen-image", "--load", run, "--hf-path", tmp_path / f"trained_{weights}",
+                 "--weights", weights)
+        trained = _tensors(tmp_path / f"trained_{weights}")
+        assert all(torch.equal(trained[k], original[k]) for k in original), weights
+
+    out = tmp_path / "samples"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "sample.py"), "--load", str(ckpt), "--nfe", "1",
+                           "--num-per-prompt", "1", "--out", str(out)], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import numpy as np
+
+    images = np.load(str(out) + ".npz")["images"]
+    assert images.dtype == np.uint8 and images.shape[1:] == (28, 28, 1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "--worker":
+        worker(*sys.argv[2:])
+    else:
+        sys.exit("usage: test_convert_hf_tp.py --worker HF_PATH IMPORTED RESAVE OUT_JSON")
