@@ -23,8 +23,14 @@ TINY = ["--model", "qwen-image-tiny", "--num-layers", "1", "--micro-batch-size",
         "--apex-variant", "released", "--apex-start-iter", "2", "--ema-decay", "0.9"]
 
 
+# Rendezvous variables left in this process's environment by in-process tests (their port is
+# still bound here) must not reach a child that starts its own single-process group.
+_RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
 def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def _train(args, check=True, timeout=600):
