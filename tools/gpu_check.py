@@ -18,6 +18,7 @@ import warnings
 
 warnings.filterwarnings("ignore")
 import torch  # noqa: E402
+from megatron_apex.conversion.random_weights import randomize_weights_  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
 CUDA = torch.cuda.is_available()
@@ -47,14 +48,7 @@ dev = torch.device("cuda" if CUDA else "cpu")
 def rand_hf(seed, **arch):
     torch.manual_seed(seed)
     hf = QwenImageTransformer2DModel(**arch)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if n.endswith("norm.weight") or ".norm_" in n:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                fan = p.shape[-1] if p.dim() == 2 else 4.0
-                p.copy_(torch.randn(p.shape, generator=g) / fan ** 0.5)
+    randomize_weights_(hf, seed + 1)
     return hf
 
 

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+from megatron_apex.conversion.random_weights import randomize_weights_
 
 REPO = Path(__file__).resolve().parents[2]
 ARCH = dict(patch_size=2, in_channels=8, out_channels=2, num_layers=4, attention_head_dim=8,
@@ -32,14 +33,7 @@ def random_diffusers_folder(path, seed, max_shard_size="5GB", **arch):
 
     torch.manual_seed(seed)
     model = QwenImageTransformer2DModel(**{**ARCH, **arch})
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or ".norm_" in name:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
-            else:
-                fan_in = p.shape[-1] if p.dim() == 2 else 4.0
-                p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
+    randomize_weights_(model, seed + 1)
     model.save_pretrained(path, max_shard_size=max_shard_size)
     return Path(path)
 

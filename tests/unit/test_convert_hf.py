@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from megatron_apex.conversion.random_weights import randomize_weights_
 
 pytest.importorskip("diffusers")
 pytest.importorskip("safetensors")
@@ -43,14 +44,7 @@ def convert(*argv) -> int:
 def random_diffusers(seed=0, dtype=torch.float32, **arch) -> QwenImageTransformer2DModel:
     torch.manual_seed(seed)
     model = QwenImageTransformer2DModel(**{**ARCH, **arch}).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or ".norm_" in name:  # RMSNorm weights near 1
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
-            else:
-                fan_in = p.shape[-1] if p.dim() == 2 else 4.0
-                p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
+    randomize_weights_(model, seed + 1)
     return model.to(dtype)
 
 

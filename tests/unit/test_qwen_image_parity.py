@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from megatron_apex.conversion.random_weights import randomize_weights_
 
 from megatron_apex.conversion import (config_from_diffusers, hf_to_megatron, load_diffusers_state_dict,
                                       megatron_to_hf)
@@ -26,14 +27,7 @@ def megatron_single_process():
 def random_diffusers(seed, **arch):
     torch.manual_seed(seed)
     hf = QwenImageTransformer2DModel(**arch).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("norm.weight") or ".norm_" in name:  # RMSNorm weights: around 1
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
-            else:
-                fan_in = p.shape[-1] if p.dim() == 2 else 4.0
-                p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
+    randomize_weights_(hf, seed + 1)
     return hf
 
 

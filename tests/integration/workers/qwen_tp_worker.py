@@ -11,6 +11,7 @@ import os
 import sys
 
 import torch
+from megatron_apex.conversion.random_weights import randomize_weights_
 
 from _common import gather_objects, write_json_atomic
 
@@ -28,14 +29,7 @@ def random_diffusers(seed):
     hf = QwenImageTransformer2DModel(patch_size=2, in_channels=8, out_channels=2, num_layers=2,
                                      attention_head_dim=8, num_attention_heads=4, joint_attention_dim=12,
                                      axes_dims_rope=(2, 2, 4))
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("norm.weight") or ".norm_" in name:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
-            else:
-                fan_in = p.shape[-1] if p.dim() == 2 else 4.0
-                p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
+    randomize_weights_(hf, seed + 1)
     return hf
 
 
