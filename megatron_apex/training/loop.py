@@ -85,15 +85,13 @@ class Trainer:
         from megatron_apex.objectives.flow import TimeSamplerConfig
         from megatron_apex.parallel import init_distributed, set_seed
         from megatron_apex.parallel.recompute import enable_activation_recompute
-        from megatron_apex.training.pipeline_apex import build_stage_model, stage_model_config
+        from megatron_apex.training.pipeline_apex import build_stage_model
 
         self.cfg = cfg
         self.model_config = get_model_config(cfg.model, **cfg.model_overrides)
         obj = cfg.objective
         self.apex_config = APEXConfig(**obj.apex) if obj.objective == "apex" else None
         self.two_phase = check_parallel_config(cfg, self.model_config, self.apex_config)
-        if cfg.parallel.pipeline_model_parallel_size > 1:
-            self.model_config = stage_model_config(self.model_config)
         self.info = init_distributed(cfg.parallel.tensor_model_parallel_size,
                                      cfg.parallel.pipeline_model_parallel_size)
         self.dp_size = ps.get_data_parallel_world_size()

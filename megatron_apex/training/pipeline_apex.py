@@ -19,14 +19,12 @@ model's in the same tensor.
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_apex.models.qwen_image.config import QwenImageConfig
 from megatron_apex.objectives.apex import (ModelQuery, TwoPhaseObjective, answer_query, batch_queries,
                                            split_output)
 from megatron_apex.objectives.flow import interpolate, per_sample_mse, velocity_target
@@ -35,36 +33,14 @@ from megatron_apex.objectives.flow import interpolate, per_sample_mse, velocity_
 # ---------------------------------------------------------------------------------------------
 # Stage models
 
-class _PipelineStageConfig(QwenImageConfig):
-    """QwenImageConfig whose TransformerConfig names the dtype of the tensors sent between
-    pipeline stages (megatron-core refuses PP > 1 without `pipeline_dtype`)."""
-
-    def to_transformer_config(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1):
-        single = super().to_transformer_config(tensor_model_parallel_size, 1)
-        if pipeline_model_parallel_size == 1:
-            return single
-        return dataclasses.replace(single, pipeline_model_parallel_size=pipeline_model_parallel_size,
-                                   pipeline_dtype=single.params_dtype)
-
-
-def stage_model_config(config: QwenImageConfig) -> QwenImageConfig:
-    """The same config (same fields, same checkpoints) in a form that builds pipeline stages."""
-    return _PipelineStageConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
-
-
-def build_stage_model(config: QwenImageConfig):
+def build_stage_model(config):
     """This rank's pipeline stage: the input embeddings on the first, the output head on the
     last, megatron's even split of the layers in between."""
     from megatron.core import parallel_state as ps
 
     from megatron_apex.models.registry import build_model
 
-    stage = build_model(config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
-    if not hasattr(stage, "share_embeddings_and_output_weights"):
-        # megatron's finalize_model_grads asks every pipeline model whether the first and last
-        # stages hold a tied weight to all-reduce; this model has none.
-        stage.share_embeddings_and_output_weights = False
-    return stage
+    return build_model(config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -51,7 +51,7 @@ def worker(hf_path: str, imported: str, resave: str, out_json: str) -> None:
     from megatron_apex.models import get_model_config
     from megatron_apex.parallel import init_distributed
     from megatron_apex.training import checkpointing
-    from megatron_apex.training.pipeline_apex import build_stage_model, stage_model_config
+    from megatron_apex.training.pipeline_apex import build_stage_model
 
     init_distributed(2, 2)
     ckpt = checkpointing.resolve_checkpoint(imported)
@@ -61,7 +61,7 @@ def worker(hf_path: str, imported: str, resave: str, out_json: str) -> None:
     tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     pp_rank, pp = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
     # built, sharded and loaded exactly as the trainer does it
-    model = build_stage_model(stage_model_config(config))
+    model = build_stage_model(config)
     torch.manual_seed(100 + dist.get_rank())
     with torch.no_grad():  # anything but the checkpoint's values
         for p in model.parameters():

@@ -145,6 +145,8 @@ class QwenImageConfig:
             ffn_hidden_size=self.mlp_ratio * self.hidden_size,
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
+            # megatron-core refuses PP > 1 without the dtype of the tensors sent between stages.
+            pipeline_dtype=dtype if pipeline_model_parallel_size > 1 else None,
             use_cpu_initialization=self.use_cpu_initialization,
             perform_initialization=self.perform_initialization,
             params_dtype=dtype,

@@ -89,6 +89,9 @@ class QwenImageModel(MegatronModule):
         super().__init__(config=transformer_config)
         # megatron-core's schedules read this off the model
         self.model_type = ModelType.encoder_or_decoder
+        # megatron's finalize_model_grads asks whether the first and last pipeline stages hold
+        # a tied weight to all-reduce; this model ties none.
+        self.share_embeddings_and_output_weights = False
         if spec is None:
             from megatron_apex.models.specs import get_qwen_image_layer_spec
 
