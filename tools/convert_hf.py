@@ -7,6 +7,10 @@
     python tools/convert_hf.py verify --model qwen-image --hf-path HF_DIR [--load CKPT_DIR] \\
         [--batch 2 --grid 4x4 --text-len 8 --seed 0 --tolerance 1e-5]
 
+--model is the family: qwen-image (QwenImageTransformer2DModel), sana (SanaTransformer2DModel),
+or auto (the default: config.json's _class_name on import/verify, the checkpoint's registry
+model on export).
+
 One process does every conversion (no torchrun), tensor by tensor; see docs/conversion.md.
 Exit status: 0 success, 1 verify above tolerance, 2 bad input (one line naming the flag).
 """
@@ -41,8 +45,9 @@ def _model_options(p) -> None:
     g.add_argument("--shift-a", type=float)
     g.add_argument("--shift-b", type=float)
     g.add_argument("--target-time-embedder", choices=("none", "copy", "zero"),
-                   help="any-step target-time embedder (time_text_embed_2) when the folder lacks it: none, a copy "
-                        "of the time embedder, or zero last linear (default: the model default, zero)")
+                   help="any-step target-time embedder (Qwen-Image: time_text_embed_2, Sana: time_embed_2) when the "
+                        "folder lacks it: none, a copy of the time embedder, or zero last linear (default: the model "
+                        "default, zero)")
 
 
 def _overrides(a) -> dict:
@@ -57,12 +62,15 @@ def _overrides(a) -> dict:
     return out
 
 
+MODEL_HELP = "model family: qwen-image, sana or auto (detected; the default)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="convert_hf.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     imp = sub.add_parser("import", help="diffusers folder -> megatron_apex checkpoint")
-    imp.add_argument("--model", required=True, help="model family: qwen-image")
+    imp.add_argument("--model", default="auto", help=MODEL_HELP)
     imp.add_argument("--hf-path", required=True, help="diffusers transformer folder (config.json + safetensors)")
     imp.add_argument("--save", required=True, help="new checkpoint directory (must not exist or be empty)")
     imp.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -73,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(imp)
 
     exp = sub.add_parser("export", help="megatron_apex checkpoint -> diffusers folder")
-    exp.add_argument("--model", required=True, help="model family: qwen-image")
+    exp.add_argument("--model", default="auto", help=MODEL_HELP)
     exp.add_argument("--load", required=True, help="checkpoint: a save directory (follows `latest`) or an iter_* dir")
     exp.add_argument("--hf-path", required=True, help="new diffusers folder (must not exist or be empty)")
     exp.add_argument("--weights", choices=("model", "ema"), default="model")
@@ -86,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--report-memory", action="store_true", help="print peak RSS against the model size")
 
     ver = sub.add_parser("verify", help="compare diffusers' forward with ours")
-    ver.add_argument("--model", required=True, help="model family: qwen-image")
+    ver.add_argument("--model", default="auto", help=MODEL_HELP)
     ver.add_argument("--hf-path", required=True, help="diffusers transformer folder")
     ver.add_argument("--load", default=None, help="our checkpoint to compare (default: convert --hf-path in memory)")
     ver.add_argument("--weights", choices=("model", "ema"), default="model")
@@ -137,14 +145,27 @@ def _numel(shape) -> int:
     return n
 
 
+def _family(a):
+    from megatron_apex.conversion import checkpoint_io
+
+    if a.model != checkpoint_io.AUTO:
+        return checkpoint_io.get_family(a.model)
+    if a.command == "export":
+        _require_dir(a.load, "--load")
+        return checkpoint_io.family_of_checkpoint(a.load)
+    _require_dir(a.hf_path, "--hf-path")
+    return checkpoint_io.family_of_folder(a.hf_path)
+
+
 def run(a) -> int:
     from megatron_apex.conversion import checkpoint_io
 
-    family = checkpoint_io.get_family(a.model)
+    family = _family(a)
     baseline = 0
     if getattr(a, "report_memory", False):  # the baseline includes the libraries the conversion loads
         import megatron.core.dist_checkpointing  # noqa: F401
         import megatron_apex.models.qwen_image.model  # noqa: F401
+        import megatron_apex.models.sana.model  # noqa: F401
         import megatron_apex.training.checkpointing  # noqa: F401
 
         baseline = _rss_bytes()

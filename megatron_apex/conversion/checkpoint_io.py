@@ -55,6 +55,7 @@ class ModelFamily:
     default_model_name: str
     load_reference: Callable[[str], torch.nn.Module]  # the diffusers model of a folder
     reference_forward: Callable[..., torch.Tensor]  # (hf model, config, x, t, ctx, mask) -> velocity
+    context_dim: Callable[[Any], int]  # width of the text states the model takes
 
     def num_layers(self, config) -> int:
         return config.num_layers
@@ -76,9 +77,10 @@ def _qwen_image_family() -> ModelFamily:
         return get_model_config(state["model_name"], **saved)
 
     def names():
+        from megatron_apex.models.qwen_image.config import QwenImageConfig
         from megatron_apex.models.registry import MODEL_REGISTRY
 
-        return MODEL_REGISTRY
+        return {name: make for name, make in MODEL_REGISTRY.items() if isinstance(make(), QwenImageConfig)}
 
     def load_reference(path):
         from diffusers import QwenImageTransformer2DModel
@@ -100,17 +102,87 @@ def _qwen_image_family() -> ModelFamily:
         config_from_saved=from_saved, mapping_table=qm.qwen_image_mapping_table,
         transform_context=qm.transform_context, hf_to_ours=qm.hf_to_megatron, build_model=build,
         model_names=names, default_model_name="qwen-image-20b", load_reference=load_reference,
-        reference_forward=reference_forward,
+        reference_forward=reference_forward, context_dim=lambda config: config.joint_attention_dim,
     )
 
 
-FAMILIES: Dict[str, Callable[[], ModelFamily]] = {"qwen-image": _qwen_image_family}
+def _sana_family() -> ModelFamily:
+    from megatron_apex.conversion import sana_mapping as sm
+
+    def build(config):
+        from megatron_apex.models.sana.model import SanaModel
+        from megatron_apex.models.specs import get_sana_layer_spec
+
+        return SanaModel(config, spec=get_sana_layer_spec("local"), layer_range=(0, config.num_layers))
+
+    def from_saved(state):
+        from megatron_apex.models.registry import get_model_config
+
+        return get_model_config(state["model_name"], **state["model_config"])
+
+    def names():
+        from megatron_apex.models.registry import MODEL_REGISTRY
+        from megatron_apex.models.sana.config import SanaConfig
+
+        return {name: make for name, make in MODEL_REGISTRY.items() if isinstance(make(), SanaConfig)}
+
+    def load_reference(path):
+        from diffusers import SanaTransformer2DModel
+
+        return SanaTransformer2DModel.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+    def reference_forward(hf_model, config, x, t, ctx, mask):
+        # Sana's pipelines pass timestep = 1000 * sigma; our t is sigma (SanaModel docstring).
+        return hf_model(hidden_states=x, encoder_hidden_states=ctx, encoder_attention_mask=mask,
+                        timestep=t * 1000.0, return_dict=False)[0]
+
+    return ModelFamily(
+        name="sana", diffusers_class=sm.DIFFUSERS_CLASS, arch_fields=tuple(sm.DIFFUSERS_ARCH_FIELDS),
+        config_from_diffusers=sm.config_from_diffusers, config_to_diffusers=sm.config_to_diffusers,
+        config_from_saved=from_saved, mapping_table=sm.sana_mapping_table,
+        transform_context=sm.transform_context, hf_to_ours=sm.hf_to_megatron, build_model=build,
+        model_names=names, default_model_name="sana-1.6b", load_reference=load_reference,
+        reference_forward=reference_forward, context_dim=lambda config: config.caption_channels,
+    )
+
+
+FAMILIES: Dict[str, Callable[[], ModelFamily]] = {"qwen-image": _qwen_image_family, "sana": _sana_family}
+AUTO = "auto"
 
 
 def get_family(name: str) -> ModelFamily:
     if name not in FAMILIES:
-        raise ValueError(f"--model {name!r}: unknown model family; choose one of {', '.join(sorted(FAMILIES))}")
+        raise ValueError(f"--model {name!r}: unknown model family; choose one of {', '.join(sorted(FAMILIES))} "
+                         f"(or {AUTO})")
     return FAMILIES[name]()
+
+
+def family_of_folder(folder: str, flag: str = "--hf-path") -> ModelFamily:
+    """The family whose diffusers class a folder's ``config.json`` names (``--model auto``)."""
+    found = hf_io.read_config(folder, flag).get("_class_name")
+    for make in FAMILIES.values():
+        family = make()
+        if family.diffusers_class == found:
+            return family
+    known = ", ".join(f"{make().diffusers_class} (--model {name})" for name, make in FAMILIES.items())
+    raise ValueError(f"{flag} {folder}: config.json _class_name is {found!r}; convertible classes: {known}")
+
+
+def family_of_checkpoint(load: str, flag: str = "--load") -> ModelFamily:
+    """The family of a checkpoint's model (``--model auto`` on export): the registry name its
+    train_state.json records."""
+    from megatron_apex.models.registry import MODEL_REGISTRY
+    from megatron_apex.training import checkpointing
+
+    state = checkpointing.read_train_state(checkpointing.resolve_checkpoint(load, flag))
+    name = state.get("model_name")
+    if name not in MODEL_REGISTRY:
+        raise ValueError(f"{flag} {load}: train_state.json names model {name!r}, not a registered model")
+    for make in FAMILIES.values():
+        family = make()
+        if name in family.model_names():
+            return family
+    raise ValueError(f"{flag} {load}: model {name!r} belongs to no convertible family ({', '.join(FAMILIES)})")
 
 
 # ============================================================================ shared helpers
@@ -358,6 +430,11 @@ def export_hf(family: ModelFamily, load: str, out: str, weights: str = "model",
     hf_io.check_output_path(out, "--hf-path")
     if weights == "ema" and not state.get("has_ema"):
         raise ValueError(f"--weights ema: {ckpt} holds no EMA weights (trained with --ema-decay 0)")
+    name = state.get("model_name")
+    if name not in family.model_names():
+        other = [n for n, make in FAMILIES.items() if n != family.name and name in make().model_names()]
+        hint = f" (use --model {other[0]})" if other else ""
+        raise ValueError(f"--load {ckpt}: holds model {name!r}, not a --model {family.name} model{hint}")
     try:
         config = family.config_from_saved(state)
     except (KeyError, TypeError, ValueError) as err:
@@ -479,6 +556,9 @@ def verify(family: ModelFamily, hf_path: str, load: Optional[str] = None, weight
 
         model, _ = load_model_for_inference(load, weights)
         config = model.model_config
+        if type(config) is not type(hf_config):
+            raise ValueError(f"--load {load} holds a {type(config).__name__} model, --hf-path {hf_path} a "
+                             f"{family.diffusers_class} ({type(hf_config).__name__})")
         differs = [k for k in family.arch_fields if getattr(config, k) != getattr(hf_config, k)]
         if differs:
             raise ValueError(f"--load {load} and --hf-path {hf_path} describe different models "
@@ -491,7 +571,7 @@ def verify(family: ModelFamily, hf_path: str, load: Optional[str] = None, weight
     p = config.patch_size
     x = torch.randn(batch, config.out_channels, grid[0] * p, grid[1] * p, generator=gen)
     t = torch.rand(batch, generator=gen)
-    ctx = torch.randn(batch, text_len, config.joint_attention_dim, generator=gen)
+    ctx = torch.randn(batch, text_len, family.context_dim(config), generator=gen)
     mask = text_mask(batch, text_len)
     with torch.no_grad():
         ref = family.reference_forward(reference, config, x, t, ctx, mask)

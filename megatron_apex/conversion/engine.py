@@ -61,11 +61,60 @@ def _qkv_split(tensor: torch.Tensor, ctx: Mapping) -> List[torch.Tensor]:
     return [per_head[:, j].reshape(heads * head_dim, *rest).clone() for j in range(3)]
 
 
+def _conv1x1_fuse(tensors: Sequence[torch.Tensor], ctx: Mapping) -> torch.Tensor:
+    """A 1x1 convolution's weight [out, in, 1, 1] -> the equivalent linear's [out, in]."""
+    (weight,) = tensors
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1):
+        raise ValueError(f"a 1x1 convolution weight must have shape [out, in, 1, 1], got {tuple(weight.shape)}")
+    return weight[:, :, 0, 0]
+
+
+def _conv1x1_split(tensor: torch.Tensor, ctx: Mapping) -> List[torch.Tensor]:
+    return [tensor[:, :, None, None]]
+
+
+def _halves_interleave(tensor: torch.Tensor) -> torch.Tensor:
+    """[a (n); b (n)] along dim 0 -> [a_0, b_0, a_1, b_1, ...]: a contiguous TP chunk of the
+    result holds matching channels of both halves (a gated layer's x and gate)."""
+    if tensor.shape[0] % 2:
+        raise ValueError(f"a [x; gate] tensor needs an even dim 0, got shape {tuple(tensor.shape)}")
+    n = tensor.shape[0] // 2
+    return tensor.reshape(2, n, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
+
+
+def _halves_deinterleave(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.shape[0] % 2:
+        raise ValueError(f"an interleaved gated tensor needs an even dim 0, got shape {tuple(tensor.shape)}")
+    n = tensor.shape[0] // 2
+    return tensor.reshape(n, 2, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape).clone()
+
+
+def _glu_fuse(tensors: Sequence[torch.Tensor], ctx: Mapping) -> torch.Tensor:
+    return _halves_interleave(tensors[0])
+
+
+def _glu_split(tensor: torch.Tensor, ctx: Mapping) -> List[torch.Tensor]:
+    return [_halves_deinterleave(tensor)]
+
+
+def _conv1x1_glu_fuse(tensors: Sequence[torch.Tensor], ctx: Mapping) -> torch.Tensor:
+    return _halves_interleave(_conv1x1_fuse(tensors, ctx))
+
+
+def _conv1x1_glu_split(tensor: torch.Tensor, ctx: Mapping) -> List[torch.Tensor]:
+    return _conv1x1_split(_halves_deinterleave(tensor), ctx)
+
+
 TRANSFORMS: Dict[str, Tuple[Callable, Callable]] = {
     "copy": (_copy_fuse, _copy_split),
     # Contiguous TP chunks of the fused tensor along dim 0 hold whole heads, so sharding the
     # fused tensor needs no extra rule.
     "qkv_per_head": (_qkv_fuse, _qkv_split),
+    # A 1x1 convolution run as a linear over tokens.
+    "conv1x1": (_conv1x1_fuse, _conv1x1_split),
+    # A gated layer's [x; gate] output channels, interleaved so TP chunks keep pairs together.
+    "glu_interleave": (_glu_fuse, _glu_split),
+    "conv1x1_glu_interleave": (_conv1x1_glu_fuse, _conv1x1_glu_split),
 }
 
 

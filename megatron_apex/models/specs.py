@@ -1,6 +1,7 @@
 """ModuleSpecs: which implementation each swappable piece of a block uses.
 
-``local``: megatron-core's own tensor-parallel linears, our SDPA core attention and norms
+``local``: megatron-core's tensor-parallel linears (with the bias inside the matmul,
+models/common/linear.py), our SDPA core attention and norms
 (runs anywhere, CPU included). ``te``: Transformer Engine-backed megatron modules for the
 linears, core attention and q/k norms (imported only when asked for). ``auto``: ``te`` when
 Transformer Engine imports and CUDA is available, else ``local``.
@@ -9,10 +10,11 @@ Transformer Engine imports and CUDA is available, else ``local``.
 from __future__ import annotations
 
 import torch
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_apex.models.common.linear import FusedBiasColumnParallelLinear, FusedBiasRowParallelLinear
+from megatron_apex.models.common.mlp import DenseMLP
 from megatron_apex.models.common.norms import LayerNormNoAffine, RMSNorm
 from megatron_apex.models.qwen_image.layers import (
     JointAttention,
@@ -20,6 +22,19 @@ from megatron_apex.models.qwen_image.layers import (
     QwenImageLayer,
     QwenImageLayerSubmodules,
     SDPAttention,
+)
+from megatron_apex.models.sana.layers import (
+    DepthwiseConv3x3,
+    GLUMBConv,
+    GLUMBConvSubmodules,
+    MaskedSDPAttention,
+    ReLULinearAttention,
+    SanaCrossAttention,
+    SanaCrossAttentionSubmodules,
+    SanaLayer,
+    SanaLayerSubmodules,
+    SanaSelfAttention,
+    SanaSelfAttentionSubmodules,
 )
 
 BACKENDS = ("auto", "local", "te")
@@ -64,12 +79,13 @@ def get_qwen_image_layer_spec(backend: str = "auto") -> ModuleSpec:
     if backend == "te":
         column, row, core_attention, qk_norm = _te_modules()
     else:
-        column, row, core_attention, qk_norm = ColumnParallelLinear, RowParallelLinear, SDPAttention, RMSNorm
+        column, row, core_attention, qk_norm = (FusedBiasColumnParallelLinear, FusedBiasRowParallelLinear,
+                                                SDPAttention, RMSNorm)
     return ModuleSpec(
         module=QwenImageLayer,
         submodules=QwenImageLayerSubmodules(
             # Local on every backend: it must gather its output (TE's column linear cannot).
-            modulation_linear=ColumnParallelLinear,
+            modulation_linear=FusedBiasColumnParallelLinear,
             # Parameter-free LayerNorm; nothing for TE to fuse.
             adaln_norm=LayerNormNoAffine,
             attention=ModuleSpec(
@@ -78,7 +94,47 @@ def get_qwen_image_layer_spec(backend: str = "auto") -> ModuleSpec:
                     linear_qkv=column, linear_proj=row, core_attention=core_attention, qk_norm=qk_norm,
                 ),
             ),
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
+            # TE's linears add the bias in their GEMM: megatron's MLP; the local path: DenseMLP
+            mlp=ModuleSpec(module=MLP if backend == "te" else DenseMLP,
+                           submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
+        ),
+        metainfo={"backend": backend},
+    )
+
+
+def get_sana_layer_spec(backend: str = "auto") -> ModuleSpec:
+    """Spec of one Sana block for the given backend. ``te`` swaps the tensor-parallel linears
+    for Transformer Engine's; the attention cores stay local on every backend (the ReLU
+    linear attention is Sana's own, and the cross-attention keeps diffusers' additive -10000
+    caption bias, which TE's padding mask does not reproduce for an all-padded caption)."""
+    backend = resolve_backend(backend)
+    if backend == "te":
+        column, row, _, _ = _te_modules()
+    else:
+        column, row = FusedBiasColumnParallelLinear, FusedBiasRowParallelLinear
+    return ModuleSpec(
+        module=SanaLayer,
+        submodules=SanaLayerSubmodules(
+            # The model's adaLN-single linear (the blocks have none): local on every backend,
+            # it must gather its output (TE's column linear cannot).
+            time_modulation_linear=FusedBiasColumnParallelLinear,
+            adaln_norm=LayerNormNoAffine,
+            attention=ModuleSpec(
+                module=SanaSelfAttention,
+                submodules=SanaSelfAttentionSubmodules(
+                    linear_qkv=column, linear_proj=row, core_attention=ReLULinearAttention,
+                ),
+            ),
+            cross_attention=ModuleSpec(
+                module=SanaCrossAttention,
+                submodules=SanaCrossAttentionSubmodules(
+                    linear_q=column, linear_kv=column, linear_proj=row, core_attention=MaskedSDPAttention,
+                ),
+            ),
+            mlp=ModuleSpec(
+                module=GLUMBConv,
+                submodules=GLUMBConvSubmodules(linear_fc1=column, depthwise=DepthwiseConv3x3, linear_fc2=row),
+            ),
         ),
         metainfo={"backend": backend},
     )

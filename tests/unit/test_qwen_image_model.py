@@ -316,14 +316,15 @@ def test_registry_configs_build_and_count():
 
 # ------------------------------------------------------------------------------ specs
 def test_layer_spec_backends():
-    from megatron.core.tensor_parallel import ColumnParallelLinear
-
+    from megatron_apex.models.common.linear import FusedBiasColumnParallelLinear
+    from megatron_apex.models.common.mlp import DenseMLP
     from megatron_apex.models.qwen_image.layers import SDPAttention
     from megatron_apex.models.specs import get_qwen_image_layer_spec, transformer_engine_available
 
     local = get_qwen_image_layer_spec("local")
     assert local.submodules.attention.submodules.core_attention is SDPAttention
-    assert local.submodules.attention.submodules.linear_qkv is ColumnParallelLinear
+    assert local.submodules.attention.submodules.linear_qkv is FusedBiasColumnParallelLinear
+    assert local.submodules.mlp.module is DenseMLP
     auto = get_qwen_image_layer_spec("auto")
     assert auto.metainfo["backend"] == ("te" if transformer_engine_available() else "local")
     with pytest.raises(ValueError, match="backend"):

@@ -1,0 +1,343 @@
+"""Sana linear-attention DiT on megatron-core, with APEX's condition shift and an any-step
+target-time input.
+
+Contract: ``model(x_t, t, context, context_mask=None, fake_condition=False, t_target=None)``
+returns the velocity with the shape of ``x_t`` (B, C, H, W); ``t`` in [0, 1], 1 = noise.
+With ``fake_condition`` False and ``t_target`` None it computes exactly diffusers'
+``SanaTransformer2DModel`` called with ``timestep = 1000 * t`` (what Sana's flow pipelines
+pass: timestep = 1000 * sigma), whose output is the same flow velocity (noise - data) that
+``QwenImageModel`` returns.
+
+Activations are batch-first inside the model (see ``layers.py``). Pipeline stages:
+``pre_process`` owns the input embeddings (patches, caption, condition shift, time),
+``post_process`` the final modulation and projection. Between stages one tensor
+[L + N + 7, B, D] (megatron's sequence-first layout) travels: caption tokens, image tokens,
+the six adaLN-single vectors t6, then the embedded timestep e.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.utils import sharded_state_dict_default
+from torch import nn
+
+from megatron_apex.models.common.modulation import modulate
+from megatron_apex.models.common.norms import RMSNorm
+from megatron_apex.models.qwen_image.config import gelu_tanh
+from megatron_apex.models.sana.config import SanaConfig
+from megatron_apex.models.sana.layers import MASK_BIAS, SanaTimestepEmbedder, ScaleShiftTable
+from megatron_apex.objectives.apex import ConditionShift, apply_condition_shift
+
+FakeCondition = Union[bool, torch.Tensor]
+CAPTION_NORM_EPS = 1e-5  # diffusers' caption_norm
+FINAL_NORM_EPS = 1e-6  # diffusers' norm_out (SanaModulatedNorm), whatever norm_eps is
+TIME_ROWS = 7  # t6 (6 rows) and e (1 row) in the stage tensor
+
+
+def patchify_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, D, h, w) -> (B, h*w, D), raster order (diffusers' ``PatchEmbed`` flatten)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def unpatchify(tokens: torch.Tensor, height: int, width: int, patch_size: int) -> torch.Tensor:
+    """(B, N, p*p*C) with channels ordered (py, px, c) -> (B, C, H, W): diffusers' Sana unpatchify."""
+    b = tokens.shape[0]
+    p = patch_size
+    x = tokens.reshape(b, height // p, width // p, p, p, -1).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, -1, height, width)
+
+
+def _parallel_groups():
+    """(tp_size, pp_size, tp_group); sizes 1 and no group before megatron is set up."""
+    if parallel_state.model_parallel_is_initialized():
+        return (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_group(),
+        )
+    return 1, 1, None
+
+
+class CaptionProjection(nn.Module):
+    """diffusers' ``PixArtAlphaTextProjection``: linear -> GELU(tanh) -> linear. Replicated."""
+
+    def __init__(self, in_features: int, hidden_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, hidden_size, dtype=dtype)
+        self.linear_2 = nn.Linear(hidden_size, hidden_size, dtype=dtype)
+
+    def forward(self, caption: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(gelu_tanh(self.linear_1(caption)))
+
+
+class SanaModel(MegatronModule):
+    """See the module docstring. ``spec`` defaults to ``get_sana_layer_spec("auto")``;
+    ``layer_range`` = (first, stop) global layer indices overrides megatron's per-stage split.
+
+    Initialisation (``init_style="pixart"``, applied when ``perform_initialization``), as
+    PixArt / Sana train from scratch: xavier-uniform weights and zero biases for every linear
+    in the blocks (fused QKV as one matrix) and for the patch embedding (as a flattened
+    linear); N(0, ``init_std``) for the timestep embedders, the adaLN-single linear and the
+    caption projection; scale-shift tables randn / sqrt(D); the cross-attention output
+    projections and ``proj_out`` start at zero, so the output starts at 0; caption-norm
+    weight 1; the target-time embedder per ``target_time_init``; the condition shift at
+    ``A = a, b = b``. Tensor-parallel weights come from full-size masters on the CPU, so
+    every TP size gets the same weights from the same seed.
+    """
+
+    def __init__(self, config: SanaConfig, spec: Optional[ModuleSpec] = None,
+                 pre_process: bool = True, post_process: bool = True,
+                 layer_range: Optional[tuple] = None):
+        tp_size, pp_size, tp_group = _parallel_groups()
+        config.validate(tp_size)
+        transformer_config = config.to_transformer_config(tp_size, pp_size)
+        super().__init__(config=transformer_config)
+        # megatron-core's schedules read this off the model
+        self.model_type = ModelType.encoder_or_decoder
+        # finalize_model_grads asks whether first and last stages hold a tied weight; none here.
+        self.share_embeddings_and_output_weights = False
+        if spec is None:
+            from megatron_apex.models.specs import get_sana_layer_spec
+
+            spec = get_sana_layer_spec("auto")
+        self.model_config = config
+        self.spec = spec
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.input_tensor = None
+        hidden = config.hidden_size
+        dtype = config.torch_dtype
+        p = config.patch_size
+
+        if pre_process:
+            self.patch_embed = nn.Conv2d(config.in_channels, hidden, kernel_size=p, stride=p, dtype=dtype)
+            self.caption_projection = CaptionProjection(config.caption_channels, hidden, dtype)
+            self.caption_norm = RMSNorm(transformer_config, hidden, eps=CAPTION_NORM_EPS)
+            shift_dim = config.caption_channels if config.shift_site == "input" else hidden
+            self.condition_shift = ConditionShift(
+                shift_dim, kind=config.shift_kind, a=config.shift_a, b=config.shift_b,
+                learnable=config.shift_learnable,
+            ).to(dtype)
+            self.time_embedder = SanaTimestepEmbedder(hidden, config.timestep_channels, dtype=dtype)
+            if config.target_time_embedder:
+                self.target_time_embedder = SanaTimestepEmbedder(hidden, config.timestep_channels, dtype=dtype)
+            # adaLN-single: e -> six per-sample vectors shared by every block.
+            self.time_modulation = build_module(
+                spec.submodules.time_modulation_linear, hidden, 6 * hidden, config=transformer_config,
+                init_method=self._normal_init, bias=True, gather_output=True, skip_bias_add=False,
+                tp_group=tp_group,
+            )
+
+        if layer_range is None:
+            self.num_local_layers, self.layer_offset = self._stage_layers(transformer_config, pp_size)
+        else:
+            start, stop = layer_range
+            if not 0 <= start <= stop <= config.num_layers:
+                raise ValueError(f"layer_range {layer_range} must lie within [0, --num-layers={config.num_layers}]")
+            self.num_local_layers, self.layer_offset = stop - start, start
+        self.layers = nn.ModuleList([
+            build_module(spec, config=transformer_config, layer_number=self.layer_offset + i + 1, tp_group=tp_group,
+                         num_cross_attention_heads=config.num_cross_attention_heads,
+                         cross_attention_head_dim=config.cross_attention_head_dim,
+                         attention_bias=config.attention_bias)
+            for i in range(self.num_local_layers)
+        ])
+
+        if post_process:
+            self.final_modulation = ScaleShiftTable(transformer_config, 2, hidden)
+            self.final_norm = build_module(spec.submodules.adaln_norm, config=transformer_config,
+                                           hidden_size=hidden, eps=FINAL_NORM_EPS)
+            self.proj_out = nn.Linear(hidden, p * p * config.out_channels, dtype=dtype)
+
+        if config.perform_initialization:
+            self._init_replicated_weights()
+
+    # ------------------------------------------------------------------ construction helpers
+    def _normal_init(self, weight: torch.Tensor) -> torch.Tensor:
+        return nn.init.normal_(weight, std=self.model_config.init_std)
+
+    @staticmethod
+    def _stage_layers(transformer_config, pp_size):
+        if pp_size == 1:
+            return transformer_config.num_layers, 0
+        from megatron.core.transformer.transformer_block import get_num_layers_to_build
+        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+        return get_num_layers_to_build(transformer_config), get_transformer_layer_offset(transformer_config)
+
+    @torch.no_grad()
+    def _init_replicated_weights(self):
+        """PixArt-style init of the modules megatron does not initialise (see class docstring)."""
+        cfg = self.model_config
+        if self.pre_process:
+            nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.weight.shape[0], -1))
+            nn.init.zeros_(self.patch_embed.bias)
+            linears = (self.time_embedder.linear_1, self.time_embedder.linear_2,
+                       self.caption_projection.linear_1, self.caption_projection.linear_2)
+            for linear in linears:
+                nn.init.normal_(linear.weight, std=cfg.init_std)
+                nn.init.zeros_(linear.bias)
+            if cfg.target_time_embedder:
+                self.init_target_time_embedder()
+        if self.post_process:
+            nn.init.zeros_(self.proj_out.weight)
+            nn.init.zeros_(self.proj_out.bias)
+
+    @torch.no_grad()
+    def init_target_time_embedder(self):
+        """``copy``: the first embedder's weights; ``zero``: the first's ``linear_1`` and a
+        zero ``linear_2``, so emb_2 = 0 and a flow-matching checkpoint computes exactly what
+        it did before."""
+        target = self.target_time_embedder
+        target.load_state_dict(self.time_embedder.state_dict())
+        if self.model_config.target_time_init == "zero":
+            nn.init.zeros_(target.linear_2.weight)
+            nn.init.zeros_(target.linear_2.bias)
+
+    # ------------------------------------------------------------------ pipeline plumbing
+    def set_input_tensor(self, input_tensor) -> None:
+        """Receive the previous stage's [L + N + 7, B, D] tensor (megatron passes a list)."""
+        if isinstance(input_tensor, (list, tuple)):
+            if len(input_tensor) != 1:
+                raise ValueError(f"SanaModel takes one input tensor per stage, got {len(input_tensor)}")
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    def stage_tensor_shape(self, batch_size: int, text_len: int, height: int, width: int) -> tuple:
+        """Shape of the tensor sent between pipeline stages, for the p2p schedule."""
+        p = self.model_config.patch_size
+        return (text_len + (height // p) * (width // p) + TIME_ROWS, batch_size, self.model_config.hidden_size)
+
+    # ------------------------------------------------------------------ forward pieces
+    def _check_inputs(self, x_t, t, context, context_mask, t_target):
+        cfg = self.model_config
+        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 4:
+            raise ValueError(f"x_t must be a (B, C, H, W) tensor, got shape {tuple(getattr(x_t, 'shape', ()))}")
+        b, c, h, w = x_t.shape
+        if c != cfg.in_channels:
+            raise ValueError(f"x_t has {c} channels, the model expects --in-channels ({cfg.in_channels})")
+        p = cfg.patch_size
+        if h % p or w % p:
+            raise ValueError(f"x_t height x width ({h} x {w}) must be multiples of --patch-size ({p})")
+        t = self._check_time("t", t, b, x_t.device)
+        if t_target is not None:
+            t_target = self._check_time("t_target", t_target, b, x_t.device)
+        if not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[0] != b:
+            raise ValueError(
+                f"context must be (B={b}, L, {cfg.caption_channels}), got {tuple(getattr(context, 'shape', ()))}"
+            )
+        if context.shape[2] != cfg.caption_channels:
+            raise ValueError(
+                f"context has width {context.shape[2]}, the model expects --caption-channels ({cfg.caption_channels})"
+            )
+        if context_mask is not None and tuple(context_mask.shape) != tuple(context.shape[:2]):
+            raise ValueError(
+                f"context_mask must have shape {tuple(context.shape[:2])} (B, L), got {tuple(context_mask.shape)}"
+            )
+        return t, t_target
+
+    @staticmethod
+    def _check_time(name, value, batch, device):
+        value = torch.as_tensor(value, device=device)
+        if value.dim() == 0:
+            value = value.expand(batch)
+        if value.shape != (batch,):
+            raise ValueError(f"{name} must have shape ({batch},), got {tuple(value.shape)}")
+        if not value.is_floating_point():
+            value = value.float()
+        return value
+
+    def _embed_time(self, t, t_target):
+        """(t6 (B, 6D), e (B, D)): e = emb(t) [+ emb_2(tt) * (t - tt)], t6 = Linear(SiLU(e))."""
+        e = self.time_embedder(t)
+        if not self.model_config.target_time_embedder:
+            if t_target is not None and not torch.equal(t_target.to(t.dtype), t):
+                raise ValueError(
+                    "t_target differs from t but the model has no target-time embedder "
+                    "(--target-time-embedder is off)"
+                )
+        else:
+            tt = t if t_target is None else t_target
+            # tt = t makes the second term exactly zero: plain velocity queries are unchanged.
+            step = (t.float() - tt.float()).to(e.dtype)[:, None]
+            e = e + self.target_time_embedder(tt) * step
+        t6, _ = self.time_modulation(F.silu(e))
+        return t6, e
+
+    def _embed_text(self, context, fake_condition):
+        site = self.model_config.shift_site
+        if site == "input":
+            context = apply_condition_shift(self.condition_shift, context, fake_condition)
+        txt = self.caption_norm(self.caption_projection(context))
+        if site == "projected":  # what the blocks' cross-attention sees
+            txt = apply_condition_shift(self.condition_shift, txt, fake_condition)
+        return txt
+
+    @staticmethod
+    def _attention_bias(context_mask, dtype):
+        """(B, 1, 1, L) additive bias, 0 where kept and -10000 where masked (diffusers); None = no mask."""
+        if context_mask is None:
+            return None
+        keep = context_mask.to(dtype)
+        return ((1 - keep) * MASK_BIAS)[:, None, None, :]
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                context_mask: Optional[torch.Tensor] = None, fake_condition: FakeCondition = False,
+                t_target: Optional[torch.Tensor] = None) -> torch.Tensor:
+        cfg = self.model_config
+        t, t_target = self._check_inputs(x_t, t, context, context_mask, t_target)
+        batch, _, height, width = x_t.shape
+        p = cfg.patch_size
+        grid_h, grid_w = height // p, width // p
+        text_len = context.shape[1]
+        dtype = self.config.params_dtype
+
+        if self.pre_process:
+            img = patchify_tokens(self.patch_embed(x_t.to(dtype))).contiguous()
+            txt = self._embed_text(context.to(dtype), fake_condition)
+            t6, e = self._embed_time(t, t_target)
+        else:
+            if self.input_tensor is None:
+                raise RuntimeError("a non-first pipeline stage needs set_input_tensor() before forward")
+            stage = self.input_tensor
+            expected = self.stage_tensor_shape(batch, text_len, height, width)
+            if tuple(stage.shape) != expected:
+                raise ValueError(f"pipeline input tensor has shape {tuple(stage.shape)}, expected {expected}")
+            stage = stage.transpose(0, 1)
+            num_image = grid_h * grid_w
+            txt, img = stage[:, :text_len], stage[:, text_len:text_len + num_image].contiguous()
+            t6, e = stage[:, -TIME_ROWS:-1].reshape(batch, -1), stage[:, -1]
+
+        bias = self._attention_bias(context_mask, img.dtype)
+        for layer in self.layers:
+            img = layer(img, txt, t6, bias, grid_h, grid_w)
+
+        if not self.post_process:
+            rows = torch.cat([txt, img, t6.reshape(batch, 6, -1), e.unsqueeze(1)], dim=1)
+            return rows.transpose(0, 1).contiguous()
+
+        shift, scale = self.final_modulation(e[:, None])  # diffusers' order: (shift, scale), from e
+        img = modulate(self.final_norm(img), shift, scale)
+        return unpatchify(self.proj_out(img), height, width, p).to(x_t.dtype)
+
+    # ------------------------------------------------------------------ checkpoints
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """Like the default, but layers are keyed by their GLOBAL index so pipeline stages
+        (and re-partitionings of them) address the same checkpoint entries."""
+        sharded = {}
+        for name, module in self.named_children():
+            if name == "layers":
+                continue
+            sharded.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
+        for i, layer in enumerate(self.layers):
+            sharded.update(sharded_state_dict_default(
+                layer, f"{prefix}layers.{self.layer_offset + i}.", sharded_offsets, metadata
+            ))
+        return sharded

@@ -1,0 +1,256 @@
+"""tools/convert_hf.py for Sana with tensor x pipeline parallelism 2 x 2, against
+single-process and diffusers references:
+
+- import at TP=2 x PP=2 then export equals import at TP=1 then export equals the diffusers
+  folder, bit for bit;
+- four real TP=2 x PP=2 ranks (this file run under torchrun) load the one-process import into
+  their stages with the values of the diffusers weights sharded by the mapping table, run the
+  two stages (the stage tensor sent point to point) to diffusers' output, and, saving again,
+  store exactly the pieces the one-process import wrote; that checkpoint exports back to the
+  diffusers folder;
+- the trainer fine-tunes sana-tiny from an imported checkpoint (--load --finetune) and
+  tools/sample.py samples from it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from megatron_apex.conversion.random_weights import randomize_weights_
+
+REPO = Path(__file__).resolve().parents[2]
+ARCH = dict(in_channels=2, out_channels=2, num_attention_heads=4, attention_head_dim=8, num_layers=4,
+            num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=32, caption_channels=12,
+            sample_size=8, patch_size=2)
+
+
+def random_diffusers_folder(path, seed, max_shard_size="5GB", **arch):
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = SanaTransformer2DModel(**{**ARCH, **arch})
+    randomize_weights_(model, seed + 1)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    return Path(path)
+
+
+# ============================================================================ torchrun worker
+def worker(hf_path: str, imported: str, resave: str, out_json: str) -> None:
+    """One of 4 ranks (TP=2 x PP=2): load the one-process import into this rank's stage,
+    check it against the diffusers weights sharded by the table, run the pipeline forward,
+    then save the stage as a real multi-rank checkpoint."""
+    import torch.distributed as dist
+    from diffusers import SanaTransformer2DModel
+    from megatron.core import parallel_state as ps
+
+    from megatron_apex.conversion import shard_for_tp
+    from megatron_apex.conversion.hf_io import SafetensorsFolder
+    from megatron_apex.conversion.sana_mapping import hf_to_megatron, sana_mapping_table
+    from megatron_apex.models import get_model_config
+    from megatron_apex.parallel import init_distributed
+    from megatron_apex.training import checkpointing
+    from megatron_apex.training.pipeline_apex import build_stage_model
+
+    init_distributed(2, 2)
+    ckpt = checkpointing.resolve_checkpoint(imported)
+    state = checkpointing.read_train_state(ckpt)
+    config = get_model_config(state["model_name"], **state["model_config"])
+    tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    # built, sharded and loaded exactly as the trainer does it
+    model = build_stage_model(config)
+    torch.manual_seed(100 + dist.get_rank())
+    with torch.no_grad():  # anything but the checkpoint's values
+        for p in model.parameters():
+            p.normal_()
+
+    def sharded():
+        return checkpointing.mark_tp_replicas(model.sharded_state_dict(prefix="model."))
+
+    loaded = checkpointing.load_checkpoint(ckpt, {"model": sharded()})
+    model.load_state_dict(checkpointing.module_state_dict(loaded["model"], "model.", model))
+
+    # expected: diffusers weights -> ours (full) -> this TP rank's slice -> this stage's keys
+    with SafetensorsFolder(hf_path) as folder:
+        full = hf_to_megatron(folder, config)
+    expected = shard_for_tp(full, sana_mapping_table(config), config.num_layers, tp_rank, tp)
+    mismatched, compared = [], 0
+    for key, value in model.state_dict().items():
+        if key.endswith("_extra_state"):
+            continue
+        if key.startswith("layers."):
+            local, rest = key.split(".", 2)[1:]
+            key = f"layers.{model.layer_offset + int(local)}.{rest}"
+        compared += 1
+        if not torch.equal(value, expected[key]):
+            mismatched.append(key)
+
+    # the pipeline forward: stage 0 sends its [L + N + 7, B, D] tensor to its stage-1 peer
+    gen = torch.Generator().manual_seed(4)
+    B, H, W, L = 3, 6, 10, 5
+    x, t = torch.randn(B, ARCH["in_channels"], H, W, generator=gen), torch.rand(B, generator=gen)
+    ctx = torch.randn(B, L, ARCH["caption_channels"], generator=gen)
+    mask = torch.ones(B, L)
+    mask[0, 3:] = 0
+    model.eval()
+    out_diff = ref_max = None
+    with torch.no_grad():
+        if ps.is_pipeline_first_stage():
+            dist.send(model(x, t, ctx, mask).contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+        else:
+            received = torch.empty(model.stage_tensor_shape(B, L, H, W))
+            dist.recv(received, src=ps.get_pipeline_model_parallel_prev_rank())
+            model.set_input_tensor(received)
+            out = model(x, t, ctx, mask)
+            reference = SanaTransformer2DModel.from_pretrained(hf_path).eval()
+            ref = reference(hidden_states=x, encoder_hidden_states=ctx, encoder_attention_mask=mask,
+                            timestep=t * 1000, return_dict=False)[0]
+            out_diff, ref_max = (out - ref).abs().max().item(), ref.abs().max().item()
+
+    checkpointing.save_checkpoint(resave, 0, {"model": sharded()}, state)
+    result = {"rank": dist.get_rank(), "tp_rank": tp_rank, "pp_rank": pp_rank, "compared": compared,
+              "mismatched": mismatched, "layers": [model.layer_offset, model.num_local_layers],
+              "out_diff": out_diff, "ref_max": ref_max}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, result)
+    if dist.get_rank() == 0:
+        tmp = out_json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(gathered, f)
+        os.replace(tmp, out_json)
+    dist.barrier()
+
+
+# ============================================================================ tests
+def _tool():
+    spec = importlib.util.spec_from_file_location("convert_hf_tool", REPO / "tools" / "convert_hf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _convert(*argv):
+    assert _tool().main([str(a) for a in argv]) == 0
+
+
+def _tensors(folder):
+    from megatron_apex.conversion.hf_io import SafetensorsFolder
+
+    with SafetensorsFolder(str(folder)) as f:
+        return {k: f[k] for k in f}
+
+
+def _stored_chunks(ckpt):
+    """{(key, offsets, sizes)} of every tensor piece in a checkpoint's torch-DCP metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = FileSystemReader(str(ckpt)).read_metadata()
+    return {(key, tuple(c.offsets), tuple(c.sizes)) for key, item in meta.state_dict_metadata.items()
+            if isinstance(item, TensorStorageMetadata) for c in item.chunks}
+
+
+def test_tp2_pp2_import_and_export_match_single_process_and_real_ranks(tmp_path):
+    import pytest
+
+    pytest.importorskip("diffusers")
+    from dist_utils import run_torchrun
+
+    hf = random_diffusers_folder(tmp_path / "hf", seed=5, max_shard_size="40KB")
+    _convert("import", "--model", "sana", "--hf-path", hf, "--save", tmp_path / "tp2pp2",
+             "--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 2)
+    _convert("import", "--model", "sana", "--hf-path", hf, "--save", tmp_path / "tp1")
+    for name in ("tp2pp2", "tp1"):
+        _convert("export", "--model", "sana", "--load", tmp_path / name, "--hf-path", tmp_path / f"{name}_hf")
+    original, a, b = _tensors(hf), _tensors(tmp_path / "tp2pp2_hf"), _tensors(tmp_path / "tp1_hf")
+    assert a.keys() == b.keys() and set(original) < set(a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], original[k]) for k in original)
+    for name in ("tp2pp2_hf", "tp1_hf"):
+        assert json.loads((tmp_path / name / "config.json").read_text()) == json.loads((hf / "config.json").read_text())
+    # the TP=2 import really holds two pieces of each split tensor (the TP=1 one holds one)
+    emulated = _stored_chunks(tmp_path / "tp2pp2" / "iter_0000000")
+    single = _stored_chunks(tmp_path / "tp1" / "iter_0000000")
+    for key in ("model.layers.0.attention.linear_qkv.weight", "model.layers.3.mlp.depthwise.weight",
+                "model.layers.1.mlp.linear_fc2.weight", "model.time_modulation.weight"):
+        assert len([c for c in emulated if c[0] == key]) == 2, key
+        assert len([c for c in single if c[0] == key]) == 1, key
+
+    out = tmp_path / "ranks.json"
+    run_torchrun(Path(__file__), 4, ["--worker", hf, tmp_path / "tp2pp2", tmp_path / "resaved", out], timeout=300)
+    ranks = json.loads(out.read_text())
+    assert sorted((r["tp_rank"], r["pp_rank"]) for r in ranks) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert sorted({tuple(r["layers"]) for r in ranks}) == [(0, 2), (2, 2)]
+    for r in ranks:
+        assert r["compared"] > 20 and r["mismatched"] == [], r
+        if r["pp_rank"] == 1:  # the last stage's output after the point-to-point hand-over
+            assert r["ref_max"] > 0.1 and r["out_diff"] <= 1e-5, r
+
+    # four real ranks store exactly the pieces the one-process import wrote
+    assert _stored_chunks(tmp_path / "resaved" / "iter_0000000") == emulated
+    _convert("export", "--load", tmp_path / "resaved", "--hf-path", tmp_path / "resaved_hf")
+    c = _tensors(tmp_path / "resaved_hf")
+    assert c.keys() == a.keys() and all(torch.equal(c[k], a[k]) for k in a)
+
+
+def test_trainer_finetunes_and_sample_py_samples_from_an_imported_checkpoint(tmp_path):
+    """The built-in dataset's shapes (28x28 grey, 4x4 patches, MiniLM 384-d text): a diffusers
+    Sana with sana-tiny's architecture and one layer, imported and fine-tuned."""
+    import pytest
+
+    pytest.importorskip("diffusers")
+    from megatron_apex.models import get_model_config
+
+    tiny = get_model_config("sana-tiny")
+    arch = {k: getattr(tiny, k) for k in ("in_channels", "out_channels", "num_attention_heads", "attention_head_dim",
+                                          "num_cross_attention_heads", "cross_attention_head_dim",
+                                          "cross_attention_dim", "caption_channels", "sample_size", "patch_size")}
+    hf = random_diffusers_folder(tmp_path / "hf", seed=9, num_layers=1, **arch)
+    ckpt = tmp_path / "imported"
+    _convert("import", "--hf-path", hf, "--save", ckpt)
+    # this process's own group (the in-process import) holds MASTER_PORT: children pick their own
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+
+    # --lr 0: one real APEX step that must leave the loaded weights exactly as imported
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "pretrain_apex_dit.py"), "--model", "sana-tiny",
+                           "--num-layers", "1", "--micro-batch-size", "4", "--global-batch-size", "4",
+                           "--log-interval", "1", "--no-progress", "--objective", "apex", "--apex-variant", "released",
+                           "--train-iters", "1", "--lr", "0", "--ema-decay", "0.9", "--load", str(ckpt), "--finetune",
+                           "--save", str(run)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "fine-tuning from the weights" in proc.stdout + proc.stderr
+    assert (run / "latest").read_text().strip() == "1"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["iteration"] == 1 and metrics[-1]["grad_norm"] > 0  # a real step, lr 0
+    original = _tensors(hf)
+    for weights in ("model", "ema"):  # the EMA starts from the loaded weights; lr 0 keeps both
+        _convert("export", "--load", run, "--hf-path", tmp_path / f"trained_{weights}", "--weights", weights)
+        trained = _tensors(tmp_path / f"trained_{weights}")
+        assert all(torch.equal(trained[k], original[k]) for k in original), weights
+
+    out = tmp_path / "samples"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "sample.py"), "--load", str(ckpt), "--nfe", "1",
+                           "--num-per-prompt", "1", "--out", str(out)], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import numpy as np
+
+    images = np.load(str(out) + ".npz")["images"]
+    assert images.dtype == np.uint8 and images.shape[1:] == (28, 28, 1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "--worker":
+        worker(*sys.argv[2:])
+    else:
+        sys.exit("usage: test_convert_hf_sana_tp.py --worker HF_PATH IMPORTED RESAVE OUT_JSON")
