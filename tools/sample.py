@@ -2,6 +2,8 @@
 (`images` uint8 N x H x W x C, `prompts`, and `labels` for the built-in class prompts).
 
     python tools/sample.py --load runs/apex-tiny --nfe 1 --out runs/apex-tiny/samples_nfe1
+
+A LoRA run's checkpoint loads with the base it records (or --pretrained-checkpoint BASE).
 """
 
 import argparse
@@ -22,6 +24,8 @@ def parse_args(argv=None):
     p.add_argument("--method", default="flowmap", help="flowmap | euler | renoise")
     p.add_argument("--weights", default="auto", help="auto (EMA when the checkpoint has it) | ema | model")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line; default: one per class")
+    p.add_argument("--pretrained-checkpoint", default=None,
+                   help="LoRA runs: the base weights (default: the base recorded in the checkpoint)")
     return p.parse_args(argv)
 
 
@@ -57,7 +61,7 @@ def main(argv=None) -> int:
     from megatron_apex.inference.samplers import sample
 
     try:
-        model, state = load_model_for_inference(args.load, args.weights)
+        model, state = load_model_for_inference(args.load, args.weights, args.pretrained_checkpoint)
         data_path = state["args"]["data"]["data_path"] or build_builtin_shards()
         manifest = read_manifest(data_path)
         if args.prompts:
@@ -101,8 +105,9 @@ def main(argv=None) -> int:
     tmp = args.out + ".tmp.npz"
     np.savez_compressed(tmp, **payload)
     os.replace(tmp, args.out + ".npz")
+    lora = f" (LoRA on {state.get('lora_base') or 'its randomly initialised base'})" if state.get("lora") else ""
     print(f"wrote {args.out}.png and {args.out}.npz ({images.shape[0]} images, NFE={args.nfe}, "
-          f"{state['weights']} weights of {state['checkpoint']})")
+          f"{state['weights']} weights of {state['checkpoint']}{lora})")
     return 0
 
 

@@ -1,8 +1,14 @@
 """Rebuild a trained model from a checkpoint directory alone (its train_state.json holds the
 model config), in one process, whatever TP/PP it was trained with: megatron-core's
-dist_checkpointing reshards on load."""
+dist_checkpointing reshards on load.
 
-from typing import Dict, Tuple
+A LoRA run's checkpoint holds only its trainable parameters: the model is built, its base
+loaded (the base recorded in the checkpoint, or ``pretrained_checkpoint``; a randomly
+initialised base is rebuilt from the run's seed), checked against the base fingerprint the
+run saved, adapted as the run was, and then the adapters are loaded."""
+
+import os
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -11,8 +17,91 @@ from megatron_apex.training import checkpointing
 WEIGHTS = ("auto", "ema", "model")
 
 
-def load_model_for_inference(load: str, weights: str = "auto") -> Tuple[torch.nn.Module, Dict]:
-    from megatron_apex.models.registry import build_model, get_model_config
+def _model_config(state: Dict):
+    from megatron_apex.models.registry import get_model_config
+
+    saved = state["model_config"]
+    return get_model_config(state["model_name"], **{k: tuple(v) if isinstance(v, list) else v
+                                                    for k, v in saved.items()})
+
+
+def _load_prefixed(ckpt: str, prefix_name: str, sharded: Dict) -> Dict:
+    prefix = f"{prefix_name}."
+    loaded = checkpointing.load_checkpoint(ckpt, {prefix_name: sharded})
+    return checkpointing.strip_prefix(loaded[prefix_name], prefix)
+
+
+def lora_base_of(ckpt: str, state: Dict, pretrained_checkpoint: Optional[str] = None) -> Optional[str]:
+    """The base checkpoint directory of a LoRA run's checkpoint (None: random init from its seed)."""
+    if pretrained_checkpoint:
+        return checkpointing.resolve_checkpoint(pretrained_checkpoint, "--pretrained-checkpoint")
+    base = state["lora"].get("base")
+    if base is None:
+        return None
+    if not os.path.isfile(os.path.join(base, checkpointing.TRAIN_STATE)):
+        raise FileNotFoundError(f"--load {ckpt}: its LoRA base {base} is missing; pass the base weights with "
+                                "--pretrained-checkpoint")
+    return base
+
+
+def load_lora_base(ckpt: str, state: Dict, pretrained_checkpoint: Optional[str] = None
+                   ) -> Tuple[torch.nn.Module, Optional[str]]:
+    """(the base model of a LoRA checkpoint, unadapted, TP=1 single stage; its checkpoint dir)."""
+    import dataclasses
+    import json
+
+    from megatron_apex.models.registry import build_model
+    from megatron_apex.parallel import set_seed
+
+    config = _model_config(state)
+    base = lora_base_of(ckpt, state, pretrained_checkpoint)
+    if base is None:  # the run's random initialisation, rebuilt (the fingerprint checks it)
+        set_seed(int(state["lora"]["seed"]))
+        return build_model(config), None
+    base_state = checkpointing.read_train_state(base)
+    if base_state.get("lora") is not None:
+        raise ValueError(f"--pretrained-checkpoint {base}: a LoRA checkpoint (adapters only), not base weights")
+    ours = json.loads(json.dumps(dataclasses.asdict(config)))
+    theirs = base_state.get("model_config", {})
+    diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: base {theirs.get(k)!r} vs LoRA run {ours.get(k)!r}" for k in diff)
+        raise ValueError(f"base {base} is not the model of the LoRA checkpoint {ckpt} ({shown})")
+    model = build_model(config.replace(perform_initialization=False))
+    model.load_state_dict(_load_prefixed(base, "model", model.sharded_state_dict(prefix="model.")))
+    return model, base
+
+
+def load_lora_model(ckpt: str, state: Dict, weights: str, pretrained_checkpoint: Optional[str] = None,
+                    check_base: bool = True) -> Tuple[torch.nn.Module, Optional[str]]:
+    """(the adapted model of a LoRA checkpoint with its ``weights`` ("model" | "ema") adapters,
+    the base checkpoint dir)."""
+    from megatron_apex.lora import LoRAConfig, apply_lora, base_fingerprint, check_base_fingerprint, filter_trainable
+
+    model, base = load_lora_base(ckpt, state, pretrained_checkpoint)
+    apply_lora(model, LoRAConfig.from_dict(state["lora"]["config"]))
+    if check_base:
+        try:
+            check_base_fingerprint(state["lora"]["base_fingerprint"], base_fingerprint(model), f"--load {ckpt}")
+        except ValueError as err:
+            raise ValueError(f"{err}; base used: {base or 'random initialisation'} (give the right one with "
+                             "--pretrained-checkpoint)") from None
+    prefix = f"{weights}."
+    trainable = filter_trainable(model.sharded_state_dict(prefix=prefix), model)
+    result = model.load_state_dict(_load_prefixed(ckpt, weights, trainable), strict=False)
+    wanted = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(k for k in result.missing_keys if k in wanted)
+    if missing or result.unexpected_keys:
+        raise ValueError(f"--load {ckpt}: LoRA entries do not fit the model (missing {missing}, unexpected "
+                         f"{sorted(result.unexpected_keys)})")
+    return model, base
+
+
+def load_model_for_inference(load: str, weights: str = "auto",
+                             pretrained_checkpoint: Optional[str] = None) -> Tuple[torch.nn.Module, Dict]:
+    """(the model, eval mode, TP=1; the checkpoint's train_state plus ``checkpoint``, ``weights``
+    and, for a LoRA run, ``lora_base``). ``pretrained_checkpoint`` overrides a LoRA run's base."""
+    from megatron_apex.models.registry import build_model
     from megatron_apex.parallel import init_distributed
 
     if weights not in WEIGHTS:
@@ -23,13 +112,16 @@ def load_model_for_inference(load: str, weights: str = "auto") -> Tuple[torch.nn
         weights = "ema" if state.get("has_ema") else "model"
     if weights == "ema" and not state.get("has_ema"):
         raise ValueError(f"--weights ema: {ckpt} holds no EMA weights (trained with --ema-decay 0)")
+    if pretrained_checkpoint and not state.get("lora"):
+        raise ValueError(f"--pretrained-checkpoint: {ckpt} is a full checkpoint (not a LoRA run); it needs no base")
     init_distributed(1, 1)
-    saved = state["model_config"]
-    model = build_model(get_model_config(state["model_name"], **{k: tuple(v) if isinstance(v, list) else v
-                                                                 for k, v in saved.items()}))
-    prefix = f"{weights}."
-    loaded = checkpointing.load_checkpoint(ckpt, {weights: model.sharded_state_dict(prefix=prefix)})
-    model.load_state_dict(checkpointing.strip_prefix(loaded[weights], prefix))
+    if state.get("lora"):
+        model, state["lora_base"] = load_lora_model(ckpt, state, weights, pretrained_checkpoint)
+    else:
+        model = build_model(_model_config(state))
+        prefix = f"{weights}."
+        loaded = checkpointing.load_checkpoint(ckpt, {weights: model.sharded_state_dict(prefix=prefix)})
+        model.load_state_dict(checkpointing.strip_prefix(loaded[weights], prefix))
     model.eval()
     state["checkpoint"] = ckpt
     state["weights"] = weights

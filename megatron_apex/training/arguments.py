@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional
 OBJECTIVES = ("apex", "fm")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 APEX_SCHEDULES = ("auto", "direct", "two-phase")
+LORA_FAKE_REFERENCES = ("adapted", "base")
 
 
 @dataclass
@@ -83,6 +84,36 @@ class CheckpointArgs:
     # Load only the weights of --load (EMA too when both have it) and start a new run at
     # iteration 0 with a fresh optimizer: fine-tuning from a pretrained or converted model.
     finetune: bool = False
+    # Megatron-LM's --pretrained-checkpoint: the model weights a run starts from (a LoRA run's
+    # frozen base); a resumed run (--load) takes everything else from its own checkpoint.
+    pretrained_checkpoint: Optional[str] = None
+
+
+@dataclass
+class LoRAArgs:
+    """Low-rank adapters on a frozen base (megatron_apex.lora, docs/lora.md); rank 0 = off,
+    full-parameter training."""
+
+    rank: int = 0
+    alpha: Optional[float] = None  # None = rank (scale 1)
+    targets: str = "attn"
+    dropout: float = 0.0
+    init_seed: int = 0
+    extra_trainable: str = ""  # comma-separated fnmatch patterns on parameter names
+    # Who answers the objective's no-grad queries under the shifted condition (v_fake, the DM
+    # fake velocity): "adapted" = the network being trained (the paper), "base" = the frozen
+    # base model (adapters off).
+    fake_reference: str = "adapted"
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def lora_config(self):
+        from megatron_apex.lora import LoRAConfig
+
+        return LoRAConfig(rank=self.rank, alpha=self.alpha, targets=self.targets, dropout=self.dropout,
+                          init_seed=self.init_seed, extra_trainable=self.extra_trainable).validate()
 
 
 @dataclass
@@ -103,6 +134,7 @@ class RunConfig:
     data: DataArgs = field(default_factory=DataArgs)
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
     logging: LoggingArgs = field(default_factory=LoggingArgs)
+    lora: LoRAArgs = field(default_factory=LoRAArgs)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -186,9 +218,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--finetune", action="store_true",
                    help="load only the model weights of --load; iteration, optimizer and data restart")
+    g.add_argument("--pretrained-checkpoint", default=None,
+                   help="model weights to start from (a LoRA run's frozen base; a LoRA run resumed with --load "
+                        "reads it from its checkpoint when not given)")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--tensorboard-dir", default=None, help="default: <save>/tensorboard")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    g = p.add_argument_group("LoRA (docs/lora.md)")
+    g.add_argument("--lora-rank", type=int, default=0, help="rank of the adapters; 0 = full-parameter training")
+    g.add_argument("--lora-alpha", type=float, default=None, help="adapter scale alpha / rank (None: alpha = rank)")
+    g.add_argument("--lora-targets", default=LoRAArgs.targets,
+                   help="comma-separated presets (attn, mlp, modulation, attn+mlp, all) or fnmatch patterns on "
+                        "module names")
+    g.add_argument("--lora-dropout", type=float, default=LoRAArgs.dropout, help="dropout on the adapters' input")
+    g.add_argument("--lora-init-seed", type=int, default=LoRAArgs.init_seed, help="seed of the adapters' A init")
+    g.add_argument("--lora-extra-trainable", default=LoRAArgs.extra_trainable,
+                   help="comma-separated fnmatch patterns of further parameters to train (e.g. 'proj_out.*')")
+    g.add_argument("--lora-fake-reference", choices=LORA_FAKE_REFERENCES, default=LoRAArgs.fake_reference,
+                   help="the objective's no-grad fake-condition queries: adapted = the network being trained (the "
+                        "paper), base = the frozen base model (adapters off)")
     return p
 
 
@@ -284,6 +333,9 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
     _validate_objective(apex, time_sampler, a.objective)
     if a.finetune and not a.load:
         raise ValueError("--finetune needs --load (the checkpoint to fine-tune from)")
+    lora = _lora_args(a)
+    if a.pretrained_checkpoint is not None and a.finetune and not lora.enabled:
+        raise ValueError("--pretrained-checkpoint and --load --finetune both name the starting weights; give one")
 
     return RunConfig(
         model=a.model,
@@ -296,6 +348,27 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
                         a.exit_interval),
         objective=ObjectiveArgs(a.objective, a.apex_start_iter, a.teacher, apex, time_sampler, a.apex_schedule),
         data=DataArgs(a.data_path),
-        checkpoint=CheckpointArgs(a.save, a.load, a.save_interval, a.finetune),
+        checkpoint=CheckpointArgs(a.save, a.load, a.save_interval, a.finetune, a.pretrained_checkpoint),
         logging=LoggingArgs(a.log_interval, a.tensorboard_dir, not a.no_progress),
+        lora=lora,
     )
+
+
+def _lora_args(a) -> LoRAArgs:
+    """--lora-* flags -> LoRAArgs, validated (one line naming the flag)."""
+    defaults = LoRAArgs()
+    values = dict(alpha=a.lora_alpha, targets=a.lora_targets, dropout=a.lora_dropout, init_seed=a.lora_init_seed,
+                  extra_trainable=a.lora_extra_trainable, fake_reference=a.lora_fake_reference)
+    if a.lora_rank < 0:
+        raise ValueError(f"--lora-rank must be >= 0 (0 = no LoRA), got {a.lora_rank}")
+    if a.lora_rank == 0:
+        changed = [k for k, v in values.items() if v != getattr(defaults, k)]
+        if changed:
+            raise ValueError(f"--lora-{changed[0].replace('_', '-')} needs --lora-rank > 0 (LoRA is off)")
+        return defaults
+    args = LoRAArgs(rank=a.lora_rank, **values)
+    args.lora_config()  # LoRAConfig.validate names the flag
+    if args.fake_reference == "base" and a.objective != "apex":
+        raise ValueError(f"--lora-fake-reference base needs --objective apex (--objective {a.objective} has no "
+                         "fake-condition queries)")
+    return args

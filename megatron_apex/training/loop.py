@@ -10,6 +10,15 @@ Two ways to run the APEX objective per global batch: "direct" (apex_loss inside 
 forward step, the single-stage path) and "two-phase" (no-grad pipeline passes, then one
 batched training pass: pipeline_apex.py), which pipeline parallelism needs and which gives the
 same numbers up to floating-point batching.
+
+LoRA (``--lora-rank``, docs/lora.md): the model is built, its base weights loaded
+(``--pretrained-checkpoint``, or a full checkpoint given as ``--load ... --finetune``, or the
+base recorded in the LoRA checkpoint being resumed), then adapted (megatron_apex.lora.apply_lora)
+BEFORE DDP and the optimizer exist, so both only see the trainable parameters. The EMA and the
+frozen teacher are copies that share the base's tensors with the model and own only the
+trainable ones. Checkpoints hold only the trainable parameters (model, optimizer state, EMA,
+teacher) plus, in train_state.json, the base's path and fingerprint; a resumed run must find
+the same base.
 """
 
 import dataclasses
@@ -74,6 +83,49 @@ def _sharded(module, prefix: str) -> Dict:
     return checkpointing.mark_tp_replicas(module.sharded_state_dict(prefix=prefix))
 
 
+def check_lora_config(cfg: RunConfig, two_phase: bool, apex_config) -> None:
+    """What LoRA cannot run with, refused at start (one line naming the flags)."""
+    if not cfg.lora.enabled or cfg.lora.fake_reference != "base":
+        return
+    if two_phase and apex_config is not None and apex_config.variant == "released" \
+            and cfg.objective.teacher == "frozen":
+        raise ValueError("--lora-fake-reference base cannot run with --teacher frozen in the two-phase step "
+                         "(pipeline parallelism or --apex-schedule two-phase): the pass has one slot besides the "
+                         "model, for the base or the teacher; use --teacher online or the direct schedule")
+
+
+# The LoRA settings a checkpoint's adapters depend on, with their flags (compared on resume;
+# dropout and the init seed may change).
+_LORA_STRUCTURE = {"rank": "--lora-rank", "scale": "--lora-alpha (scale alpha / rank)", "targets": "--lora-targets",
+                   "extra_trainable": "--lora-extra-trainable", "train_condition_shift": "train_condition_shift",
+                   "train_target_time_embedder": "train_target_time_embedder"}
+
+
+def _lora_structure(config: Dict) -> Dict:
+    from megatron_apex.lora import LoRAConfig
+
+    lora = LoRAConfig.from_dict(config)
+    return {"rank": lora.rank, "scale": lora.scale, "targets": list(lora.targets),
+            "extra_trainable": list(lora.extra_trainable), "train_condition_shift": lora.train_condition_shift,
+            "train_target_time_embedder": lora.train_target_time_embedder}
+
+
+def share_frozen_(copy: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Make ``copy`` (built like ``model``) use ``model``'s frozen parameters and its buffers
+    themselves (no second copy of the base in memory); its own tensors for them are dropped."""
+    pairs = list(zip(copy.named_modules(), model.named_modules()))
+    for (name, mine), (other_name, theirs) in pairs:
+        if name != other_name or type(mine) is not type(theirs):
+            raise ValueError(f"frozen copy: module {name!r} ({type(mine).__name__}) does not match the model's "
+                             f"{other_name!r} ({type(theirs).__name__})")
+        for key, param in theirs._parameters.items():
+            if param is not None and not param.requires_grad:
+                mine._parameters[key] = param
+        for key, buf in theirs._buffers.items():
+            if buf is not None:
+                mine._buffers[key] = buf
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         from megatron.core import parallel_state as ps
@@ -92,6 +144,7 @@ class Trainer:
         obj = cfg.objective
         self.apex_config = APEXConfig(**obj.apex) if obj.objective == "apex" else None
         self.two_phase = check_parallel_config(cfg, self.model_config, self.apex_config)
+        check_lora_config(cfg, self.two_phase, self.apex_config)
         self.info = init_distributed(cfg.parallel.tensor_model_parallel_size,
                                      cfg.parallel.pipeline_model_parallel_size)
         self.dp_size = ps.get_data_parallel_world_size()
@@ -110,10 +163,15 @@ class Trainer:
         set_seed(tr.seed)
         self._build_model = lambda: build_stage_model(self.model_config)
         self.model = self._build_model()
+        self.lora_config = cfg.lora.lora_config() if cfg.lora.enabled else None
+        if self.lora_config is not None:
+            self._setup_lora()
         if cfg.parallel.recompute_granularity:
             enable_activation_recompute(self.model, cfg.parallel.recompute_granularity)
         self.ddp_model, self.optimizer, self.scheduler = self._build_optimizer(self.model)
-        self.ema = frozen_copy(self.model, self._build_model) if tr.ema_decay > 0 else None
+        if self.lora_config is not None:
+            self._print_lora_summary()
+        self.ema = self._frozen_copy() if tr.ema_decay > 0 else None
         self.teacher = None
 
         self.dataset = load_dataset(cfg.data.data_path, split="train")
@@ -156,6 +214,151 @@ class Trainer:
         cfg.finalize_model_grads_func = finalize_model_grads
         return ddp_model, optimizer, scheduler
 
+    # ---- LoRA ---------------------------------------------------------------------------
+    def _setup_lora(self) -> None:
+        """Base weights, then adapters (before DDP / optimizer), then the base's fingerprint."""
+        from megatron_apex.lora import apply_lora, base_fingerprint, filter_trainable
+
+        base, flag = self._lora_base_checkpoint()
+        if base is not None:
+            state = checkpointing.read_train_state(base)
+            if state.get("lora") is not None:
+                raise ValueError(f"{flag} {base}: a LoRA checkpoint (adapters only), not base weights; give the full "
+                                 f"checkpoint it was trained on ({state['lora'].get('base')})")
+            self._check_model_config(base, state, flag)
+            loaded = checkpointing.load_checkpoint(base, {"model": _sharded(self.model, "model.")})
+            self.model.load_state_dict(checkpointing.module_state_dict(loaded["model"], "model.", self.model))
+        self.lora_base = os.path.abspath(base) if base is not None else None
+        apply_lora(self.model, self.lora_config)
+        self.base_fingerprint = base_fingerprint(self.model)  # collective over TP/PP
+        self._trainable_names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        trainable = filter_trainable(_sharded(self.model, "model."), self.model)
+        self._trainable_keys = {v.key[len("model."):] for v in trainable.values()}
+        if self.info.rank == 0:
+            where = self.lora_base or f"random initialisation (--seed {self.cfg.train.seed})"
+            print(f"[megatron_apex] LoRA rank {self.lora_config.rank} on {self.lora_config.targets} over the frozen "
+                  f"base {where}", flush=True)
+
+    def _lora_base_checkpoint(self):
+        """(the checkpoint directory of this LoRA run's base weights, None = random init from
+        --seed; where it comes from, for messages)."""
+        ck = self.cfg.checkpoint
+        flag = "--pretrained-checkpoint"
+        pretrained = checkpointing.resolve_checkpoint(ck.pretrained_checkpoint, flag) if ck.pretrained_checkpoint \
+            else None
+        if not ck.load:
+            return pretrained, flag
+        ckpt = checkpointing.resolve_checkpoint(ck.load)
+        saved = checkpointing.read_train_state(ckpt).get("lora")
+        if saved is None:  # a full checkpoint: the base of a new LoRA run
+            if not ck.finetune:
+                raise ValueError(f"--load {ckpt}: a full checkpoint (no LoRA adapters), which a LoRA run cannot "
+                                 f"resume; train a LoRA on it with --pretrained-checkpoint {ck.load} (or --load "
+                                 f"{ck.load} --finetune)")
+            if pretrained is not None:
+                raise ValueError(f"--pretrained-checkpoint {ck.pretrained_checkpoint} and --load {ck.load} --finetune "
+                                 "(a full checkpoint) both name the LoRA base; give one")
+            return ckpt, "--load"
+        if pretrained is not None:
+            return pretrained, flag
+        base = saved.get("base")
+        if base is None:
+            return None, flag
+        if not os.path.isfile(os.path.join(base, checkpointing.TRAIN_STATE)):
+            raise FileNotFoundError(f"--load {ckpt}: its LoRA base {base} is missing; pass the base weights with "
+                                    "--pretrained-checkpoint")
+        return base, f"the LoRA base recorded in --load {ckpt}:"
+
+    def _print_lora_summary(self) -> None:
+        from megatron_apex.lora import format_parameter_summary, parameter_summary
+
+        summary = parameter_summary(self.model, dp_size=self.dp_size,
+                                    distributed_optimizer=self.cfg.parallel.use_distributed_optimizer)
+        if self.info.rank == 0:
+            print(f"[megatron_apex] {format_parameter_summary(summary)}", flush=True)
+
+    def _frozen_copy(self) -> torch.nn.Module:
+        """A frozen copy of the model (EMA, teacher). Under LoRA it owns only the trainable
+        parameters and shares the base's tensors with the model."""
+        if self.lora_config is None:
+            return frozen_copy(self.model, self._build_model)
+        from megatron_apex.lora import apply_lora
+
+        clone = self._build_model()
+        apply_lora(clone, self.lora_config)
+        share_frozen_(clone, self.model)
+        clone.requires_grad_(False)
+        clone.eval()
+        self._copy_trainable(clone)
+        return clone
+
+    @torch.no_grad()
+    def _copy_trainable(self, clone: torch.nn.Module) -> None:
+        params = dict(clone.named_parameters())
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                params[name].copy_(p.detach())
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.lora_config is None:
+            update_ema(self.ema, self.model, self.cfg.train.ema_decay)
+            return
+        params = dict(self.ema.named_parameters())
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                params[name].lerp_(p.detach().to(params[name].dtype), 1.0 - self.cfg.train.ema_decay)
+
+    def _lora_train_state(self) -> Dict:
+        return {"config": self.lora_config.to_dict(), "base": self.lora_base, "seed": self.cfg.train.seed,
+                "base_fingerprint": self.base_fingerprint}
+
+    def _check_lora_checkpoint(self, ckpt: str, saved: Dict) -> None:
+        """The adapters of ``ckpt`` fit this run's, and they were trained on this run's base."""
+        from megatron_apex.lora import check_base_fingerprint
+
+        theirs, ours = _lora_structure(saved["config"]), _lora_structure(self.lora_config.to_dict())
+        diff = [k for k in _LORA_STRUCTURE if theirs[k] != ours[k]]
+        if diff:
+            shown = ", ".join(f"{_LORA_STRUCTURE[k] or k}: checkpoint {theirs[k]!r} vs run {ours[k]!r}" for k in diff)
+            raise ValueError(f"--load {ckpt}: LoRA settings differ from this run's flags ({shown})")
+        try:
+            check_base_fingerprint(saved["base_fingerprint"], self.base_fingerprint, source=f"--load {ckpt}")
+        except ValueError as err:
+            theirs_base = saved.get("base") or f"random initialisation with --seed {saved.get('seed')}"
+            ours_base = self.lora_base or f"random initialisation with --seed {self.cfg.train.seed}"
+            raise ValueError(f"{err}; its base: {theirs_base}, this run's: {ours_base} (give the right one with "
+                             "--pretrained-checkpoint)") from None
+
+    def _sharded_module(self, module, prefix: str) -> Dict:
+        """``module``'s sharded state dict; under LoRA only its trainable part."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        sharded = _sharded(module, prefix)
+        if self.lora_config is None:
+            return sharded
+        return {k: v for k, v in sharded.items()
+                if isinstance(v, ShardedTensor) and v.key[len(prefix):] in self._trainable_keys}
+
+    def _load_module(self, module, loaded: Dict, prefix: str) -> None:
+        state = checkpointing.module_state_dict(loaded, prefix, module)
+        if self.lora_config is None:
+            module.load_state_dict(state)
+            return
+        result = module.load_state_dict(state, strict=False)
+        missing = sorted(k for k in result.missing_keys if k in self._trainable_names)
+        if missing or result.unexpected_keys:
+            raise ValueError(f"LoRA checkpoint entries do not fit the model: missing {missing}, unexpected "
+                             f"{sorted(result.unexpected_keys)}")
+
+    def _check_model_config(self, ckpt: str, state: Dict, flag: str) -> None:
+        saved_cfg = state.get("model_config", {})
+        ours = json.loads(json.dumps(dataclasses.asdict(self.model_config)))  # tuples as saved: lists
+        diff = sorted(k for k in set(saved_cfg) | set(ours) if saved_cfg.get(k) != ours.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: checkpoint {saved_cfg.get(k)!r} vs run {ours.get(k)!r}" for k in diff)
+            raise ValueError(f"{flag} {ckpt}: model config differs from this run's flags ({shown})")
+
     def _apex_active(self, iteration: int) -> bool:
         return self.apex_config is not None and iteration >= self.cfg.objective.apex_start_iter
 
@@ -165,13 +368,13 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------
     def _sharded_state_dict(self, is_loading: bool, with_teacher: bool) -> Dict:
-        model_sd = _sharded(self.model, "model.")
+        model_sd = self._sharded_module(self.model, "model.")
         state = {"model": model_sd,
                  "optimizer": checkpointing.optimizer_sharded_state_dict(self.optimizer, model_sd, is_loading)}
         if self.ema is not None:
-            state["ema"] = _sharded(self.ema, "ema.")
+            state["ema"] = self._sharded_module(self.ema, "ema.")
         if with_teacher:
-            state["teacher"] = _sharded(self.teacher, "teacher.")
+            state["teacher"] = self._sharded_module(self.teacher, "teacher.")
         return state
 
     def _train_state(self) -> Dict:
@@ -185,6 +388,7 @@ class Trainer:
             "has_teacher": self.teacher is not None,
             "has_ema": self.ema is not None,
             "code_version": code_version(),
+            **({"lora": self._lora_train_state()} if self.lora_config is not None else {}),
         }
 
     def save(self) -> None:
@@ -196,37 +400,51 @@ class Trainer:
                                       self._train_state())
 
     def _maybe_load(self) -> None:
-        load = self.cfg.checkpoint.load
+        ck = self.cfg.checkpoint
+        load = ck.load
         if not load:
+            if ck.pretrained_checkpoint and self.lora_config is None:  # (a LoRA run loaded its base already)
+                ckpt = checkpointing.resolve_checkpoint(ck.pretrained_checkpoint, "--pretrained-checkpoint")
+                state = checkpointing.read_train_state(ckpt)
+                self._check_model_config(ckpt, state, "--pretrained-checkpoint")
+                if state.get("lora") is not None:
+                    raise ValueError(f"--pretrained-checkpoint {ckpt}: a LoRA checkpoint (adapters only); give "
+                                     f"--lora-rank {state['lora']['config']['rank']} and the LoRA flags to train it "
+                                     "further, or export a merged model with tools/export_lora.py --merged")
+                self._load_weights_only(ckpt, state)
             return
         ckpt = checkpointing.resolve_checkpoint(load)
         state = checkpointing.read_train_state(ckpt)
-        saved_cfg = state.get("model_config", {})
-        ours = json.loads(json.dumps(dataclasses.asdict(self.model_config)))  # tuples as saved: lists
-        diff = sorted(k for k in set(saved_cfg) | set(ours) if saved_cfg.get(k) != ours.get(k))
-        if diff:
-            shown = ", ".join(f"{k}: checkpoint {saved_cfg.get(k)!r} vs run {ours.get(k)!r}" for k in diff)
-            raise ValueError(f"--load {ckpt}: model config differs from this run's flags ({shown})")
-        module_state = checkpointing.module_state_dict
-        if self.cfg.checkpoint.finetune:
+        self._check_model_config(ckpt, state, "--load")
+        saved_lora = state.get("lora")
+        if self.lora_config is not None:
+            if saved_lora is None:
+                return  # a full checkpoint given with --finetune: this run's base, loaded in _setup_lora
+            self._check_lora_checkpoint(ckpt, saved_lora)
+        elif saved_lora is not None:
+            rank = saved_lora["config"]["rank"]
+            raise ValueError(f"--load {ckpt}: a LoRA checkpoint (rank {rank}, adapters only); resume it with its "
+                             f"--lora-* flags (--lora-rank {rank} ...), or export a merged model with "
+                             "tools/export_lora.py --merged")
+        if ck.finetune:
             self._load_weights_only(ckpt, state)
             return
         if state.get("has_teacher"):
-            self.teacher = frozen_copy(self.model, self._build_model)
+            self.teacher = self._frozen_copy()
         if state.get("has_ema") and self.ema is None:
             raise ValueError(f"--load {ckpt}: checkpoint holds EMA weights but --ema-decay is 0")
         if "scheduler" not in state:
             raise ValueError(f"--load {ckpt}: holds weights only (no optimizer state); add --finetune")
         loaded = checkpointing.load_checkpoint(ckpt, self._sharded_state_dict(True, state.get("has_teacher")))
-        self.model.load_state_dict(module_state(loaded["model"], "model.", self.model))
+        self._load_module(self.model, loaded["model"], "model.")
         checkpointing.load_optimizer_state(self.optimizer, loaded["optimizer"])
         if self.ema is not None:
             if "ema" in loaded:
-                self.ema.load_state_dict(module_state(loaded["ema"], "ema.", self.ema))
+                self._load_module(self.ema, loaded["ema"], "ema.")
             else:  # EMA switched on at resume: start it from the current weights
-                self.ema.load_state_dict(self.model.state_dict())
+                self._sync_from_model(self.ema)
         if self.teacher is not None:
-            self.teacher.load_state_dict(module_state(loaded["teacher"], "teacher.", self.teacher))
+            self._load_module(self.teacher, loaded["teacher"], "teacher.")
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration = state["iteration"]
         self.consumed_samples = state["consumed_samples"]
@@ -234,14 +452,19 @@ class Trainer:
             print(f"[megatron_apex] resumed from {ckpt} (iteration {self.iteration})", flush=True)
 
     def _load_weights_only(self, ckpt: str, state: Dict) -> None:
-        module_state = checkpointing.module_state_dict
-        sharded = {"model": _sharded(self.model, "model.")}
+        sharded = {"model": self._sharded_module(self.model, "model.")}
         loaded = checkpointing.load_checkpoint(ckpt, sharded)
-        self.model.load_state_dict(module_state(loaded["model"], "model.", self.model))
+        self._load_module(self.model, loaded["model"], "model.")
         if self.ema is not None:
-            self.ema.load_state_dict(self.model.state_dict())
+            self._sync_from_model(self.ema)
         if self.info.rank == 0:
             print(f"[megatron_apex] fine-tuning from the weights of {ckpt}", flush=True)
+
+    def _sync_from_model(self, copy: torch.nn.Module) -> None:
+        if self.lora_config is None:
+            copy.load_state_dict(self.model.state_dict())
+        else:
+            self._copy_trainable(copy)
 
     # ---- one iteration ------------------------------------------------------------------
     def _micro_batches(self, global_indices: List[int]) -> List[Dict]:
@@ -276,6 +499,10 @@ class Trainer:
         from megatron_apex.objectives.fm import fm_loss
 
         batch = next(data_iterator)
+        if self._base_fake_reference(self.iteration):
+            from megatron_apex.lora.fake_reference import BaseFakeReference
+
+            model = BaseFakeReference(model)
         args = (model, batch["image"], batch["noise"], batch["t"], batch["context"], batch["context_mask"])
         if self._apex_active(self.iteration):
             terms = apex_loss(*args, self.apex_config, generator=batch["generator"], teacher=self._step_teacher(),
@@ -290,10 +517,28 @@ class Trainer:
 
         args = (batch["image"], batch["noise"], batch["t"], batch["context"], batch["context_mask"])
         if self._apex_active(self.iteration):
-            return two_phase_apex(*args, self.apex_config, generator=batch["generator"],
-                                  teacher=self._step_teacher() is not None,
-                                  step=self.iteration - self.cfg.objective.apex_start_iter)
+            objective = two_phase_apex(*args, self.apex_config, generator=batch["generator"],
+                                       teacher=self._step_teacher() is not None,
+                                       step=self.iteration - self.cfg.objective.apex_start_iter)
+            if self._base_fake_reference(self.iteration):
+                from megatron_apex.lora.fake_reference import route_fake_queries_to_base
+
+                objective = route_fake_queries_to_base(objective)
+            return objective
         return FlowMatchingObjective(*args)
+
+    def _base_fake_reference(self, iteration: int) -> bool:
+        return (self.lora_config is not None and self.cfg.lora.fake_reference == "base"
+                and self._apex_active(iteration))
+
+    def _two_phase_teacher(self):
+        """Who answers the teacher slot of the two-phase passes: the base (adapters off) under
+        --lora-fake-reference base, else the step's teacher."""
+        if self._base_fake_reference(self.iteration):
+            from megatron_apex.lora.fake_reference import BaseModel
+
+            return BaseModel(self.ddp_model)
+        return self._step_teacher()
 
     @staticmethod
     def _loss_func(terms: Dict[str, torch.Tensor], output_tensor: torch.Tensor):
@@ -308,14 +553,14 @@ class Trainer:
         from megatron_apex.training.pipeline_apex import two_phase_step
 
         if self._needs_teacher(self.iteration) and self.teacher is None:
-            self.teacher = frozen_copy(self.model, self._build_model)  # the FM model as it is when APEX starts
+            self.teacher = self._frozen_copy()  # the FM model as it is when APEX starts
         global_indices = next(self.sampler)
         batches = self._micro_batches(global_indices)
         self.ddp_model.zero_grad_buffer()
         self.optimizer.zero_grad()
         if self.two_phase:
             reports = two_phase_step(self.ddp_model, [self._two_phase_objective(b) for b in batches],
-                                     teacher=self._step_teacher())
+                                     teacher=self._two_phase_teacher())
         else:
             forward_backward = get_forward_backward_func()
             reports = forward_backward(
@@ -326,7 +571,7 @@ class Trainer:
         update_successful, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=self.global_batch_size)
         if self.ema is not None:
-            update_ema(self.ema, self.model, self.cfg.train.ema_decay)
+            self._update_ema()
         self.iteration += 1
         self.consumed_samples += self.global_batch_size
 

@@ -281,10 +281,10 @@ def estimate(plan: MemoryPlanConfig) -> List[StageMemory]:
             params = list(_build_stage(plan, config).parameters())
         counts = state_bytes(params, plan)
         weights = counts["weights"]
-        # teacher and EMA are frozen copies of the stage; under LoRA the teacher is the base
-        # with the adapters switched off (no copy) and the EMA follows the adapters only
+        # teacher and EMA are frozen copies of the stage; under LoRA they share the base's
+        # weights and copy only the trainable parameters
         if plan.lora_rank:
-            copies = int(plan.ema) * _bytes(p for p in params if p.requires_grad)
+            copies = (int(keeps_teacher) + int(plan.ema)) * _bytes(p for p in params if p.requires_grad)
         else:
             copies = weights * (int(keeps_teacher) + int(plan.ema))
         in_flight = min(pp - stage, plan.num_microbatches)
@@ -339,8 +339,8 @@ def candidate_layouts(gpus: int, config, max_tp: int = 8) -> List[Tuple[int, int
 
 
 def search(plan: MemoryPlanConfig, gpus: int, budget_gib: float, recomputes=(None, "selective", "full")):
-    """Every layout of ``gpus`` GPUs (and recompute setting) whose peak stage fits the budget,
-    smallest model parallelism first (least communication), then least recompute."""
+    """Every layout of ``gpus`` GPUs (with the least recompute that fits) whose peak stage fits
+    the budget, best first."""
     config = _model_config(plan)
     fits = []
     for tp, pp, dp in candidate_layouts(gpus, config):
@@ -350,8 +350,10 @@ def search(plan: MemoryPlanConfig, gpus: int, budget_gib: float, recomputes=(Non
                                         num_microbatches=max(plan.num_microbatches, pp))
             top = peak(estimate(trial))
             if top.total <= budget_gib * GIB:
-                fits.append((tp * pp, (None, "selective", "full").index(recompute), trial, top))
+                fits.append(((tp * pp, (None, "selective", "full").index(recompute), pp), trial, top))
                 break  # a heavier recompute of the same layout fits too
-    fits.sort(key=lambda f: (f[0], f[1]))
-    return [(trial, top) for _, _, trial, top in fits]
+    # least model parallelism, then least recompute, then tensor rather than pipeline
+    # parallelism (inside a node; no pipeline bubble)
+    fits.sort(key=lambda f: f[0])
+    return [(trial, top) for _, trial, top in fits]
 

@@ -47,3 +47,37 @@ def test_unknown_flag_exits_with_usage_error(capsys):
         parse_args(["--no-such-flag"])
     assert exc.value.code == 2
     assert "--no-such-flag" in capsys.readouterr().err
+
+
+def test_lora_flags_map_to_lora_args():
+    cfg = parse_args(["--lora-rank", "8", "--lora-alpha", "16", "--lora-targets", "attn,img_in", "--lora-dropout",
+                      "0.1", "--lora-init-seed", "3", "--lora-extra-trainable", "proj_out.*",
+                      "--lora-fake-reference", "base", "--pretrained-checkpoint", "/ckpt/base"])
+    lora = cfg.lora
+    assert lora.enabled and (lora.rank, lora.alpha, lora.dropout, lora.init_seed) == (8, 16.0, 0.1, 3)
+    assert lora.fake_reference == "base" and cfg.checkpoint.pretrained_checkpoint == "/ckpt/base"
+    config = lora.lora_config()
+    assert config.targets == ("attn", "img_in") and config.extra_trainable == ("proj_out.*",)
+    assert config.scale == 2.0
+    off = parse_args([])
+    assert not off.lora.enabled and off.lora.fake_reference == "adapted"
+    assert parse_args(["--lora-rank", "4"]).lora.lora_config().to_dict() == \
+        type(config)(rank=4).to_dict()  # unset flags: LoRAConfig's defaults
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--lora-rank", "-1"], "--lora-rank must be >= 0"),
+    (["--lora-alpha", "8"], "--lora-alpha needs --lora-rank > 0"),
+    (["--lora-fake-reference", "base"], "--lora-fake-reference needs --lora-rank > 0"),
+    (["--lora-rank", "4", "--lora-alpha", "-2"], "--lora-alpha must be a positive number"),
+    (["--lora-rank", "4", "--lora-dropout", "1.0"], "--lora-dropout must be in [0, 1)"),
+    (["--lora-rank", "4", "--lora-init-seed", "-3"], "--lora-init-seed must be a non-negative integer"),
+    (["--lora-rank", "4", "--lora-targets", " , "], "--lora-targets is empty"),
+    (["--lora-rank", "4", "--lora-fake-reference", "base", "--objective", "fm"],
+     "--lora-fake-reference base needs --objective apex"),
+    (["--pretrained-checkpoint", "/a", "--load", "/b", "--finetune"], "give one"),
+])
+def test_bad_lora_flags_name_the_flag(argv, needle):
+    with pytest.raises(ValueError) as err:
+        parse_args(argv)
+    assert needle in str(err.value)
