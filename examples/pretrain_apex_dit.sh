@@ -60,7 +60,7 @@ OBJECTIVE_ARGS=(
 )
 CHECKPOINT_ARGS=(
   --save "$SAVE"
-  --save-interval 200
+  --save-interval 500
   --log-interval 10
 )
 # Resume when the save directory already holds a complete checkpoint.
