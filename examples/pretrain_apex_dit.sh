@@ -14,10 +14,19 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
-NPROC_PER_NODE=${NPROC_PER_NODE:-1}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 PYTHON=${PYTHON:-python}
+# Default: one process per GPU; without GPUs, data parallelism over up to 2 CPU cores with one
+# intra-op thread per process, which is 1.4x faster than one process with two OpenMP threads
+# (docs/benchmarks.md) and gives the same numbers (tests/integration/test_parallel_training.py).
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+  NPROC_PER_NODE=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  if [[ "$NPROC_PER_NODE" == 0 ]]; then
+    NPROC_PER_NODE=$(( $(nproc) >= 2 ? 2 : 1 ))
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  fi
+fi
 
 # Where the run goes: the last --save among the arguments wins, as it does for the trainer.
 SAVE=runs/apex-tiny
@@ -34,7 +43,7 @@ MODEL_ARGS=(
 # 5e-4: the paper fine-tunes APEX from a pretrained flow model, and a constant fine-tuning LR beat
 # the tail of one long cosine in our CPU trials (docs/apex_recipe.md).
 TRAIN_ARGS=(
-  --micro-batch-size 64
+  --micro-batch-size 32
   --global-batch-size 64
   --train-iters 2000
   --lr 1e-3

@@ -165,12 +165,12 @@ def launched(tmp_path_factory):
     lora_run, full_run = root / "lora_run", root / "full_run"
     launcher = _run(["bash", "examples/pretrain_apex_dit.sh", *TRAIN, "--train-iters", "3", "--save", str(lora_run),
                      "--lora-rank", "4", "--pretrained-checkpoint", str(root / "base")],
-                    env={"PYTHON": sys.executable, "MASTER_PORT": str(_free_port()), "NUM_PER_PROMPT": "2",
+                    env={"PYTHON": sys.executable, "MASTER_PORT": str(_free_port()), "NUM_PER_PROMPT": "2", "NPROC_PER_NODE": "1",
                          "SKIP_EVAL": "1"})
     # the same job, full-parameter (same objective, optimizer, EMA and frozen teacher)
     _run(["bash", "examples/pretrain_apex_dit.sh", *TRAIN, "--train-iters", "3", "--save", str(full_run),
           "--load", str(root / "base"), "--finetune"],
-         env={"PYTHON": sys.executable, "MASTER_PORT": str(_free_port()), "SKIP_SAMPLES": "1"})
+         env={"PYTHON": sys.executable, "MASTER_PORT": str(_free_port()), "SKIP_SAMPLES": "1", "NPROC_PER_NODE": "1"})
     _run([sys.executable, "tools/export_lora.py", "--load", str(lora_run), "--out", str(root / "lora_out")])
     _run([sys.executable, "tools/export_lora.py", "--load", str(lora_run), "--out", str(root / "merged"), "--merged"])
     return root, launcher

@@ -18,7 +18,7 @@ from dist_utils import free_port, run_torchrun
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = REPO / "examples" / "pretrain_apex_dit.py"
 # One layer keeps every run to seconds; the built-in dataset and MiniLM prompts are real.
-TINY = ["--model", "qwen-image-tiny", "--num-layers", "1", "--micro-batch-size", "8", "--global-batch-size", "8",
+TINY = ["--model", "qwen-image-tiny", "--num-layers", "1", "--micro-batch-size", "4", "--global-batch-size", "8",
         "--lr-warmup-iters", "0", "--log-interval", "1", "--no-progress", "--objective", "apex",
         "--apex-variant", "released", "--apex-start-iter", "2", "--ema-decay", "0.9"]
 
