@@ -3,8 +3,15 @@
 ``local``: megatron-core's tensor-parallel linears (with the bias inside the matmul,
 models/common/linear.py), our SDPA core attention and norms
 (runs anywhere, CPU included). ``te``: Transformer Engine-backed megatron modules for the
-linears, core attention and q/k norms (imported only when asked for). ``auto``: ``te`` when
+linears, core attention and q/k norms (imported only when asked for; ``transformer_engine``
+is accepted for ``te``, Megatron-LM's --transformer-impl name). ``auto``: ``te`` when
 Transformer Engine imports and CUDA is available, else ``local``.
+
+``attention_backend`` (--attention-backend, megatron_apex/gpu.py) picks the core attention:
+on ``te``, ``auto``/``flash``/``fused``/``unfused`` keep TE's DotProductAttention (its kernel
+chosen by NVTE_* variables) and ``local``/``math``/``flash_attn`` put our SDPAttention next to
+TE's linears; on ``local`` it is always our SDPAttention, running the kernel of
+``gpu.kernel_for``. The default (``auto`` kernel) builds the bare class, no spec params.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import torch
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_apex.gpu import TE_ATTENTION_BACKENDS, kernel_for, transformer_engine_unavailable
 from megatron_apex.models.common.linear import FusedBiasColumnParallelLinear, FusedBiasRowParallelLinear
 from megatron_apex.models.common.mlp import DenseMLP
 from megatron_apex.models.common.norms import LayerNormNoAffine, RMSNorm
@@ -37,15 +45,11 @@ from megatron_apex.models.sana.layers import (
     SanaSelfAttentionSubmodules,
 )
 
-BACKENDS = ("auto", "local", "te")
+BACKENDS = ("auto", "local", "te", "transformer_engine")
 
 
 def transformer_engine_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+    return torch.cuda.is_available() and transformer_engine_unavailable() is None
 
 
 def resolve_backend(backend: str) -> str:
@@ -53,7 +57,13 @@ def resolve_backend(backend: str) -> str:
         raise ValueError(f"--transformer-impl/backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "te" if transformer_engine_available() else "local"
-    return backend
+    return "te" if backend == "transformer_engine" else backend
+
+
+def _local_core_attention(module, attention_backend: str):
+    """``module`` (our SDPA-based core attention) running the kernel of ``attention_backend``."""
+    kernel = kernel_for(attention_backend)
+    return module if kernel == "auto" else ModuleSpec(module=module, params={"attention_backend": kernel})
 
 
 def _te_modules():
@@ -73,14 +83,16 @@ def _te_modules():
     return TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention, TENorm
 
 
-def get_qwen_image_layer_spec(backend: str = "auto") -> ModuleSpec:
-    """Spec of one Qwen-Image dual-stream block for the given backend."""
+def get_qwen_image_layer_spec(backend: str = "auto", attention_backend: str = "auto") -> ModuleSpec:
+    """Spec of one Qwen-Image dual-stream block for the given backends."""
     backend = resolve_backend(backend)
     if backend == "te":
         column, row, core_attention, qk_norm = _te_modules()
+        if attention_backend not in TE_ATTENTION_BACKENDS:
+            core_attention = _local_core_attention(SDPAttention, attention_backend)
     else:
-        column, row, core_attention, qk_norm = (FusedBiasColumnParallelLinear, FusedBiasRowParallelLinear,
-                                                SDPAttention, RMSNorm)
+        column, row, qk_norm = FusedBiasColumnParallelLinear, FusedBiasRowParallelLinear, RMSNorm
+        core_attention = _local_core_attention(SDPAttention, attention_backend)
     return ModuleSpec(
         module=QwenImageLayer,
         submodules=QwenImageLayerSubmodules(
@@ -98,16 +110,19 @@ def get_qwen_image_layer_spec(backend: str = "auto") -> ModuleSpec:
             mlp=ModuleSpec(module=MLP if backend == "te" else DenseMLP,
                            submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
         ),
-        metainfo={"backend": backend},
+        metainfo={"backend": backend, "attention_backend": attention_backend},
     )
 
 
-def get_sana_layer_spec(backend: str = "auto") -> ModuleSpec:
+def get_sana_layer_spec(backend: str = "auto", attention_backend: str = "auto") -> ModuleSpec:
     """Spec of one Sana block for the given backend. ``te`` swaps the tensor-parallel linears
     for Transformer Engine's; the attention cores stay local on every backend (the ReLU
     linear attention is Sana's own, and the cross-attention keeps diffusers' additive -10000
-    caption bias, which TE's padding mask does not reproduce for an all-padded caption)."""
+    caption bias, which TE's padding mask does not reproduce for an all-padded caption); the
+    cross-attention core runs the kernel of ``attention_backend`` (TE's names map to the SDPA
+    kernels of the same name)."""
     backend = resolve_backend(backend)
+    cross_core = _local_core_attention(MaskedSDPAttention, attention_backend)
     if backend == "te":
         column, row, _, _ = _te_modules()
     else:
@@ -128,7 +143,7 @@ def get_sana_layer_spec(backend: str = "auto") -> ModuleSpec:
             cross_attention=ModuleSpec(
                 module=SanaCrossAttention,
                 submodules=SanaCrossAttentionSubmodules(
-                    linear_q=column, linear_kv=column, linear_proj=row, core_attention=MaskedSDPAttention,
+                    linear_q=column, linear_kv=column, linear_proj=row, core_attention=cross_core,
                 ),
             ),
             mlp=ModuleSpec(
@@ -136,5 +151,5 @@ def get_sana_layer_spec(backend: str = "auto") -> ModuleSpec:
                 submodules=GLUMBConvSubmodules(linear_fc1=column, depthwise=DepthwiseConv3x3, linear_fc2=row),
             ),
         ),
-        metainfo={"backend": backend},
+        metainfo={"backend": backend, "attention_backend": attention_backend},
     )

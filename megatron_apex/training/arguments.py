@@ -9,6 +9,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from megatron_apex.gpu import GpuOptions, add_gpu_arguments, gpu_options_from_args
+from megatron_apex.gpu import model_overrides as gpu_model_overrides
+
 OBJECTIVES = ("apex", "fm")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 APEX_SCHEDULES = ("auto", "direct", "two-phase")
@@ -135,6 +138,7 @@ class RunConfig:
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
     logging: LoggingArgs = field(default_factory=LoggingArgs)
     lora: LoRAArgs = field(default_factory=LoRAArgs)
+    gpu: GpuOptions = field(default_factory=GpuOptions)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -187,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--bf16", action="store_true")
+    add_gpu_arguments(p.add_argument_group("GPU paths and precision (docs/gpu.md)"))
 
     g = p.add_argument_group("objective")
     g.add_argument("--objective", default="apex", help=f"one of {OBJECTIVES}")
@@ -309,6 +313,8 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         model_overrides["target_time_embedder"] = a.target_time_embedder != "none"
         if a.target_time_embedder != "none":
             model_overrides["target_time_init"] = a.target_time_embedder
+    gpu = gpu_options_from_args(a)
+    model_overrides.update(gpu_model_overrides(gpu))
 
     apex = _options(a.apex_option, "--apex-option")
     for flag, key in (("apex_variant", "variant"), ("lam", "lam"), ("lambda_p", "lambda_p"),
@@ -351,6 +357,7 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         checkpoint=CheckpointArgs(a.save, a.load, a.save_interval, a.finetune, a.pretrained_checkpoint),
         logging=LoggingArgs(a.log_interval, a.tensorboard_dir, not a.no_progress),
         lora=lora,
+        gpu=gpu,
     )
 
 

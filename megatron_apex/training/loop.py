@@ -161,7 +161,13 @@ class Trainer:
             raise ValueError(f"--teacher {obj.teacher!r}: choose frozen or online")
 
         set_seed(tr.seed)
-        self._build_model = lambda: build_stage_model(self.model_config)
+        from megatron_apex import gpu
+
+        if cfg.gpu.fp8_format and self.two_phase:
+            raise ValueError("--fp8-format with the two-phase APEX step (pipeline parallelism or "
+                             "--apex-schedule two-phase) is not supported yet")
+        spec = gpu.layer_spec(self.model_config, cfg.gpu)
+        self._build_model = lambda: build_stage_model(self.model_config, spec)
         self.model = self._build_model()
         self.lora_config = cfg.lora.lora_config() if cfg.lora.enabled else None
         if self.lora_config is not None:
@@ -169,6 +175,8 @@ class Trainer:
         if cfg.parallel.recompute_granularity:
             enable_activation_recompute(self.model, cfg.parallel.recompute_granularity)
         self.ddp_model, self.optimizer, self.scheduler = self._build_optimizer(self.model)
+        if self.info.rank == 0:
+            print(f"[megatron_apex] GPU paths: {gpu.describe(cfg.gpu, self.optimizer)}", flush=True)
         if self.lora_config is not None:
             self._print_lora_summary()
         self.ema = self._frozen_copy() if tr.ema_decay > 0 else None
@@ -495,6 +503,7 @@ class Trainer:
         return self.teacher if self.cfg.objective.teacher == "frozen" else None
 
     def _forward_step(self, data_iterator, model):
+        from megatron_apex.gpu import fp8_context
         from megatron_apex.objectives.apex import apex_loss
         from megatron_apex.objectives.fm import fm_loss
 
@@ -504,11 +513,12 @@ class Trainer:
 
             model = BaseFakeReference(model)
         args = (model, batch["image"], batch["noise"], batch["t"], batch["context"], batch["context_mask"])
-        if self._apex_active(self.iteration):
-            terms = apex_loss(*args, self.apex_config, generator=batch["generator"], teacher=self._step_teacher(),
-                              step=self.iteration - self.cfg.objective.apex_start_iter)
-        else:
-            terms = fm_loss(*args)
+        with fp8_context(self.cfg.gpu, self.model):
+            if self._apex_active(self.iteration):
+                terms = apex_loss(*args, self.apex_config, generator=batch["generator"], teacher=self._step_teacher(),
+                                  step=self.iteration - self.cfg.objective.apex_start_iter)
+            else:
+                terms = fm_loss(*args)
         return terms["loss"], partial(self._loss_func, terms)
 
     def _two_phase_objective(self, batch: Dict):

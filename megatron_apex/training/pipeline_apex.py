@@ -33,14 +33,15 @@ from megatron_apex.objectives.flow import interpolate, per_sample_mse, velocity_
 # ---------------------------------------------------------------------------------------------
 # Stage models
 
-def build_stage_model(config):
+def build_stage_model(config, spec=None):
     """This rank's pipeline stage: the input embeddings on the first, the output head on the
     last, megatron's even split of the layers in between."""
     from megatron.core import parallel_state as ps
 
     from megatron_apex.models.registry import build_model
 
-    return build_model(config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    return build_model(config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                       spec=spec)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from megatron_apex.gpu import attention, check_kernel
 from megatron_apex.models.common.modulation import AdaLNModulation, modulate
 from megatron_apex.models.common.rope import apply_rope
 
@@ -26,21 +26,25 @@ def zeros_init(weight: torch.Tensor) -> torch.Tensor:
 
 
 class SDPAttention(MegatronModule):
-    """Local core attention: ``torch.nn.functional.scaled_dot_product_attention``.
+    """Local core attention: ``torch.nn.functional.scaled_dot_product_attention`` on the
+    kernel ``attention_backend`` (megatron_apex.gpu.attention: ``auto`` lets torch choose, or
+    uses flash-attn for bf16/fp16 CUDA calls when installed; ``sdpa`` lets torch choose;
+    ``flash``, ``fused``, ``unfused``, ``flash_attn`` force one). The padded-text mask keeps
+    its meaning on every kernel.
 
     Same constructor and call signature as megatron's ``TEDotProductAttention`` (inputs
     [s, b, heads, head_dim], output [s, b, heads * head_dim], boolean ``attention_mask``
-    [b, 1, 1, s_kv] with True = masked out) so a spec can swap the two. On a GPU, SDPA picks
-    the flash / memory-efficient kernel by itself.
+    [b, 1, 1, s_kv] with True = masked out) so a spec can swap the two.
     """
 
     def __init__(self, config, layer_number: int = 1, attn_mask_type=AttnMaskType.padding,
                  attention_type: str = "self", attention_dropout: Optional[float] = None,
-                 softmax_scale: Optional[float] = None, **unused):
+                 softmax_scale: Optional[float] = None, attention_backend: str = "auto", **unused):
         super().__init__(config=config)
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.attention_backend = check_kernel(attention_backend)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -49,10 +53,8 @@ class SDPAttention(MegatronModule):
         s, b, heads, head_dim = query.shape
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         keep = None if attention_mask is None else ~attention_mask
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0,
-            scale=self.softmax_scale,
-        )
+        out = attention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0,
+                        scale=self.softmax_scale, kernel=self.attention_backend)
         return out.permute(2, 0, 1, 3).reshape(s, b, heads * head_dim)
 
 

@@ -23,6 +23,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 from torch import nn
 
+from megatron_apex.gpu import attention, check_kernel
 from megatron_apex.models.common.modulation import modulate
 from megatron_apex.models.common.timestep import TimestepEmbedder, sinusoidal_timestep_features
 
@@ -106,17 +107,21 @@ class ReLULinearAttention(MegatronModule):
 
 class MaskedSDPAttention(MegatronModule):
     """Cross-attention core: softmax attention with diffusers' additive -10000 caption bias.
-    Inputs [b, s, heads, head_dim]; ``attention_bias`` (B, 1, 1, L) or None."""
+    Inputs [b, s, heads, head_dim]; ``attention_bias`` (B, 1, 1, L) or None. Runs on the
+    kernel ``attention_backend`` (megatron_apex.gpu.attention); on flash-attn the bias becomes
+    the equivalent key-padding (exact, an all-padded caption included)."""
 
-    def __init__(self, config, layer_number: int = 1, softmax_scale: Optional[float] = None, **unused):
+    def __init__(self, config, layer_number: int = 1, softmax_scale: Optional[float] = None,
+                 attention_backend: str = "auto", **unused):
         super().__init__(config=config)
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale
+        self.attention_backend = check_kernel(attention_backend)
 
     def forward(self, query, key, value, attention_bias=None, **unused):
         b, s, heads, head_dim = query.shape
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias, scale=self.softmax_scale)
+        out = attention(q, k, v, attn_mask=attention_bias, scale=self.softmax_scale, kernel=self.attention_backend)
         return out.transpose(1, 2).reshape(b, s, heads * head_dim)
 
 
