@@ -12,6 +12,7 @@ from typing import Dict, List, Mapping
 
 import torch
 
+from megatron_apex.conversion.apex_extras import fill_apex_extras, load_converted_state_dict, shift_is_learnable
 from megatron_apex.conversion.engine import ParamRule, hf_to_ours, ours_to_hf
 
 COLUMN, ROW = 0, 1
@@ -48,7 +49,7 @@ def qwen_image_mapping_table(config) -> List[ParamRule]:
         for j in (1, 2):
             table += _linear(f"target_time_embedder.linear_{j}",
                              f"time_text_embed_2.timestep_embedder.linear_{j}", optional=True)
-    if _shift_is_learnable(config):
+    if shift_is_learnable(config):
         table += [ParamRule(f"condition_shift.{p}", (f"condition_shift.{p}",), optional=True) for p in ("A", "b")]
 
     a = _LAYER + "attention."
@@ -72,12 +73,6 @@ def qwen_image_mapping_table(config) -> List[ParamRule]:
     return table
 
 
-def _shift_is_learnable(config) -> bool:
-    if config.shift_learnable is None:
-        return config.shift_kind != "scalar"
-    return bool(config.shift_learnable)
-
-
 def _ctx(config) -> Dict:
     return {"head_dim": config.attention_head_dim}
 
@@ -86,26 +81,8 @@ def hf_to_megatron(hf_sd: Mapping[str, torch.Tensor], config, source: str = "the
     """diffusers state dict -> ours (TP=1, all layers), APEX extras filled where absent."""
     table = qwen_image_mapping_table(config)
     sd, missing = hf_to_ours(hf_sd, table, config.num_layers, _ctx(config), source=source)
-    missing = set(missing)
-    target_keys = {f"target_time_embedder.linear_{j}.{p}" for j in (1, 2) for p in ("weight", "bias")}
-    if missing & target_keys:
-        if not target_keys <= missing:
-            raise ValueError(f"{source} has only part of time_text_embed_2")
-        for key in target_keys:
-            sd[key] = sd[key.replace("target_time_embedder", "time_embedder")].clone()
-        if config.target_time_init == "zero":
-            for p in ("weight", "bias"):
-                sd[f"target_time_embedder.linear_2.{p}"] = torch.zeros_like(sd[f"target_time_embedder.linear_2.{p}"])
-        missing -= target_keys
-    if missing:
-        from megatron_apex.objectives.apex import ConditionShift
-
-        dim = config.joint_attention_dim if config.shift_site == "input" else config.hidden_size
-        fresh = ConditionShift(dim, kind=config.shift_kind, a=config.shift_a, b=config.shift_b,
-                               learnable=config.shift_learnable).state_dict()
-        for key in sorted(missing):
-            sd[key] = fresh[key.split(".", 1)[1]].to(config.torch_dtype)
-    return sd
+    shift_dim = config.joint_attention_dim if config.shift_site == "input" else config.hidden_size
+    return fill_apex_extras(sd, missing, config, shift_dim, "time_text_embed_2", source)
 
 
 def megatron_to_hf(sd: Mapping[str, torch.Tensor], config, source: str = "the model state dict") -> Dict:
@@ -114,20 +91,9 @@ def megatron_to_hf(sd: Mapping[str, torch.Tensor], config, source: str = "the mo
 
 
 def load_diffusers_state_dict(model, hf_sd: Mapping[str, torch.Tensor]) -> None:
-    """Convert and load into a TP=1, single-stage ``QwenImageModel`` (strict). For TP > 1,
-    load ``shard_for_tp(hf_to_megatron(...), qwen_image_mapping_table(config), ...)`` instead."""
-    config = model.model_config
-    if model.config.tensor_model_parallel_size != 1:
-        raise ValueError("load_diffusers_state_dict loads TP=1 models; shard the converted state dict "
-                         "with conversion.shard_for_tp for --tensor-model-parallel-size > 1")
-    if not (model.pre_process and model.post_process and model.num_local_layers == config.num_layers):
-        raise ValueError("load_diffusers_state_dict loads a single-stage model; select this stage's keys "
-                         "from hf_to_megatron(...) for pipeline stages")
-    sd = hf_to_megatron(hf_sd, config)
-    result = model.load_state_dict(sd, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"loading converted weights: missing {missing}, unexpected {result.unexpected_keys}")
+    """Convert and load into a TP=1, single-stage model (strict); see
+    apex_extras.load_converted_state_dict."""
+    load_converted_state_dict(model, hf_sd, hf_to_megatron)
 
 
 _DIFFUSERS_ARCH = ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
