@@ -24,6 +24,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import sharded_state_dict_default
 from torch import nn
 
+from megatron_apex.models.common.inputs import check_model_inputs, embed_any_step_time
 from megatron_apex.models.common.modulation import AdaLNModulation, modulate
 from megatron_apex.models.common.norms import RMSNorm
 from megatron_apex.models.common.rope import qwen_image_rope_angles
@@ -197,56 +198,13 @@ class QwenImageModel(MegatronModule):
     # ------------------------------------------------------------------ forward pieces
     def _check_inputs(self, x_t, t, context, context_mask, t_target):
         cfg = self.model_config
-        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 4:
-            raise ValueError(f"x_t must be a (B, C, H, W) tensor, got shape {tuple(getattr(x_t, 'shape', ()))}")
-        b, c, h, w = x_t.shape
-        if c != cfg.out_channels:
-            raise ValueError(f"x_t has {c} channels, the model expects --out-channels ({cfg.out_channels})")
-        p = cfg.patch_size
-        if h % p or w % p:
-            raise ValueError(f"x_t height x width ({h} x {w}) must be multiples of --patch-size ({p})")
-        t = self._check_time("t", t, b, x_t.device)
-        if t_target is not None:
-            t_target = self._check_time("t_target", t_target, b, x_t.device)
-        if not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[0] != b:
-            raise ValueError(
-                f"context must be (B={b}, L, {cfg.joint_attention_dim}), got {tuple(getattr(context, 'shape', ()))}"
-            )
-        if context.shape[2] != cfg.joint_attention_dim:
-            raise ValueError(
-                f"context has width {context.shape[2]}, the model expects --joint-attention-dim "
-                f"({cfg.joint_attention_dim})"
-            )
-        if context_mask is not None and tuple(context_mask.shape) != tuple(context.shape[:2]):
-            raise ValueError(
-                f"context_mask must have shape {tuple(context.shape[:2])} (B, L), got {tuple(context_mask.shape)}"
-            )
-        return t, t_target
-
-    @staticmethod
-    def _check_time(name, value, batch, device):
-        value = torch.as_tensor(value, device=device)
-        if value.dim() == 0:
-            value = value.expand(batch)
-        if value.shape != (batch,):
-            raise ValueError(f"{name} must have shape ({batch},), got {tuple(value.shape)}")
-        if not value.is_floating_point():
-            value = value.float()
-        return value
+        return check_model_inputs(x_t, t, context, context_mask, t_target, channels=cfg.out_channels,
+                                  channels_flag="--out-channels", patch_size=cfg.patch_size,
+                                  context_dim=cfg.joint_attention_dim, context_flag="--joint-attention-dim")
 
     def _embed_time(self, t, t_target):
-        temb = self.time_embedder(t)
-        if not self.model_config.target_time_embedder:
-            if t_target is not None and not torch.equal(t_target.to(t.dtype), t):
-                raise ValueError(
-                    "t_target differs from t but the model has no target-time embedder "
-                    "(--target-time-embedder is off)"
-                )
-            return temb
-        tt = t if t_target is None else t_target
-        # tt = t makes the second term exactly zero: plain velocity queries are unchanged.
-        step = (t.float() - tt.float()).to(temb.dtype)[:, None]
-        return temb + self.target_time_embedder(tt) * step
+        target = self.target_time_embedder if self.model_config.target_time_embedder else None
+        return embed_any_step_time(self.time_embedder, target, t, t_target)
 
     def _embed_text(self, context, fake_condition):
         site = self.model_config.shift_site
