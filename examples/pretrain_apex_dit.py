@@ -7,6 +7,7 @@ import sys
 from megatron_apex.training.arguments import parse_args
 from megatron_apex.training.dry_run import dry_run, split_dry_run_flags
 from megatron_apex.training.loop import pretrain
+from megatron_apex.training.run_control import DivergedError
 
 
 def main(argv=None) -> int:
@@ -23,6 +24,9 @@ def main(argv=None) -> int:
         # Bad flags, configs or checkpoints: one line naming the culprit, not a traceback.
         print(f"pretrain_apex_dit.py: error: {err}", file=sys.stderr, flush=True)
         return 2
+    except DivergedError as err:
+        print(f"pretrain_apex_dit.py: error: {err}", file=sys.stderr, flush=True)
+        return 3
     return 0
 
 

@@ -54,6 +54,12 @@ class TrainArgs:
     seed: int = 1234
     ema_decay: float = 0.0
     exit_interval: Optional[int] = None  # stop (with a checkpoint) once iteration % N == 0
+    # Stop (with a checkpoint, exit code 0) at the first iteration boundary after this many
+    # minutes of training, as Megatron-LM's --exit-duration-in-mins (a job's wall-time limit).
+    exit_duration_in_mins: Optional[float] = None
+    # A non-finite loss or gradient skips the update; this many skips IN A ROW stop the run
+    # with a checkpoint of the last good weights (0 = never stop).
+    max_skipped_iters: int = 10
 
 
 @dataclass
@@ -90,6 +96,8 @@ class CheckpointArgs:
     # Megatron-LM's --pretrained-checkpoint: the model weights a run starts from (a LoRA run's
     # frozen base); a resumed run (--load) takes everything else from its own checkpoint.
     pretrained_checkpoint: Optional[str] = None
+    # Keep only the newest N complete checkpoints under --save (None = keep all).
+    keep_last: Optional[int] = None
 
 
 @dataclass
@@ -180,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights kept for sampling; 0 = off")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="exit (after saving a checkpoint) when the iteration is a multiple of this")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="exit (after saving a checkpoint, exit code 0) once training has run this many minutes")
+    g.add_argument("--max-skipped-iters", type=int, default=TrainArgs.max_skipped_iters,
+                   help="a non-finite loss or grad norm skips the update; after this many consecutive skips the "
+                        "run saves the last good weights and stops (0 = never stop)")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
@@ -220,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--keep-last", type=int, default=None,
+                   help="keep only the newest N complete checkpoints under --save (default: all)")
     g.add_argument("--finetune", action="store_true",
                    help="load only the model weights of --load; iteration, optimizer and data restart")
     g.add_argument("--pretrained-checkpoint", default=None,
@@ -330,9 +345,15 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
                  "pipeline_model_parallel_size"):
         if getattr(a, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
-    for flag in ("save_interval", "exit_interval", "lr_decay_iters"):
+    for flag in ("save_interval", "exit_interval", "lr_decay_iters", "keep_last"):
         if getattr(a, flag) is not None and getattr(a, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    if a.exit_duration_in_mins is not None and not a.exit_duration_in_mins > 0:
+        raise ValueError(f"--exit-duration-in-mins must be > 0, got {a.exit_duration_in_mins}")
+    if a.max_skipped_iters < 0:
+        raise ValueError(f"--max-skipped-iters must be >= 0 (0 = never stop), got {a.max_skipped_iters}")
+    if a.keep_last is not None and not a.save:
+        raise ValueError("--keep-last needs --save (the directory whose checkpoints it prunes)")
     if not 0.0 <= a.ema_decay < 1.0:
         raise ValueError(f"--ema-decay must be in [0, 1), got {a.ema_decay}")
 
@@ -351,10 +372,11 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         optim=OptimArgs(a.lr, a.min_lr, a.lr_warmup_iters, a.lr_decay_style, a.weight_decay,
                         a.adam_beta1, a.adam_beta2, a.adam_eps, a.clip_grad, a.bf16, a.lr_decay_iters),
         train=TrainArgs(a.micro_batch_size, a.global_batch_size, a.train_iters, a.seed, a.ema_decay,
-                        a.exit_interval),
+                        a.exit_interval, a.exit_duration_in_mins, a.max_skipped_iters),
         objective=ObjectiveArgs(a.objective, a.apex_start_iter, a.teacher, apex, time_sampler, a.apex_schedule),
         data=DataArgs(a.data_path),
-        checkpoint=CheckpointArgs(a.save, a.load, a.save_interval, a.finetune, a.pretrained_checkpoint),
+        checkpoint=CheckpointArgs(a.save, a.load, a.save_interval, a.finetune, a.pretrained_checkpoint,
+                                  a.keep_last),
         logging=LoggingArgs(a.log_interval, a.tensorboard_dir, not a.no_progress),
         lora=lora,
         gpu=gpu,

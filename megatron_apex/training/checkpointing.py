@@ -79,15 +79,19 @@ def mark_tp_replicas(sharded_state_dict: Dict) -> Dict:
     return sharded_state_dict
 
 
-def save_checkpoint(save: str, iteration: int, sharded_state_dict: Dict, train_state: Dict) -> str:
-    """Collective: every rank calls it with its own shards."""
+def save_checkpoint(save: str, iteration: int, sharded_state_dict: Dict, train_state: Dict,
+                    keep_last: Optional[int] = None) -> str:
+    """Collective: every rank calls it with its own shards. With `keep_last`, only the newest
+    `keep_last` complete checkpoints remain afterwards."""
     from megatron.core import dist_checkpointing
 
     final = checkpoint_dir(save, iteration)
     tmp = os.path.join(save, f".tmp_iter_{iteration:07d}")
     if _is_rank0():
         os.makedirs(save, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
+        for name in os.listdir(save):  # leftovers of saves that were killed
+            if name.startswith(".tmp_iter_"):
+                shutil.rmtree(os.path.join(save, name), ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
     dist_checkpointing.save(sharded_state_dict, tmp)
@@ -98,32 +102,74 @@ def save_checkpoint(save: str, iteration: int, sharded_state_dict: Dict, train_s
             shutil.rmtree(final)
         os.rename(tmp, final)
         _write_text_atomic(os.path.join(save, LATEST), f"{iteration}\n")
+        if keep_last:
+            prune_checkpoints(save, keep_last)
     _barrier()
     return final
 
 
-def resolve_checkpoint(load: str, flag: str = "--load") -> str:
-    """The complete checkpoint directory a `--load` path refers to: either a save directory
-    (its `latest` marker is followed) or one `iter_XXXXXXX` directory."""
+_ITER_DIR = re.compile(r"^iter_(\d{7})$")
+
+
+def complete_checkpoints(save: str) -> List[int]:
+    """Iterations of the complete checkpoints under `save`, oldest first. Complete = published:
+    a checkpoint is renamed into `iter_XXXXXXX` only after all its files and `train_state.json`
+    are written."""
+    if not os.path.isdir(save):
+        return []
+    found = []
+    for name in os.listdir(save):
+        m = _ITER_DIR.match(name)
+        if m and os.path.isfile(os.path.join(save, name, TRAIN_STATE)):
+            found.append(int(m.group(1)))
+    return sorted(found)
+
+
+def prune_checkpoints(save: str, keep_last: int) -> List[int]:
+    """Delete all but the newest `keep_last` complete checkpoints; returns the deleted ones."""
+    if keep_last < 1:
+        raise ValueError(f"--keep-last must be >= 1, got {keep_last}")
+    doomed = complete_checkpoints(save)[:-keep_last]
+    for iteration in doomed:
+        # Renamed away first so a crash mid-delete never leaves a partial `iter_*` directory
+        # that looks complete.
+        trash = os.path.join(save, f".tmp_iter_{iteration:07d}.deleting")
+        os.rename(checkpoint_dir(save, iteration), trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed
+
+
+def resolve_checkpoint(load: str, flag: str = "--load", log=None) -> str:
+    """The complete checkpoint directory a `--load` path refers to: one `iter_XXXXXXX`
+    directory, or a save directory, whose newest complete checkpoint is taken. That is the one
+    its `latest` marker names unless the run died between publishing a checkpoint and moving
+    the marker (or the marker was lost); then the newest complete one wins and `log` (a print
+    function) says so."""
     if not os.path.exists(load):
         raise FileNotFoundError(f"{flag} {load}: no such directory")
     if os.path.isfile(os.path.join(load, TRAIN_STATE)):
         return load
+    complete = complete_checkpoints(load)
     marker = os.path.join(load, LATEST)
     if not os.path.isfile(marker):
-        raise FileNotFoundError(
-            f"{flag} {load}: no '{LATEST}' marker and no {TRAIN_STATE}; not a megatron_apex checkpoint directory")
-    text = open(marker).read().strip()
-    if not text.isdigit():
-        raise ValueError(f"{flag} {load}: '{LATEST}' marker holds {text!r}, expected an iteration number")
-    ckpt = checkpoint_dir(load, int(text))
-    if not os.path.isfile(os.path.join(ckpt, TRAIN_STATE)):
-        raise FileNotFoundError(f"{flag} {load}: '{LATEST}' names {ckpt}, which is missing or incomplete")
-    return ckpt
-
-
-def has_checkpoint(load: Optional[str]) -> bool:
-    return bool(load) and os.path.isfile(os.path.join(load, LATEST))
+        if not complete:
+            raise FileNotFoundError(f"{flag} {load}: no '{LATEST}' marker and no complete iter_* checkpoint; "
+                                    "not a megatron_apex checkpoint directory")
+        named = None
+    else:
+        text = open(marker).read().strip()
+        named = int(text) if text.isdigit() else None
+        if named is None and not complete:
+            raise ValueError(f"{flag} {load}: '{LATEST}' marker holds {text!r}, expected an iteration number")
+        if named is not None and not complete:
+            raise FileNotFoundError(f"{flag} {load}: '{LATEST}' names {checkpoint_dir(load, named)}, which is "
+                                    "missing or incomplete, and no other complete checkpoint exists")
+    newest = complete[-1]
+    if named != newest and log is not None:
+        log(f"[megatron_apex] {flag} {load}: '{LATEST}' names "
+            f"{'nothing usable' if named is None else f'iteration {named}'}; taking the newest complete "
+            f"checkpoint, iteration {newest}")
+    return checkpoint_dir(load, newest)
 
 
 def read_train_state(ckpt: str) -> Dict:
@@ -134,6 +180,9 @@ def read_train_state(ckpt: str) -> Dict:
 def load_checkpoint(ckpt: str, sharded_state_dict: Dict) -> Dict:
     from megatron.core import dist_checkpointing
 
+    from megatron_apex.untrusted import check_checkpoint_pickles
+
+    check_checkpoint_pickles(ckpt)
     return dist_checkpointing.load(sharded_state_dict, ckpt)
 
 

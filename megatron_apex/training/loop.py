@@ -139,6 +139,7 @@ class Trainer:
         from megatron_apex.parallel.recompute import enable_activation_recompute
         from megatron_apex.training.pipeline_apex import build_stage_model
 
+        self.start_time = time.time()  # --exit-duration-in-mins counts from here
         self.cfg = cfg
         self.model_config = get_model_config(cfg.model, **cfg.model_overrides)
         obj = cfg.objective
@@ -185,6 +186,7 @@ class Trainer:
         self.dataset = load_dataset(cfg.data.data_path, split="train")
         self.iteration = 0
         self.consumed_samples = 0
+        self.skipped_iters = 0
         self._maybe_load()
         self.sampler = iter(GlobalBatchSampler(len(self.dataset), self.global_batch_size, tr.seed,
                                                consumed_samples=self.consumed_samples))
@@ -389,6 +391,7 @@ class Trainer:
         return {
             "iteration": self.iteration,
             "consumed_samples": self.consumed_samples,
+            "skipped_iters": self.skipped_iters,
             "scheduler": self.scheduler.state_dict(),
             "args": self.cfg.to_dict(),
             "model_name": self.cfg.model,
@@ -400,12 +403,12 @@ class Trainer:
         }
 
     def save(self) -> None:
-        save = self.cfg.checkpoint.save
-        if not save:
+        ck = self.cfg.checkpoint
+        if not ck.save:
             return
-        checkpointing.save_checkpoint(save, self.iteration,
+        checkpointing.save_checkpoint(ck.save, self.iteration,
                                       self._sharded_state_dict(False, self.teacher is not None),
-                                      self._train_state())
+                                      self._train_state(), keep_last=ck.keep_last)
 
     def _maybe_load(self) -> None:
         ck = self.cfg.checkpoint
@@ -421,7 +424,7 @@ class Trainer:
                                      "further, or export a merged model with tools/export_lora.py --merged")
                 self._load_weights_only(ckpt, state)
             return
-        ckpt = checkpointing.resolve_checkpoint(load)
+        ckpt = checkpointing.resolve_checkpoint(load, log=self._print0)
         state = checkpointing.read_train_state(ckpt)
         self._check_model_config(ckpt, state, "--load")
         saved_lora = state.get("lora")
@@ -453,11 +456,34 @@ class Trainer:
                 self._sync_from_model(self.ema)
         if self.teacher is not None:
             self._load_module(self.teacher, loaded["teacher"], "teacher.")
+        self._report_changed_flags(ckpt, state.get("args", {}))
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration = state["iteration"]
         self.consumed_samples = state["consumed_samples"]
+        self.skipped_iters = state.get("skipped_iters", 0)
         if self.info.rank == 0:
             print(f"[megatron_apex] resumed from {ckpt} (iteration {self.iteration})", flush=True)
+
+    def _print0(self, message: str) -> None:
+        if self.info.rank == 0:
+            print(message, flush=True)
+
+    # Flags whose change makes a resumed run differ from the run that wrote the checkpoint
+    # (architecture, LoRA and EMA mismatches are errors, checked above; these are allowed, as
+    # Megatron allows them, but named so that nobody changes them by accident).
+    _RUN_DEFINING = {"objective": ("objective", "apex_start_iter", "teacher", "apex", "time_sampler", "schedule"),
+                     "train": ("micro_batch_size", "global_batch_size", "seed", "ema_decay"),
+                     "optim": ("lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "lr_decay_iters", "weight_decay",
+                               "adam_beta1", "adam_beta2", "adam_eps", "clip_grad", "bf16"),
+                     "data": ("data_path",)}
+
+    def _report_changed_flags(self, ckpt: str, saved_args: Dict) -> None:
+        ours = json.loads(json.dumps(self.cfg.to_dict()))
+        changed = [f"{group}.{key}: checkpoint {saved_args[group][key]!r} -> now {ours[group][key]!r}"
+                   for group, keys in self._RUN_DEFINING.items() for key in keys
+                   if key in saved_args.get(group, {}) and saved_args[group][key] != ours[group][key]]
+        if changed:
+            self._print0(f"[megatron_apex] WARNING: resuming {ckpt} with changed flags: {'; '.join(changed)}")
 
     def _load_weights_only(self, ckpt: str, state: Dict) -> None:
         sharded = {"model": self._sharded_module(self.model, "model.")}
@@ -578,10 +604,16 @@ class Trainer:
                 num_microbatches=self.num_microbatches, seq_length=0,
                 micro_batch_size=self.cfg.train.micro_batch_size, forward_only=False)
         lr = self.optimizer.param_groups[0]["lr"]
-        update_successful, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=self.global_batch_size)
-        if self.ema is not None:
-            self._update_ema()
+        if self._update_is_finite(reports):
+            update_successful, grad_norm, _ = self.optimizer.step()
+        else:  # Megatron's convention for a skipped update: no optimizer or LR step, data consumed
+            update_successful, grad_norm = False, float("nan")
+        if update_successful:
+            self.scheduler.step(increment=self.global_batch_size)
+            if self.ema is not None:
+                self._update_ema()
+        else:
+            self.skipped_iters += 1
         self.iteration += 1
         self.consumed_samples += self.global_batch_size
 
@@ -597,10 +629,23 @@ class Trainer:
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = lr
         metrics["update_skipped"] = int(not update_successful)
+        metrics["skipped_iters"] = self.skipped_iters
         return metrics
+
+    def _update_is_finite(self, reports: List[Dict]) -> bool:
+        from megatron_apex.training.run_control import update_is_finite
+
+        losses = [v for r in reports for v in r.values()]
+        grads = [b.grad_data for b in self.ddp_model.buffers + self.ddp_model.expert_parallel_buffers]
+        return update_is_finite(losses, grads, self.info.device)
 
     # ---- the loop -----------------------------------------------------------------------
     def train(self) -> None:
+        """Iterate to --train-iters; stop early, with a checkpoint, at --exit-interval,
+        --exit-duration-in-mins or a SIGTERM/SIGINT (exit code 0), or after --max-skipped-iters
+        consecutive non-finite iterations (DivergedError)."""
+        from megatron_apex.training.run_control import DivergedError, SignalWatcher, StopPolicy
+
         cfg = self.cfg
         total = cfg.train.train_iters
         bar = None
@@ -610,33 +655,53 @@ class Trainer:
             bar = tqdm(total=total, initial=self.iteration, desc="train", dynamic_ncols=True)
         last_saved = self.iteration if cfg.checkpoint.load and not cfg.checkpoint.finetune else None
         window_start, window_iters = time.time(), 0
-        try:
-            while self.iteration < total:
-                metrics = self.train_step()
-                window_iters += 1
+        consecutive_skips = 0
+        with SignalWatcher() as watcher:
+            stop = StopPolicy(watcher, cfg.train.exit_duration_in_mins, self.info.device, start=self.start_time)
+            try:
+                while self.iteration < total:
+                    metrics = self.train_step()
+                    window_iters += 1
+                    consecutive_skips = consecutive_skips + 1 if metrics["update_skipped"] else 0
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
+                    if (self.iteration % cfg.logging.log_interval == 0 or self.iteration == total
+                            or metrics["update_skipped"]):
+                        elapsed = max(time.time() - window_start, 1e-9)
+                        record = {"iteration": self.iteration, **metrics,
+                                  "samples_per_sec": window_iters * self.global_batch_size / elapsed,
+                                  "consumed_samples": self.consumed_samples,
+                                  "objective": "apex" if self._apex_active(self.iteration - 1) else "fm"}
+                        self.logger.log(record)
+                        window_start, window_iters = time.time(), 0
+                    if metrics["update_skipped"] and self.info.rank == 0:
+                        print(f"[megatron_apex] iteration {self.iteration}: non-finite loss or gradient, update "
+                              f"skipped ({consecutive_skips} in a row, {self.skipped_iters} in total)", flush=True)
+                    if cfg.train.max_skipped_iters and consecutive_skips >= cfg.train.max_skipped_iters:
+                        self.save()
+                        raise DivergedError(
+                            f"{consecutive_skips} consecutive iterations had a non-finite loss or gradient "
+                            f"(--max-skipped-iters {cfg.train.max_skipped_iters}); stopped at iteration "
+                            f"{self.iteration}, checkpoint holds the weights of the last good update")
+                    interval = cfg.checkpoint.save_interval
+                    if interval and self.iteration % interval == 0:
+                        self.save()
+                        last_saved = self.iteration
+                    if cfg.train.exit_interval and self.iteration % cfg.train.exit_interval == 0:
+                        break
+                    reason = stop.reason()
+                    if reason is not None:
+                        if self.info.rank == 0:
+                            print(f"[megatron_apex] {reason}: saving a checkpoint at iteration {self.iteration} "
+                                  "and exiting", flush=True)
+                        break
+            finally:
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
-                if self.iteration % cfg.logging.log_interval == 0 or self.iteration == total:
-                    elapsed = max(time.time() - window_start, 1e-9)
-                    record = {"iteration": self.iteration, **metrics,
-                              "samples_per_sec": window_iters * self.global_batch_size / elapsed,
-                              "consumed_samples": self.consumed_samples,
-                              "objective": "apex" if self._apex_active(self.iteration - 1) else "fm"}
-                    self.logger.log(record)
-                    window_start, window_iters = time.time(), 0
-                interval = cfg.checkpoint.save_interval
-                if interval and self.iteration % interval == 0:
-                    self.save()
-                    last_saved = self.iteration
-                if cfg.train.exit_interval and self.iteration % cfg.train.exit_interval == 0:
-                    break
-        finally:
-            if bar is not None:
-                bar.close()
-        if cfg.checkpoint.save and last_saved != self.iteration:
-            self.save()
-        self.logger.close()
+                    bar.close()
+                self.logger.close()
+            if cfg.checkpoint.save and last_saved != self.iteration:
+                self.save()
 
 
 def pretrain(cfg: RunConfig) -> Trainer:

@@ -31,7 +31,8 @@ class MetricsLogger:
         if not self.enabled or not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["iteration"] <= iteration]
+            kept = [line.rstrip("\n") + "\n" for line in f
+                    if _iteration_of(line) is not None and _iteration_of(line) <= iteration]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(kept)
@@ -58,6 +59,14 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _iteration_of(line: str):
+    """The record's iteration; None for a blank line or one torn by a crash mid-write."""
+    try:
+        return json.loads(line)["iteration"] if line.strip() else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def read_metrics(path: str):
