@@ -26,6 +26,9 @@ touched. Each adaptation can be reverted, which is how the tests prove it is nee
 - ``cpu_rng``: the "CUDA" generator is the CPU generator: ``torch.cuda`` seed/state
   functions and tensor_parallel.random's tracker (model_parallel_cuda_manual_seed,
   get_cuda_rng_tracker().fork(), activation-recompute state) use the CPU generator.
+- ``unintercepted_model_math``: not a fix but the cost of the fixes: at TP=1 the forward of
+  our models (QwenImageModel, SanaModel) runs with the mode popped, since its math needs no
+  redirection and the mode's per-op Python handler made it 1.17x diffusers' forward.
 """
 
 from __future__ import annotations
@@ -294,6 +297,49 @@ def _revert_rng() -> None:
     _reset_rng_tracker()
 
 
+# --- unintercepted_model_math ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _mode_popped() -> Iterator[None]:
+    from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
+
+    stack = _get_current_function_mode_stack()
+    if stack and stack[-1] is _MODE:
+        with _pop_mode_temporarily():
+            yield
+    else:
+        yield
+
+
+def _model_forward_targets() -> list[tuple[object, str, object]]:
+    # The mode's Python handler runs for every torch call, ~15% of a tiny model's forward
+    # (docs/benchmarks.md). Our models' own math allocates nothing on "cuda"; only megatron's
+    # tensor-parallel gathers do (torch.cuda.current_device()), and those are no-ops at TP=1.
+    # So at TP=1 the model's forward runs without the mode; backward re-enters it for
+    # megatron's custom backward functions and grad hooks (mode_in_backward).
+    from megatron.core import parallel_state as ps
+
+    from megatron_apex.models.qwen_image.model import QwenImageModel
+    from megatron_apex.models.sana.model import SanaModel
+
+    def unintercepted(forward):
+        def wrapper(self, *args, **kwargs):
+            if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
+                return forward(self, *args, **kwargs)
+            with _mode_popped():
+                return forward(self, *args, **kwargs)
+
+        wrapper.__wrapped__ = forward
+        wrapper.__doc__ = forward.__doc__
+        return wrapper
+
+    return [(cls, "forward", unintercepted(cls.forward)) for cls in (QwenImageModel, SanaModel)]
+
+
+_model_forward_patch = _Patch(_model_forward_targets)
+
+
 # ---------------------------------------------------------------------------------------------
 # Registry
 
@@ -318,6 +364,9 @@ _REGISTRY: dict[str, Adaptation] = {
         Adaptation("cpu_rng",
                    "megatron's model-parallel RNG tracker reads CUDA RNG state; track the CPU generator instead",
                    _apply_rng, _revert_rng),
+        Adaptation("unintercepted_model_math",
+                   "the device-redirect mode costs ~15% of the forward; at TP=1 our models' forward runs without it",
+                   _model_forward_patch.apply, _model_forward_patch.revert),
     ]
 }
 

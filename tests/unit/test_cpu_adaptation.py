@@ -386,3 +386,40 @@ def test_cpu_rng_tracker_fork():
     with tensor_parallel.get_cuda_rng_tracker().fork():
         continued = torch.rand(2)
     assert not torch.allclose(continued, forked2[:2])
+
+
+# ---- unintercepted_model_math: the forward runs without the mode, with the same numbers -----------
+
+
+@pytest.mark.parametrize("name", ["qwen-image-tiny-test", "sana-tiny-test"])
+def test_unintercepted_model_math_pops_the_mode_and_changes_no_number(name):
+    from torch.overrides import _get_current_function_mode_stack
+
+    from megatron_apex.models.registry import build_model, get_model_config
+
+    config = get_model_config(name)
+    set_seed(0)
+    model = build_model(config)
+    seen = []
+    first_layer = next(m for n, m in model.named_modules() if n.endswith("layers.0"))
+    first_layer.register_forward_pre_hook(
+        lambda *_: seen.append(any(m is cpu_adaptation._MODE for m in _get_current_function_mode_stack())))
+    gen = torch.Generator().manual_seed(0)
+    side = 4 * config.patch_size
+    x = torch.randn(2, config.latent_channels, side, side, generator=gen)
+    t = torch.rand(2, generator=gen)
+    ctx = torch.randn(2, 5, getattr(config, "joint_attention_dim", None) or config.caption_channels, generator=gen)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+
+    def out_and_grads():
+        model.zero_grad()
+        out = model(x, t, ctx, mask)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    out, grads = out_and_grads()
+    with suspended("unintercepted_model_math"):
+        out_ref, grads_ref = out_and_grads()
+    assert seen == [False, True]
+    assert torch.equal(out, out_ref) and len(grads) == len(grads_ref) > 0
+    assert all(torch.equal(g, r) for g, r in zip(grads, grads_ref))

@@ -31,7 +31,7 @@ from torch import nn
 from megatron_apex.models.common.inputs import check_model_inputs, embed_any_step_time
 from megatron_apex.models.common.modulation import modulate
 from megatron_apex.models.common.norms import RMSNorm
-from megatron_apex.models.qwen_image.config import gelu_tanh
+from megatron_apex.models.common.config import gelu_tanh
 from megatron_apex.models.sana.config import SanaConfig
 from megatron_apex.models.sana.layers import MASK_BIAS, SanaTimestepEmbedder, ScaleShiftTable
 from megatron_apex.objectives.apex import ConditionShift, apply_condition_shift
