@@ -72,5 +72,4 @@ class QwenImageConfig(DiTConfig):
             ffn_hidden_size=self.mlp_ratio * self.hidden_size,
             normalization="RMSNorm",
             qk_layernorm=True,  # makes finalize_model_grads all-reduce the q/k norm grads over TP
-            rotary_interleaved=True,
         )

@@ -82,7 +82,6 @@ class JointAttention(MegatronModule):
         super().__init__(config=config)
         hidden = config.hidden_size
         self.head_dim = config.kv_channels
-        self.cp_group = cp_group
 
         def qkv(name):
             return build_module(
@@ -119,8 +118,8 @@ class JointAttention(MegatronModule):
         mixed, _ = linear(x)
         mixed = mixed.reshape(mixed.shape[0], mixed.shape[1], -1, 3 * self.head_dim)
         q, k, v = torch.split(mixed, self.head_dim, dim=-1)
-        q = apply_rope(q_norm(q), angles, self.config, self.cp_group)
-        k = apply_rope(k_norm(k), angles, self.config, self.cp_group)
+        q = apply_rope(q_norm(q), angles)
+        k = apply_rope(k_norm(k), angles)
         return q, k, v
 
     def forward(self, img, txt, rope, attention_mask):
