@@ -17,9 +17,11 @@ import os
 import sys
 from pathlib import Path
 
+from megatron_apex.cli import OneLineErrorParser
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrorParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", required=True, help="npz with 'images' (uint8 N,H,W[,C]) and 'labels'")
     p.add_argument("--dataset", default=None, choices=["fashion-mnist", "digits"],
                    help="built-in dataset whose classifier/test split to use (default: the npz's "
@@ -32,20 +34,47 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_samples(path: Path):
+    """(images uint8 (N, H, W[, C]), labels int64 (N,), the npz's dataset name or None); every
+    error names the file and the array."""
+    import zipfile
+
     import numpy as np
 
     if not path.is_file():
         raise FileNotFoundError(f"--samples {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"--samples {path} is not an npz archive (write it with numpy.savez or tools/sample.py)")
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise ValueError(f"--samples {path} is not a readable npz: {exc}") from exc
-    for key in ("images", "labels"):
-        if key not in data.files:
-            raise ValueError(f"--samples {path} has no '{key}' array (has {sorted(data.files)}); "
-                             "evaluation needs uint8 'images' and the conditioning 'labels'")
-    dataset = str(data["dataset"]) if "dataset" in data.files else None
-    return data["images"], data["labels"], dataset
+        raise ValueError(f"--samples {path} is not a readable npz: {exc}") from None
+    with data:
+        for key in ("images", "labels"):
+            if key not in data.files:
+                raise ValueError(f"--samples {path} has no '{key}' array (has {sorted(data.files)}); "
+                                 "evaluation needs uint8 'images' and the conditioning 'labels'")
+        images, labels, dataset = (_array(data, path, key) for key in ("images", "labels", "dataset"))
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+        raise ValueError(f"--samples {path}: 'images' must be uint8 (N, H, W) or (N, H, W, C) with C in 1/3, got "
+                         f"{images.dtype} {images.shape}")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"--samples {path}: 'labels' must be integer class ids of shape (N,), got {labels.dtype} "
+                         f"{labels.shape}")
+    if len(labels) != len(images):
+        raise ValueError(f"--samples {path}: {len(images)} 'images' but {len(labels)} 'labels'")
+    return images, labels.astype(np.int64), (str(dataset) if dataset is not None else None)
+
+
+def _array(data, path: Path, key: str):
+    if key not in data.files:
+        return None
+    try:
+        return data[key]
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise ValueError(f"--samples {path}: '{key}' is a pickled object array, refused (arrays are read "
+                             "without unpickling)") from None
+        raise ValueError(f"--samples {path}: '{key}' is not a readable array ({exc})") from None
 
 
 def main(argv=None) -> dict:

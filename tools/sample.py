@@ -13,16 +13,32 @@ import sys
 import numpy as np
 import torch
 
+from megatron_apex.cli import OneLineErrorParser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_apex.inference.loading import WEIGHTS
+    from megatron_apex.inference.samplers import METHODS
+
+    p = OneLineErrorParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="save directory (follows its `latest`) or one iter_* directory")
-    p.add_argument("--nfe", type=int, default=1, help="number of function evaluations (steps)")
-    p.add_argument("--num-per-prompt", type=int, default=8)
+    p.add_argument("--nfe", type=_positive_int, default=1, help="number of function evaluations (steps)")
+    p.add_argument("--num-per-prompt", type=_positive_int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output prefix: writes PREFIX.png and PREFIX.npz")
-    p.add_argument("--method", default="flowmap", help="flowmap | euler | renoise")
-    p.add_argument("--weights", default="auto", help="auto (EMA when the checkpoint has it) | ema | model")
+    p.add_argument("--method", default="flowmap", choices=METHODS, help="flowmap | euler | renoise")
+    p.add_argument("--weights", default="auto", choices=WEIGHTS,
+                   help="auto (EMA when the checkpoint has it) | ema | model")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line; default: one per class")
     p.add_argument("--pretrained-checkpoint", default=None,
                    help="LoRA runs: the base weights (default: the base recorded in the checkpoint)")
@@ -62,7 +78,7 @@ def main(argv=None) -> int:
 
     try:
         model, state = load_model_for_inference(args.load, args.weights, args.pretrained_checkpoint)
-        data_path = state["args"]["data"]["data_path"] or build_builtin_shards()
+        data_path = ((state.get("args") or {}).get("data") or {}).get("data_path") or build_builtin_shards()
         manifest = read_manifest(data_path)
         if args.prompts:
             if not os.path.isfile(args.prompts):

@@ -154,42 +154,135 @@ def read_manifest(data_path) -> dict:
                                 "(write shards with megatron_apex.data.shards.write_split/write_manifest)")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    _check_manifest(manifest, path)
+    return manifest
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_manifest(manifest, path: Path) -> None:
+    """The manifest's structure, checked once so that a bad one fails naming the key."""
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    found = manifest.get("format", SHARD_FORMAT)
+    if found != SHARD_FORMAT:
+        raise ValueError(f"{path}: format {found!r}, expected {SHARD_FORMAT!r} (shards written by "
+                         "megatron_apex.data.shards)")
     for key in ("splits", "max_text_len", "context_dim"):
         if key not in manifest:
             raise ValueError(f"{path} lacks the key {key!r}")
-    return manifest
+    for key in ("max_text_len", "context_dim"):
+        if not _is_positive_int(manifest[key]):
+            raise ValueError(f"{path}: {key} must be a positive integer, got {manifest[key]!r}")
+    splits = manifest["splits"]
+    if not isinstance(splits, dict):
+        raise ValueError(f"{path}: splits must map split names to their shards, got {type(splits).__name__}")
+    for split, entry in splits.items():
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list):
+            raise ValueError(f"{path}: split {split!r} needs a list 'shards' of shard entries, got "
+                             f"{type(shards).__name__}")
+        for i, shard in enumerate(shards):
+            name = shard.get("name") if isinstance(shard, dict) else None
+            # a bare file name: a manifest must not point outside its own folder
+            if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
+                raise ValueError(f"{path}: split {split!r} shards[{i}] needs a 'name' (a file name in the "
+                                 f"folder), got {name!r}")
+            for key in ("count", "bytes"):
+                if key in shard and not (isinstance(shard[key], int) and not isinstance(shard[key], bool)
+                                         and shard[key] >= 0):
+                    raise ValueError(f"{path}: split {split!r} shard {name} has {key} {shard[key]!r}, expected a "
+                                     "non-negative integer")
 
 
 _NPY_HEADERS: dict[bytes, tuple] = {}
 
 
-def _load_npy(data: bytes) -> np.ndarray:
-    """np.load without re-parsing the (identical) header of every small array."""
-    if data[:6] != b"\x93NUMPY":
-        raise ValueError("not an .npy payload")
+def _load_npy(data: bytes, where: str, member: str) -> np.ndarray:
+    """np.load without re-parsing the (identical) header of every small array; never unpickles."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 10:
+        raise ValueError(f"{where}: {member} is not an .npy array")
     start = 10 if data[6] == 1 else 12
     end = start + int.from_bytes(data[8:start], "little")
     info = _NPY_HEADERS.get(data[:end])
-    if info is None:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
-        if not arr.flags.c_contiguous or arr.dtype.hasobject:
-            return arr
-        _NPY_HEADERS[data[:end]] = info = (arr.dtype, arr.shape)
-    dtype, shape = info
-    return np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=end).reshape(shape)
+    try:
+        if info is None:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+            if not arr.flags.c_contiguous or arr.dtype.hasobject:
+                return arr
+            _NPY_HEADERS[data[:end]] = info = (arr.dtype, arr.shape)
+        dtype, shape = info
+        return np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=end).reshape(shape)
+    except Exception as exc:  # numpy raises ValueError, EOFError, SyntaxError... for damaged payloads
+        if "allow_pickle" in str(exc):
+            raise ValueError(f"{where}: {member} holds a pickled object array, refused (shard arrays are read "
+                             "without unpickling)") from None
+        raise ValueError(f"{where}: {member} is not a readable .npy array ({type(exc).__name__}: "
+                         f"{_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    # webdataset appends the stream and URL to an exception's args, and the first arg to " @ <stream>"
+    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    text = text.split(" @ ")[0].strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _decode_image(sample: dict, where: str) -> np.ndarray:
     if "png" in sample:
         from PIL import Image
 
-        img = np.asarray(Image.open(io.BytesIO(sample["png"])))
+        try:
+            img = np.asarray(Image.open(io.BytesIO(sample["png"])))
+        except Exception as exc:  # PIL's UnidentifiedImageError, OSError for truncated data
+            raise ValueError(f"{where}: png is not a readable PNG ({_first_line(exc)})") from None
         return img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0)
     if "image.npy" in sample:
-        return _load_npy(sample["image.npy"])
+        image = _load_npy(sample["image.npy"], where, "image.npy")
+        if image.ndim != 3 or not (image.dtype == np.uint8 or np.issubdtype(image.dtype, np.floating)):
+            raise ValueError(f"{where}: image.npy must be uint8 pixels or float latents of shape (C, H, W), got "
+                             f"{image.dtype} {image.shape}")
+        return image
     raise ValueError(f"{where}: sample has neither 'png' nor 'image.npy' (keys {sorted(sample)})")
+
+
+def _decode_sample(s: dict, where: str) -> dict:
+    if "ctx.npy" not in s:
+        raise ValueError(f"{where}: missing 'ctx.npy' (keys {sorted(s)})")
+    ctx = _load_npy(s["ctx.npy"], where, "ctx.npy")
+    if ctx.ndim != 2 or not np.issubdtype(ctx.dtype, np.floating):
+        raise ValueError(f"{where}: ctx.npy must be float text states (tokens, dim), got {ctx.dtype} {ctx.shape}")
+    if "mask.npy" in s:
+        mask = _load_npy(s["mask.npy"], where, "mask.npy")
+        if mask.shape != (len(ctx),) or not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.integer)):
+            raise ValueError(f"{where}: mask.npy must be a bool array of shape ({len(ctx)},) like ctx.npy's "
+                             f"tokens, got {mask.dtype} {mask.shape}")
+        mask = mask.astype(bool)
+    else:
+        mask = np.ones(len(ctx), dtype=bool)
+    try:
+        caption = s.get("txt", b"").decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{where}: txt is not UTF-8 text") from None
+    try:
+        label = int(s["cls"]) if "cls" in s else -1
+    except ValueError:
+        raise ValueError(f"{where}: cls {s['cls'][:20]!r} is not an integer label") from None
+    return dict(key=s["__key__"], image=_decode_image(s, where), context=ctx, mask=mask, caption=caption,
+                label=label)
+
+
+def _safe_names(files: Iterable[dict], archive: str) -> Iterable[dict]:
+    from megatron_apex.untrusted import safe_member_name
+
+    for f in files:
+        if "fname" in f:
+            safe_member_name(f["fname"], archive)
+        yield f
 
 
 def read_shard(path) -> list[dict]:
@@ -205,25 +298,46 @@ def read_shard(path) -> list[dict]:
     try:
         with open(path, "rb") as f:
             files = tar_file_expander([dict(url=str(path), stream=f)])
-            for s in group_by_keys(files):
-                where = f"shard {path}, sample {s.get('__key__')}"
-                if "ctx.npy" not in s:
-                    raise ValueError(f"{where}: missing 'ctx.npy' (keys {sorted(s)})")
-                ctx = _load_npy(s["ctx.npy"])
-                mask = (_load_npy(s["mask.npy"]).astype(bool)
-                        if "mask.npy" in s else np.ones(len(ctx), dtype=bool))
-                out.append(dict(key=s["__key__"], image=_decode_image(s, where), context=ctx,
-                                mask=mask, caption=s.get("txt", b"").decode("utf-8"),
-                                label=int(s["cls"]) if "cls" in s else -1))
+            for s in group_by_keys(_safe_names(files, str(path))):
+                out.append(_decode_sample(s, f"shard {path}, sample {s.get('__key__')}"))
     except (ValueError, FileNotFoundError) as exc:
-        if str(path) in str(exc):
-            raise
-        raise ValueError(f"corrupt shard {path}: {exc}") from exc
+        if str(path) in _first_line(exc):
+            raise ValueError(_first_line(exc)) from None
+        raise ValueError(f"corrupt shard {path}: {_first_line(exc)}") from None
     except Exception as exc:  # tarfile/gzip/zlib/EOF errors of a damaged file
-        raise ValueError(f"corrupt shard {path}: {type(exc).__name__}: {exc}") from exc
+        raise ValueError(f"corrupt shard {path}: {type(exc).__name__}: {_first_line(exc)}") from None
     if not out:
         raise ValueError(f"corrupt shard {path}: no samples in it (an empty or zeroed tar archive)")
     return out
+
+
+def check_samples_fit(samples: list[dict], manifest: dict, shard, reference: dict | None = None) -> dict | None:
+    """Every sample's text states fit the manifest's (max_text_len, context_dim), and every
+    image has the shape and dtype of the first one seen (or the manifest's `image_shape`), so
+    stacking the split cannot fail later without a name. Returns the reference for the next
+    shard: {"shape", "dtype", "where"}."""
+    max_len, dim = int(manifest["max_text_len"]), int(manifest["context_dim"])
+    if reference is None and manifest.get("image_shape") is not None:
+        reference = dict(shape=tuple(manifest["image_shape"]), dtype=None, where=f"{MANIFEST_NAME} image_shape")
+    for s in samples:
+        where = f"shard {shard}, sample {s['key']}"
+        ctx, image = s["context"], s["image"]
+        if ctx.shape[1] != dim:
+            raise ValueError(f"{where}: ctx.npy has width {ctx.shape[1]}, {MANIFEST_NAME} context_dim is {dim}")
+        if len(ctx) > max_len:
+            raise ValueError(f"{where}: ctx.npy has {len(ctx)} tokens, more than {MANIFEST_NAME} max_text_len "
+                             f"{max_len}")
+        if reference is None:
+            reference = dict(shape=image.shape, dtype=image.dtype, where=where)
+            continue
+        if image.shape != reference["shape"]:
+            raise ValueError(f"{where}: image has shape {tuple(image.shape)}, but {reference['where']} is "
+                             f"{tuple(reference['shape'])}")
+        if reference["dtype"] is None:  # the manifest gives no dtype: the first sample sets it
+            reference = dict(reference, dtype=image.dtype, where=where)
+        elif image.dtype != reference["dtype"]:
+            raise ValueError(f"{where}: image is {image.dtype}, but {reference['where']} is {reference['dtype']}")
+    return reference
 
 
 class ShardDataset:
@@ -344,6 +458,8 @@ def load_dataset(data_path=None, split: str = "train", cache_dir=None, name: str
         raise ValueError(f"split {split!r} not in {data_path / MANIFEST_NAME} "
                          f"(has {sorted(manifest['splits'])})")
     entries = manifest["splits"][split]["shards"]
+    if not entries:
+        raise ValueError(f"split {split!r} of {data_path / MANIFEST_NAME} has no samples (its shard list is empty)")
     for entry in entries:
         shard = data_path / entry["name"]
         if not shard.is_file():
@@ -355,12 +471,14 @@ def load_dataset(data_path=None, split: str = "train", cache_dir=None, name: str
     ds = _read_memo(memo_path, manifest, split)
     if ds is not None:
         return ds
-    samples = []
+    samples, reference = [], None
     for entry in entries:
         shard = data_path / entry["name"]
         got = read_shard(shard)
         if "count" in entry and len(got) != entry["count"]:
-            raise ValueError(f"shard {shard} holds {len(got)} samples, the manifest says {entry['count']}")
+            raise ValueError(f"shard {shard} holds {len(got)} samples, its {MANIFEST_NAME} entry says count "
+                             f"{entry['count']}")
+        reference = check_samples_fit(got, manifest, shard, reference)
         samples.extend(got)
     ds = ShardDataset.from_samples(samples, int(manifest["max_text_len"]), int(manifest["context_dim"]),
                                    manifest=manifest, split=split)

@@ -17,12 +17,45 @@ from megatron_apex.training import checkpointing
 WEIGHTS = ("auto", "ema", "model")
 
 
-def _model_config(state: Dict):
-    from megatron_apex.models.registry import get_model_config
+def _model_config(state: Dict, ckpt: str = "the checkpoint"):
+    from megatron_apex.models.registry import MODEL_REGISTRY, get_model_config
 
+    where = os.path.join(ckpt, checkpointing.TRAIN_STATE)
+    name = state["model_name"]
+    if name not in MODEL_REGISTRY:
+        raise ValueError(f"{where}: model_name {name!r} is not a registered model (known: "
+                         f"{', '.join(sorted(MODEL_REGISTRY))}); written by a newer or other version?")
     saved = state["model_config"]
-    return get_model_config(state["model_name"], **{k: tuple(v) if isinstance(v, list) else v
-                                                    for k, v in saved.items()})
+    try:
+        return get_model_config(name, **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: model_config does not rebuild the model ({err})") from None
+
+
+# What a checkpoint's train_state.json must hold for loading, and the type of each entry.
+_REQUIRED = {"model_name": str, "model_config": dict}
+_REQUIRED_LORA = {"config": dict, "seed": int, "base_fingerprint": dict}
+
+
+def check_train_state(ckpt: str, state) -> Dict:
+    """``state`` (read from ``ckpt``) has what rebuilding the model needs; errors name the key."""
+    where = os.path.join(ckpt, checkpointing.TRAIN_STATE)
+    if not isinstance(state, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(state).__name__}")
+    lora = state.get("lora")
+    checks = [(state, "", _REQUIRED)]
+    if lora is not None:
+        if not isinstance(lora, dict):
+            raise ValueError(f"{where}: lora must be an object, got {type(lora).__name__}")
+        checks.append((lora, "lora.", _REQUIRED_LORA))
+    for holder, prefix, required in checks:
+        for key, kind in required.items():
+            if key not in holder:
+                raise ValueError(f"{where} lacks {prefix}{key} (not a complete megatron_apex checkpoint)")
+            if not isinstance(holder[key], kind) or isinstance(holder[key], bool):
+                raise ValueError(f"{where}: {prefix}{key} must be a JSON {kind.__name__}, got "
+                                 f"{type(holder[key]).__name__}")
+    return state
 
 
 def _load_prefixed(ckpt: str, prefix_name: str, sharded: Dict) -> Dict:
@@ -53,7 +86,7 @@ def load_lora_base(ckpt: str, state: Dict, pretrained_checkpoint: Optional[str] 
     from megatron_apex.models.registry import build_model
     from megatron_apex.parallel import set_seed
 
-    config = _model_config(state)
+    config = _model_config(state, ckpt)
     base = lora_base_of(ckpt, state, pretrained_checkpoint)
     if base is None:  # the run's random initialisation, rebuilt (the fingerprint checks it)
         set_seed(int(state["lora"]["seed"]))
@@ -107,7 +140,7 @@ def load_model_for_inference(load: str, weights: str = "auto",
     if weights not in WEIGHTS:
         raise ValueError(f"--weights {weights!r}: choose one of {WEIGHTS}")
     ckpt = checkpointing.resolve_checkpoint(load)
-    state = checkpointing.read_train_state(ckpt)
+    state = check_train_state(ckpt, checkpointing.read_train_state(ckpt))
     if weights == "auto":
         weights = "ema" if state.get("has_ema") else "model"
     if weights == "ema" and not state.get("has_ema"):
@@ -118,7 +151,7 @@ def load_model_for_inference(load: str, weights: str = "auto",
     if state.get("lora"):
         model, state["lora_base"] = load_lora_model(ckpt, state, weights, pretrained_checkpoint)
     else:
-        model = build_model(_model_config(state))
+        model = build_model(_model_config(state, ckpt))
         prefix = f"{weights}."
         loaded = checkpointing.load_checkpoint(ckpt, {weights: model.sharded_state_dict(prefix=prefix)})
         model.load_state_dict(checkpointing.strip_prefix(loaded[weights], prefix))

@@ -242,7 +242,7 @@ def load_diffusers_lora(model: nn.Module, source: Union[str, Mapping[str, torch.
     keyed = {k[len(lead):]: v for k, v in tensors.items() if k.startswith(lead)}
     foreign = [k for k in keyed if not k.endswith((_A, _B))]
     if foreign:
-        raise ValueError(f"{label}: key {lead}{foreign[0]!r} is not a diffusers LoRA key ('<module>{_A}' / "
+        raise ValueError(f"{label}: key {lead + foreign[0]!r} is not a diffusers LoRA key ('<module>{_A}' / "
                          f"'<module>{_B}'); other LoRA formats (alphas, kohya names, DoRA) are not supported")
 
     key_map = lora_key_map(root, fam)

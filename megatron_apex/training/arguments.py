@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from megatron_apex.cli import OneLineErrorParser
 from megatron_apex.gpu import GpuOptions, add_gpu_arguments, gpu_options_from_args
 from megatron_apex.gpu import model_overrides as gpu_model_overrides
 
@@ -152,13 +153,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line naming the flag, then exit 2 (argparse's convention)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="pretrain_apex_dit.py", description=__doc__,
+    p = OneLineErrorParser(prog="pretrain_apex_dit.py", description=__doc__,
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="qwen-image-tiny", help="registry name (megatron_apex.models.registry)")
@@ -348,6 +344,7 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
     for flag in ("save_interval", "exit_interval", "lr_decay_iters", "keep_last"):
         if getattr(a, flag) is not None and getattr(a, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    _validate_optimizer_flags(a)
     if a.exit_duration_in_mins is not None and not a.exit_duration_in_mins > 0:
         raise ValueError(f"--exit-duration-in-mins must be > 0, got {a.exit_duration_in_mins}")
     if a.max_skipped_iters < 0:
@@ -381,6 +378,24 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         lora=lora,
         gpu=gpu,
     )
+
+
+def _validate_optimizer_flags(a) -> None:
+    """torch.optim and megatron's LR scheduler refuse some of these without naming the flag
+    (or, for a negative --clip-grad, silently flip the gradients)."""
+    import math
+
+    for flag, value, ok, need in (
+            ("--lr", a.lr, a.lr >= 0, ">= 0"),
+            ("--min-lr", a.min_lr, 0 <= a.min_lr <= a.lr, f">= 0 and <= --lr ({a.lr})"),
+            ("--lr-warmup-iters", a.lr_warmup_iters, a.lr_warmup_iters >= 0, ">= 0"),
+            ("--weight-decay", a.weight_decay, a.weight_decay >= 0, ">= 0"),
+            ("--adam-beta1", a.adam_beta1, 0 <= a.adam_beta1 < 1, "in [0, 1)"),
+            ("--adam-beta2", a.adam_beta2, 0 <= a.adam_beta2 < 1, "in [0, 1)"),
+            ("--adam-eps", a.adam_eps, a.adam_eps > 0, "> 0"),
+            ("--clip-grad", a.clip_grad, a.clip_grad >= 0, ">= 0 (0 = no clipping)")):
+        if not ok or (isinstance(value, float) and not math.isfinite(value)):
+            raise ValueError(f"{flag} must be {need}, got {value}")
 
 
 def _lora_args(a) -> LoRAArgs:

@@ -172,9 +172,21 @@ def resolve_checkpoint(load: str, flag: str = "--load", log=None) -> str:
     return checkpoint_dir(load, newest)
 
 
-def read_train_state(ckpt: str) -> Dict:
-    with open(os.path.join(ckpt, TRAIN_STATE)) as f:
-        return json.load(f)
+def read_train_state(ckpt: str, required=()) -> Dict:
+    """`<ckpt>/train_state.json`; an unreadable file, or one lacking a `required` key, is a
+    one-line error naming it."""
+    path = os.path.join(ckpt, TRAIN_STATE)
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable train state ({err})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(state).__name__}")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)} (not a complete megatron_apex checkpoint)")
+    return state
 
 
 def load_checkpoint(ckpt: str, sharded_state_dict: Dict) -> Dict:
@@ -183,7 +195,23 @@ def load_checkpoint(ckpt: str, sharded_state_dict: Dict) -> Dict:
     from megatron_apex.untrusted import check_checkpoint_pickles
 
     check_checkpoint_pickles(ckpt)
+    check_checkpoint_files(ckpt)
     return dist_checkpointing.load(sharded_state_dict, ckpt)
+
+
+def check_checkpoint_files(ckpt: str) -> None:
+    """Every data file the checkpoint's metadata lists is there: a missing one otherwise
+    surfaces as torch's CheckpointException, a BaseException with a multi-line report."""
+    from megatron_apex.untrusted import load_data_pickle
+
+    metadata_path = os.path.join(ckpt, ".metadata")
+    if not os.path.isfile(metadata_path):
+        return
+    storage = getattr(load_data_pickle(metadata_path), "storage_data", None) or {}
+    files = sorted({getattr(info, "relative_path", None) for info in storage.values()} - {None})
+    missing = [name for name in files if not os.path.isfile(os.path.join(ckpt, name))]
+    if missing:
+        raise FileNotFoundError(f"{ckpt}: checkpoint data file(s) missing: {', '.join(missing)}")
 
 
 

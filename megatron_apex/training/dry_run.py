@@ -12,13 +12,14 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_apex.cli import OneLineErrorParser
 from megatron_apex.training.arguments import RunConfig, parse_args
 from megatron_apex.training.memory_estimate import GIB, MemoryPlanConfig, estimate, format_table, peak
 
 
 def split_dry_run_flags(argv: Sequence[str]) -> Tuple[Optional[argparse.Namespace], List[str]]:
     """(dry-run options or None when --dry-run is absent, the training flags)."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = OneLineErrorParser(prog="pretrain_apex_dit.py", add_help=False)
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--dry-run-world-size", type=int, default=None,
                    help="GPUs of the job (default: WORLD_SIZE, else NNODES x NPROC_PER_NODE)")

@@ -425,7 +425,7 @@ class Trainer:
                 self._load_weights_only(ckpt, state)
             return
         ckpt = checkpointing.resolve_checkpoint(load, log=self._print0)
-        state = checkpointing.read_train_state(ckpt)
+        state = checkpointing.read_train_state(ckpt, required=("model_config",))
         self._check_model_config(ckpt, state, "--load")
         saved_lora = state.get("lora")
         if self.lora_config is not None:
@@ -446,6 +446,7 @@ class Trainer:
             raise ValueError(f"--load {ckpt}: checkpoint holds EMA weights but --ema-decay is 0")
         if "scheduler" not in state:
             raise ValueError(f"--load {ckpt}: holds weights only (no optimizer state); add --finetune")
+        checkpointing.read_train_state(ckpt, required=("iteration", "consumed_samples"))
         loaded = checkpointing.load_checkpoint(ckpt, self._sharded_state_dict(True, state.get("has_teacher")))
         self._load_module(self.model, loaded["model"], "model.")
         checkpointing.load_optimizer_state(self.optimizer, loaded["optimizer"])

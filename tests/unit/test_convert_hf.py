@@ -1,7 +1,7 @@
 """tools/convert_hf.py against diffusers' own files and forward (the independent reference):
 import -> export reproduces a diffusers folder bit for bit, an imported checkpoint computes
-what diffusers computes, verify catches a corrupted tensor, and bad input fails with one
-message and no output left behind."""
+what diffusers computes, verify catches a corrupted tensor, and a failure while writing leaves
+no output behind (bad input and its one-line errors: tests/unit/test_bad_inputs.py)."""
 
 from __future__ import annotations
 
@@ -56,10 +56,6 @@ def save_diffusers(path, seed=0, max_shard_size="5GB", dtype=torch.float32, **ar
 def read_folder(path) -> dict:
     with hf_io.SafetensorsFolder(str(path)) as folder:
         return {k: folder[k] for k in folder}
-
-
-def leftovers(parent: Path, name: str) -> list:
-    return [p for p in os.listdir(parent) if p == name or p.startswith(f".{name}.tmp")]
 
 
 @pytest.fixture(scope="module")
@@ -193,17 +189,6 @@ def test_verify_passes_and_fails_on_a_corrupted_tensor(imported, hf_dir, tmp_pat
     assert "FAIL" in capsys.readouterr().out
 
 
-# ----------------------------------------------------------------------------- errors
-def _expect_error(capsys, argv, *needles, out=None):
-    assert convert(*argv) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    if out is not None:
-        assert leftovers(out.parent, out.name) == []
-
-
 def _edited_copy(src: Path, dst: Path, edit) -> Path:
     dst.mkdir()
     config = json.loads((src / "config.json").read_text())
@@ -214,72 +199,8 @@ def _edited_copy(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
-def test_wrong_family_is_refused(hf_dir, tmp_path, capsys):
-    def sana(config, weights):
-        config["_class_name"] = "SanaTransformer2DModel"
-
-    src = _edited_copy(hf_dir, tmp_path / "sana", sana)
-    out = tmp_path / "out"
-    _expect_error(capsys, ["import", "--model", "qwen-image", "--hf-path", src, "--save", out],
-                  "--hf-path", "SanaTransformer2DModel", "QwenImageTransformer2DModel", out=out)
-    _expect_error(capsys, ["verify", "--model", "qwen-image", "--hf-path", src], "SanaTransformer2DModel")
-    _expect_error(capsys, ["import", "--model", "sana-9b", "--hf-path", hf_dir, "--save", out], "--model", out=out)
-
-
-def test_missing_unexpected_and_mis_shaped_keys_are_listed_together(hf_dir, tmp_path, capsys):
-    def break_keys(config, weights):
-        del weights["transformer_blocks.0.attn.add_k_proj.bias"]
-        del weights["proj_out.weight"]
-        weights["transformer_blocks.0.attn.to_x.weight"] = torch.zeros(2)
-        weights["txt_in.weight"] = torch.zeros(32, 11)
-
-    src = _edited_copy(hf_dir, tmp_path / "broken", break_keys)
-    out = tmp_path / "out"
-    _expect_error(capsys, ["import", "--model", "qwen-image", "--hf-path", src, "--save", out],
-                  "missing keys: proj_out.weight, transformer_blocks.0.attn.add_k_proj.bias",
-                  "unexpected keys: transformer_blocks.0.attn.to_x.weight",
-                  "shape mismatches: txt_in.weight [32, 11] (expected [32, 12])", out=out)
-
-
-def test_extras_the_options_do_not_take_are_unexpected(hf_dir, tmp_path, capsys):
-    def add_target_embedder(config, weights):
-        for j in (1, 2):
-            for p in ("weight", "bias"):
-                weights[f"time_text_embed_2.timestep_embedder.linear_{j}.{p}"] = \
-                    weights[f"time_text_embed.timestep_embedder.linear_{j}.{p}"].clone()
-
-    src = _edited_copy(hf_dir, tmp_path / "released", add_target_embedder)
-    out = tmp_path / "out"
-    _expect_error(capsys, ["import", "--model", "qwen-image", "--hf-path", src, "--save", out,
-                           "--target-time-embedder", "none"],
-                  "unexpected keys: time_text_embed_2.timestep_embedder.linear_1.bias", out=out)
-
-
-def test_missing_paths_name_their_flag(tmp_path, imported, capsys):
-    nowhere = tmp_path / "nowhere"
-    out = tmp_path / "out"
-    _expect_error(capsys, ["import", "--model", "qwen-image", "--hf-path", nowhere, "--save", out],
-                  "--hf-path", str(nowhere), out=out)
-    _expect_error(capsys, ["export", "--model", "qwen-image", "--load", nowhere, "--hf-path", out],
-                  "--load", str(nowhere), out=out)
-    _expect_error(capsys, ["verify", "--model", "qwen-image", "--hf-path", nowhere], "--hf-path")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    _expect_error(capsys, ["import", "--model", "qwen-image", "--hf-path", empty, "--save", out],
-                  "--hf-path", "config.json", out=out)
-    (empty / "config.json").write_text(json.dumps({"_class_name": "QwenImageTransformer2DModel"}))
-    _expect_error(capsys, ["import", "--model", "qwen-image", "--hf-path", empty, "--save", out],
-                  "--hf-path", hf_io.WEIGHTS_NAME, out=out)
-    _expect_error(capsys, ["export", "--model", "qwen-image", "--load", imported, "--hf-path", out,
-                           "--weights", "ema"], "--weights ema", out=out)
-    taken = tmp_path / "taken"
-    taken.mkdir()
-    (taken / "keep.txt").write_text("x")
-    _expect_error(capsys, ["export", "--model", "qwen-image", "--load", imported, "--hf-path", taken],
-                  "--hf-path", "not empty")
-    assert os.listdir(taken) == ["keep.txt"]
-
-
+# ----------------------------------------------------------------------------- errors
+# Bad folders, paths and flags and their one-line errors: tests/unit/test_bad_inputs.py (hf-* rows).
 def test_a_failure_while_writing_leaves_no_output(hf_dir, imported, tmp_path, monkeypatch):
     from megatron_apex.training import checkpointing
 

@@ -142,14 +142,10 @@ def test_import_round_trips(exported):
         assert (fresh(*inputs()) - ours).abs().max().item() <= TOL
 
 
-def test_import_errors(exported, tmp_path):
+def test_import_errors(exported):
     model, folder, _, _ = exported
+    # (another rank, a kohya key, a missing file: tests/unit/test_bad_inputs.py, lora-file-* rows)
     path = str(folder / LORA_WEIGHT_NAME)
-    wrong_rank = ours_from(random_diffusers(), LoRAConfig(**{**LORA.to_dict(), "rank": 8}))
-    with pytest.raises(ValueError, match=rf"LoRA file {path}: transformer.img_in.lora_A.weight has shape \[4, 8\], "
-                                         r"the adapter on img_in expects \[8, 8\] \(model adapter rank 8"):
-        load_diffusers_lora(wrong_rank, path)
-
     wider = ours_from(random_diffusers(num_attention_heads=3, attention_head_dim=16))
     with pytest.raises(ValueError, match=r"transformer.img_in.lora_B.weight has shape \[32, 4\], the adapter on img_in "
                                          r"expects \[48, 4\]"):
@@ -173,13 +169,6 @@ def test_import_errors(exported, tmp_path):
     with pytest.raises(ValueError, match=r"to_q.lora_A.weight, .*to_k.lora_A.weight, .*to_v.lora_A.weight differ, "
                                          r"but layers.1.attention.linear_qkv fuses them"):
         load_diffusers_lora(ours_from(random_diffusers()), tampered)
-
-    kohya = {**diffusers_lora_state_dict(model), "transformer.transformer_blocks.0.attn.to_q.alpha": torch.tensor(4.0)}
-    with pytest.raises(ValueError, match=r"'transformer_blocks.0.attn.to_q.alpha'.* is not a diffusers LoRA key"):
-        load_diffusers_lora(ours_from(random_diffusers()), kohya)
-
-    with pytest.raises(FileNotFoundError, match="no such file"):
-        load_diffusers_lora(model, str(tmp_path / "missing.safetensors"))
 
 
 def test_export_refuses_extras_it_cannot_hold(tmp_path):

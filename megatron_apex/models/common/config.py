@@ -6,6 +6,7 @@ fields, checks and TransformerConfig settings."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
@@ -24,8 +25,12 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+# Fields whose trainer flag is Megatron-LM's name, not the field's.
+_FLAG_OF_FIELD = {"attention_head_dim": "--kv-channels"}
+
+
 def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return _FLAG_OF_FIELD.get(name, "--" + name.replace("_", "-"))
 
 
 def _is_positive_int(value) -> bool:
@@ -87,6 +92,10 @@ class DiTConfig:
                               ("params_dtype", tuple(DTYPES))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{flag(name)} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in ("shift_a", "shift_b", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{flag(name)} must be a finite number, got {value!r}")
         if not _is_positive_int(tensor_model_parallel_size):
             raise ValueError(
                 f"--tensor-model-parallel-size must be a positive integer, got {tensor_model_parallel_size!r}")
