@@ -130,10 +130,12 @@ def load_lora_model(ckpt: str, state: Dict, weights: str, pretrained_checkpoint:
     return model, base
 
 
-def load_model_for_inference(load: str, weights: str = "auto",
-                             pretrained_checkpoint: Optional[str] = None) -> Tuple[torch.nn.Module, Dict]:
+def load_model_for_inference(load: str, weights: str = "auto", pretrained_checkpoint: Optional[str] = None,
+                             dtype: Optional[torch.dtype] = None) -> Tuple[torch.nn.Module, Dict]:
     """(the model, eval mode, TP=1; the checkpoint's train_state plus ``checkpoint``, ``weights``
-    and, for a LoRA run, ``lora_base``). ``pretrained_checkpoint`` overrides a LoRA run's base."""
+    and, for a LoRA run, ``lora_base``). ``pretrained_checkpoint`` overrides a LoRA run's base.
+    ``dtype``: of the parameters; None = float32 without CUDA (a --bf16 run's checkpoint would
+    otherwise sample with slow, coarse bf16 CPU matmuls), the checkpoint's own dtype with CUDA."""
     from megatron_apex.models.registry import build_model
     from megatron_apex.parallel import init_distributed
 
@@ -155,6 +157,10 @@ def load_model_for_inference(load: str, weights: str = "auto",
         prefix = f"{weights}."
         loaded = checkpointing.load_checkpoint(ckpt, {weights: model.sharded_state_dict(prefix=prefix)})
         model.load_state_dict(checkpointing.strip_prefix(loaded[weights], prefix))
+    if dtype is None and not torch.cuda.is_available():
+        dtype = torch.float32
+    if dtype is not None:
+        model.to(dtype)
     model.eval()
     state["checkpoint"] = ckpt
     state["weights"] = weights
