@@ -13,6 +13,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p.name for p in (REPO / "examples" / "recipes").glob("*.sh") if not p.name.startswith("_"))
+# (recipe, its environment): the Sana recipe covers both sizes.
+RUNS = [(r, {}) for r in RECIPES if r != "sana_full.sh"] + [("sana_full.sh", {"SANA_SIZE": s}) for s in ("0.6b", "1.6b")]
 
 
 def diffusers_count(model_name: str) -> int:
@@ -29,17 +31,19 @@ def diffusers_count(model_name: str) -> int:
 
 
 def test_there_are_recipes_for_the_papers_runs():
-    assert {"qwen_image_20b_lora.sh", "qwen_image_20b_full.sh", "sana_0_6b_full.sh", "sana_1_6b_full.sh"} <= set(RECIPES)
+    assert {"qwen_image_20b_lora.sh", "qwen_image_20b_full.sh", "sana_full.sh"} <= set(RECIPES)
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
-def test_dry_run(recipe):
-    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+@pytest.mark.parametrize("recipe, extra_env", RUNS, ids=[f"{r}{''.join(f'-{v}' for v in e.values())}" for r, e in RUNS])
+def test_dry_run(recipe, extra_env):
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", **extra_env}
     proc = subprocess.run(["bash", f"examples/recipes/{recipe}", "--dry-run"], capture_output=True, text=True,
                           cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     model = re.search(r"dry run: (\S+) on (\d+) GPU", out).group(1)
+    if "SANA_SIZE" in extra_env:
+        assert model == f"sana-{extra_env['SANA_SIZE']}"
     ours = int(re.search(r"parameters \(ours, meta device\): ([\d,]+)", out).group(1).replace(",", ""))
     assert ours == diffusers_count(model)
     assert re.search(r"peak per GPU: [\d.]+ GiB", out)
