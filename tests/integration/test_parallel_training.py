@@ -124,10 +124,11 @@ def two(single):
 
 @pytest.fixture(scope="module")
 def four(single):
-    """Four processes: TP=2 x PP=2 (both variants), a TP=2 x PP=2 checkpoint at 5, and a TP=2 x
-    PP=2 run resumed from the TP=1 one."""
+    """Four processes: TP=2 x PP=2 (both variants), DP=2 x PP=2 with the distributed optimizer,
+    a TP=2 x PP=2 checkpoint at 5, and a TP=2 x PP=2 run resumed from the TP=1 one."""
     runs = single
     jobs = [runs.job(f"tp2pp2_{v}", v, extra=[*TP2, *PP2]) for v in VARIANTS]
+    jobs += [runs.job("dp2pp2_distopt_released", "released", extra=[*PP2, *DISTOPT])]
     jobs += [runs.job("tp2pp2_saved", iters=LONG, extra=[*TP2, *PP2, "--exit-interval", "5"], probe="end",
                       checkpoint=True),
              runs.job("tp2pp2_from_tp1", iters=LONG, init=False, probe="start",
@@ -196,6 +197,10 @@ def test_pipeline_parallel_matches_single_process(two, variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_tensor_x_pipeline_parallel_matches_single_process(four, variant):
     assert_same_numbers(four.metrics(f"tp2pp2_{variant}"), four.metrics(f"ref_{variant}"))
+
+
+def test_data_x_pipeline_parallel_with_distributed_optimizer_matches_single_process(four):
+    assert_same_numbers(four.metrics("dp2pp2_distopt_released"), four.metrics("ref_released"))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
