@@ -1,0 +1,425 @@
+"""tools/benchmark_quality.py and megatron_apex/eval/report.py: the plan per mode, what a rerun
+does with finished / trained / partial runs, fine-tuning across a shift change, the report as a
+pure function of the results (its verdicts flip with the numbers), and one --smoke run of the FM
+teacher and one APEX fine-tune through the real launcher."""
+
+import copy
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_apex.eval import report as rp
+
+REPO = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("benchmark_quality", REPO / "tools" / "benchmark_quality.py")
+bq = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = bq  # dataclasses look their module up
+_spec.loader.exec_module(bq)
+
+
+# ---- plan ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", sorted(bq.MODES))
+def test_plan_names_unique_and_bases_earlier(mode):
+    jobs = bq.build_plan(bq.MODES[mode])
+    names = [j.name for j in jobs]
+    assert len(names) == len(set(names))
+    for i, j in enumerate(jobs):
+        if j.base_job is not None:
+            assert j.base_job in names[:i], f"{j.name}'s base {j.base_job} is not earlier"
+        assert j.iters == bq.MODES[mode].iters[j.run.budget] >= 1
+
+
+def test_modes_select_rows_and_seeds():
+    full, quick = bq.build_plan(bq.MODES["full"]), bq.build_plan(bq.MODES["quick"])
+    seeds = bq.MODES["full"].seeds
+    assert len(seeds) > 1
+    # headline APEX rows: one training run per seed, each with its own sampling seed
+    released = [j for j in full if j.run.name == "released-ft"]
+    assert [j.seed for j in released] == list(seeds)
+    assert [j.sample_seeds for j in released] == [(i,) for i in range(len(seeds))]
+    # the FM teacher is trained once and sampled once per seed
+    fm = [j for j in full if j.run.name == "fm"]
+    assert len(fm) == 1 and fm[0].sample_seeds == tuple(range(len(seeds)))
+    assert fm[0].run.nfes == (1, 2, 4, 8, 50) and fm[0].run.method == "euler"
+    assert {j.run.name for j in quick} == {r.name for r in bq.RUNS if r.quick}
+    assert {j.run.name for j in quick} < {j.run.name for j in full}
+    # every cell of the paper's Table 6 and 7 grids is a row of the full plan
+    cells6 = {str(j.run.cells.get("table6")) for j in full}
+    assert set(rp.TABLE6_PAPER) <= cells6
+    cells7 = {tuple(j.run.cells["table7"]) for j in full if "table7" in j.run.cells}
+    assert cells7 == {(a, b) for a in rp.TABLE7_A for b in rp.TABLE7_B}
+
+
+def test_every_run_of_the_full_plan_parses_with_the_trainer():
+    from megatron_apex.training.arguments import parse_args
+
+    out = Path("/nonexistent-benchmark-out")
+    for job in bq.build_plan(bq.MODES["full"]):
+        flags = [*bq.COMMON, *bq.schedule_flags(job.run.budget, job.iters), *job.run.flags,
+                 "--seed", str(job.seed), "--train-iters", str(job.iters), "--save", str(out)]
+        cfg = parse_args(flags)
+        assert cfg.train.train_iters == job.iters
+        assert cfg.objective.objective == ("fm" if job.run.name == "fm" else "apex")
+        if "table7" in job.run.cells:
+            a, b = job.run.cells["table7"]
+            assert (cfg.model_overrides.get("shift_a", -1.0), cfg.model_overrides.get("shift_b", 0.0)) == (a, b)
+        if "table6" in job.run.cells:
+            lp, le = (float(x) for x in job.run.cells["table6"].split(":"))
+            assert cfg.objective.apex["variant"] == "paper"
+            assert (cfg.objective.apex.get("lambda_p", 1.0), cfg.objective.apex.get("lambda_e", 1.0)) == (lp, le)
+
+
+def test_validate_runs_rejects_bad_plans():
+    fm = bq.Run("fm", None, "fm", bq.FM)
+    ft = bq.Run("ft", "fm", "ft", bq.RELEASED)
+    bq.validate_runs([fm, ft])
+    with pytest.raises(ValueError, match="appears twice"):
+        bq.validate_runs([fm, fm])
+    with pytest.raises(ValueError, match="not an earlier row"):
+        bq.validate_runs([ft, fm])
+    with pytest.raises(ValueError, match="one run per seed"):
+        bq.validate_runs([bq.Run("fm", None, "fm", bq.FM, seeds="train"), ft])
+    with pytest.raises(ValueError, match="budget"):
+        bq.validate_runs([bq.Run("x", None, "long", bq.FM)])
+    with pytest.raises(ValueError, match="cells"):
+        bq.validate_runs([bq.Run("x", None, "fm", bq.FM, cells={"tabel6": "1:1"})])
+
+
+def test_only_adds_bases_and_rejects_unknown_names():
+    jobs = bq.build_plan(bq.MODES["full"])
+    picked = bq.select(jobs, "t7-a-0.5-b1")
+    assert [j.name for j in picked] == ["fm", "t7-a-0.5-b1"]
+    seeds = bq.select(jobs, "released-ft")  # a row: all its seeds
+    assert [j.name for j in seeds] == ["fm"] + [f"released-ft-s{s}" for s in bq.MODES["full"].seeds]
+    assert [j.name for j in bq.select(jobs, "paper-ft-s1235")] == ["fm", "paper-ft-s1235"]
+    with pytest.raises(ValueError, match="--only nope"):
+        bq.select(jobs, "fm,nope")
+
+
+# ---- where a job stands -------------------------------------------------------------------
+def _fake_checkpoint(save: Path, iteration: int, model_config=None) -> Path:
+    ckpt = save / f"iter_{iteration:07d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "common.pt").write_bytes(b"weights")
+    config = model_config if model_config is not None else bq.model_config_of(bq.FM)
+    (ckpt / "train_state.json").write_text(json.dumps({"iteration": iteration, "model_config": config}))
+    (save / "latest").write_text(str(iteration))
+    return ckpt
+
+
+def _quick_jobs(*names):
+    by = {j.name: j for j in bq.build_plan(bq.MODES["quick"])}
+    return [by[n] for n in names]
+
+
+def test_job_action_and_launcher_load_flags(tmp_path):
+    fm, rel = _quick_jobs("fm", "released-ft")
+    assert bq.job_action(tmp_path, fm) == "start"
+    assert "--load" not in bq.launcher_args(tmp_path, fm)
+    fm_ckpt = _fake_checkpoint(tmp_path / "runs" / "fm", fm.iters // 2)
+    assert bq.job_action(tmp_path, fm) == "resume"
+    args = bq.launcher_args(tmp_path, fm)
+    assert args[args.index("--load") + 1] == str(tmp_path / "runs" / "fm") and "--finetune" not in args
+    fm_ckpt = _fake_checkpoint(tmp_path / "runs" / "fm", fm.iters)
+    assert bq.job_action(tmp_path, fm) == "evaluate"
+    # a new fine-tune starts from its base's newest checkpoint ...
+    args = bq.launcher_args(tmp_path, rel)
+    assert args[args.index("--load") + 1] == str(fm_ckpt) and "--finetune" in args
+    # ... an unfinished one resumes its own run
+    _fake_checkpoint(tmp_path / "runs" / rel.name, 7)
+    args = bq.launcher_args(tmp_path, rel)
+    assert args[args.index("--load") + 1] == str(tmp_path / "runs" / rel.name) and "--finetune" not in args
+    assert args[args.index("--train-iters") + 1] == str(rel.iters) and args[args.index("--seed") + 1] == str(rel.seed)
+    # only an ok result counts as finished
+    bq.write_json(bq.result_path(tmp_path, "fm"), {"status": "failed"})
+    assert bq.job_action(tmp_path, fm) == "evaluate"
+    bq.write_json(bq.result_path(tmp_path, "fm"), {"status": "ok"})
+    assert bq.job_action(tmp_path, fm) == "skip"
+
+
+def test_shift_runs_fine_tune_from_a_relabelled_view(tmp_path):
+    by = {j.name: j for j in bq.build_plan(bq.MODES["full"])}
+    fm_ckpt = _fake_checkpoint(tmp_path / "runs" / "fm", 5)
+    assert bq.base_checkpoint(tmp_path, by["released-ft-s1234"]) == fm_ckpt  # same config: the base itself
+    view = bq.base_checkpoint(tmp_path, by["t7-a-0.5-b10"])
+    assert view != fm_ckpt
+    cfg = json.loads((view / "train_state.json").read_text())["model_config"]
+    base_cfg = json.loads((fm_ckpt / "train_state.json").read_text())["model_config"]
+    assert (cfg["shift_a"], cfg["shift_b"]) == (-0.5, 10.0) and base_cfg["shift_a"] == -1.0  # base untouched
+    assert {k for k in cfg if cfg[k] != base_cfg[k]} == {"shift_a", "shift_b"}
+    assert (view / "common.pt").is_symlink() and (view / "common.pt").read_bytes() == b"weights"
+    site = bq.base_checkpoint(tmp_path, by["released-site-input"])
+    assert json.loads((site / "train_state.json").read_text())["model_config"]["shift_site"] == "input"
+    # a learnable shift is a weight: no relabelling
+    learned = tmp_path / "learned"
+    _fake_checkpoint(learned / "runs" / "fm", 5, {**bq.model_config_of(bq.FM), "shift_learnable": True})
+    with pytest.raises(bq.JobFailed, match="fixed scalar shift"):
+        bq.base_checkpoint(learned, by["t7-a-0.5-b10"])
+
+
+def test_run_job_skips_evaluates_and_records_failures(tmp_path, monkeypatch):
+    mode = bq.MODES["quick"]
+    fm, rel, paper = _quick_jobs("fm", "released-ft", "paper-ft")
+    _fake_checkpoint(tmp_path / "runs" / "fm", fm.iters)  # trained, not evaluated
+    trained, evaluated = [], []
+
+    def fake_train(out, job):
+        trained.append(job.name)
+        if job.name == "released-ft":
+            raise bq.JobFailed("launcher exit code 2: boom")
+        _fake_checkpoint(out / "runs" / job.name, job.iters)
+
+    monkeypatch.setattr(bq, "train", fake_train)
+    monkeypatch.setattr(bq, "Scorer", lambda k: "scorer")
+    monkeypatch.setattr(bq, "evaluate", lambda out, job, scorer: evaluated.append(job.name) or
+                        [{"nfe": n, "fd": 10.0 + n} for n in job.run.nfes])
+    jobs = [fm, rel, paper]
+    progress = bq.Progress(jobs, mode, tmp_path)
+    for job in jobs:
+        bq.run_job(tmp_path, mode, job, progress, [])
+    assert trained == ["released-ft", "paper-ft"] and evaluated == ["fm", "paper-ft"]
+    failed = json.loads(bq.result_path(tmp_path, "released-ft").read_text())
+    assert failed["status"] == "failed" and "boom" in failed["error"]
+    ok = json.loads(bq.result_path(tmp_path, "paper-ft").read_text())
+    assert ok["status"] == "ok" and ok["evals"][0]["fd"] == 11.0 and ok["base"] == "fm"
+    # a rerun skips the finished ones and retries the failed one
+    trained.clear(), evaluated.clear()
+    for job in jobs:
+        bq.run_job(tmp_path, mode, job, bq.Progress(jobs, mode, tmp_path), [])
+    assert trained == ["released-ft"] and evaluated == []
+
+
+def test_dependents_of_an_untrained_base_wait(tmp_path, monkeypatch, capsys):
+    mode = bq.MODES["quick"]
+    (rel,) = _quick_jobs("released-ft")
+    monkeypatch.setattr(bq, "train", lambda out, job: pytest.fail("must not train without its base"))
+    bq.run_job(tmp_path, mode, rel, bq.Progress([rel], mode, tmp_path), [])
+    assert "base fm is not trained" in capsys.readouterr().out
+    assert not bq.result_path(tmp_path, rel.name).exists()
+
+
+def test_estimate_follows_iterations_and_speeds():
+    mode = bq.MODES["quick"]
+    fm, rel, paper = _quick_jobs("fm", "released-ft", "paper-ft")
+    fixed = bq.LAUNCH_SECONDS
+    sampling = lambda j: 10 * mode.num_per_prompt * len(j.sample_seeds) * sum(j.run.nfes) * bq.SECONDS_PER_IMAGE_STEP
+    evals = lambda j: len(j.run.nfes) * len(j.sample_seeds) * bq.SECONDS_PER_EVAL
+    assert bq.estimate_seconds(fm, mode) == pytest.approx(fixed + 600 / 4.9 + sampling(fm) + evals(fm))
+    assert bq.estimate_seconds(rel, mode) == pytest.approx(fixed + 200 / 1.45 + sampling(rel) + evals(rel))
+    assert bq.estimate_seconds(paper, mode) == pytest.approx(fixed + 200 / 2.1 + sampling(paper) + evals(paper))
+    total = sum(bq.estimate_seconds(j, mode) for j in bq.build_plan(mode))
+    assert total < 30 * 60  # the quick mode's promise, on the idle machine
+
+
+def test_bad_flags_are_one_line_errors(capsys):
+    assert bq.main(["--quick", "--only", "t6-1-2", "--list"]) == 2  # a full-only row
+    assert "--only t6-1-2: not in this mode's plan" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bq.main(["--quick", "--smoke"])
+    with pytest.raises(SystemExit):
+        bq.main(["--eval-threads", "0", "--list"])
+
+
+# ---- report: a pure function of the results -----------------------------------------------
+def _result(entry, fds, cells, seed=1234, job=None, status="ok", index=0, acc=0.8):
+    """fds: {nfe: fd or [fd per sampling seed]}."""
+    evals = [{"nfe": n, "sample_seed": i, "fd": v, "acc": acc, "diversity": 2.0, "fd_real": 3.0,
+              "fd_class_means": 270.0, "diversity_real": 2.5, "num_generated": 100,
+              "grid": f"samples/{job or entry}/nfe{n}_s{i}.png"}
+             for n, vals in fds.items() for i, v in enumerate(vals if isinstance(vals, list) else [vals])]
+    return {"job": job or entry, "entry": entry, "plan_index": index, "mode": "synthetic", "seed": seed, "base": None,
+            "iters": 10, "flags": [], "cells": cells, "status": status, "evals": evals if status == "ok" else [],
+            "error": None if status == "ok" else "boom", "train_seconds": 60.0, "eval_seconds": 6.0,
+            "its_per_sec": 2.0}
+
+
+def _headline(fm1, apex1, fm50=(60.0, 62.0, 61.0)):
+    fm = _result("fm", {1: list(fm1), 50: list(fm50)}, {"headline": "FM teacher", "claim": "teacher"})
+    apex = [_result("released-ft", {1: v, 4: v - 20}, {"headline": "APEX", "claim": "apex"}, seed=s,
+                    job=f"released-ft-s{s}", index=1) for s, v in zip((1, 2, 3), apex1)]
+    return [fm, *apex]
+
+
+def test_stat_matches_statistics_module():
+    vals = [3.0, 5.5, 4.25, 9.0]
+    s = rp.stat(vals)
+    assert (s.mean, s.std, s.lo, s.hi, s.n) == pytest.approx((statistics.mean(vals), statistics.stdev(vals), 3.0, 9.0, 4))
+    assert rp.stat([2.0]).std == 0 and rp.stat([]) is None and rp.stat([float("nan"), 1.0]).n == 1
+
+
+def test_headline_claim_flips_with_the_numbers():
+    apex1 = (120.0, 130.0, 125.0)
+    text = rp.headline_claim(rp.aggregate(_headline((300.0, 305.0, 295.0), apex1)))
+    assert text.startswith("One-step claim HOLDS")
+    assert f"{statistics.mean(apex1):.1f} ± {statistics.stdev(apex1):.1f}" in text
+    gap = [a - statistics.mean((60.0, 62.0, 61.0)) for a in apex1]
+    assert f"{statistics.mean(gap):+.1f} ± {statistics.stdev(gap):.1f}" in text and "worse than the teacher" in text
+    # overlapping seeds, or a small ratio: not a wide margin
+    assert rp.headline_claim(rp.aggregate(_headline((300.0, 305.0, 295.0), (280.0, 320.0, 300.0)))).startswith(
+        "One-step claim DOES NOT HOLD")
+    assert rp.headline_claim(rp.aggregate(_headline((300.0, 301.0, 302.0), (250.0, 251.0, 252.0)))).startswith(
+        "One-step claim DOES NOT HOLD")  # all below, but only 1.2x lower
+    assert rp.headline_claim(rp.aggregate(_headline((300.0, 305.0, 295.0), (100.0, 110.0, 310.0)))).startswith(
+        "One-step claim DOES NOT HOLD")  # 1.7x lower on average, but one seed is no better than FM
+    text = rp.headline_claim(rp.aggregate(_headline((300.0, 305.0, 295.0), (40.0, 41.0, 42.0))))
+    assert "better than the teacher" in text
+    assert "cannot be checked" in rp.headline_claim(rp.aggregate(_headline((300.0,), ())))
+
+
+def _table6(fd_by_cell, noise_seeds=None):
+    out = [_result(f"t6-{c}", {1: fd}, {"table6": c}, index=i) for i, (c, fd) in enumerate(fd_by_cell.items())]
+    return out
+
+
+def test_table6_ordering_sentence_flips():
+    paper_order = sorted(rp.TABLE6_PAPER, key=lambda c: -rp.TABLE6_PAPER[c])  # best first
+    same = {c: 100.0 + 10 * i for i, c in enumerate(paper_order)}
+    _, text = rp.table6_ordering(rp.aggregate(_table6(same)))
+    assert text.startswith("Table 6 ordering HOLDS") and "all 5 cells" in text and "tau +1.00" in text
+    swapped = dict(same, **{"1:1": same["1:0"], "1:0": same["1:1"]})
+    _, text = rp.table6_ordering(rp.aggregate(_table6(swapped)))
+    assert text.startswith("Table 6 ordering DOES NOT HOLD") and "Best cell here: 1:0" in text
+    reversed_ = {c: 200.0 - 10 * i for i, c in enumerate(paper_order)}
+    assert "tau -1.00" in rp.table6_ordering(rp.aggregate(_table6(reversed_)))[1]
+    # a subset (the quick plan) is compared on the cells that ran
+    _, text = rp.table6_ordering(rp.aggregate(_table6({"1:0": 300.0, "0:1": 200.0, "1:1": 150.0})))
+    assert text.startswith("Table 6 ordering HOLDS") and "the 3 of 5 cells run here" in text
+    assert "cannot be checked" in rp.table6_ordering(rp.aggregate(_table6({"1:1": 1.0})))[1]
+
+
+def test_table6_noise_sentence_uses_the_seed_spread():
+    rows = _table6({"1:0": 300.0, "0:1": 200.0, "1:0.5": 190.0, "1:2": 170.0})
+    rows += [_result("paper-ft", {1: v}, {"table6": "1:1"}, seed=s, job=f"paper-ft-s{s}", index=9)
+             for s, v in ((1, 150.0), (2, 160.0), (3, 155.0))]
+    _, text = rp.table6_ordering(rp.aggregate(rows), rp.aggregate(rows)["paper-ft"])
+    noise = statistics.stdev((150.0, 160.0, 155.0))
+    gaps = [170.0 - 155.0, 190.0 - 170.0, 200.0 - 190.0, 300.0 - 200.0]
+    assert f"is {noise:.1f}; {sum(g < noise for g in gaps)} of the 4 gaps" in text
+
+
+def test_kendall_tau_matches_scipy():
+    from scipy.stats import kendalltau
+
+    rng = np.random.default_rng(0)
+    items = list("abcdef")
+    for _ in range(5):
+        perm = list(rng.permutation(items))
+        expected = kendalltau([items.index(x) for x in perm], list(range(len(items)))).statistic
+        assert rp.kendall_tau(perm, items) == pytest.approx(expected)
+
+
+def _table7(fd_by_cell):
+    return [_result(f"t7-{a}-{b}", {1: fd}, {"table7": [a, b]}, index=i) for i, ((a, b), fd) in enumerate(fd_by_cell.items())]
+
+
+def test_table7_sentence_flips():
+    grid = {(a, b): 100.0 + 5 * i for i, (a, b) in enumerate((a, b) for a in rp.TABLE7_A for b in rp.TABLE7_B)}
+    best = {**grid, rp.TABLE7_PAPER_BEST: 50.0}
+    cells, text = rp.table7_ordering(rp.aggregate(_table7(best)))
+    assert len(cells) == 12 and text.startswith("Table 7 ordering HOLDS") and "ranks 1 of 12 (FD 50.0)" in text
+    worst = {**grid, rp.TABLE7_PAPER_BEST: 500.0}
+    _, text = rp.table7_ordering(rp.aggregate(_table7(worst)))
+    assert text.startswith("Table 7 ordering DOES NOT HOLD") and "ranks 12 of 12 (FD 500.0)" in text
+    assert "best here (a=-1, b=0)" in text
+    no_best = {k: v for k, v in grid.items() if k != rp.TABLE7_PAPER_BEST}
+    assert "CANNOT BE CHECKED" in rp.table7_ordering(rp.aggregate(_table7(no_best)))[1]
+
+
+def _all_results():
+    rows = _headline((300.0, 305.0, 295.0), (120.0, 130.0, 125.0))
+    rows += _table6({"1:0": 300.0, "0:1": 200.0, "1:1": 150.0})
+    rows += _table7({(-1.0, 0.0): 120.0, (-0.5, 1.0): 110.0})
+    rows += [_result("released-cfg", {}, {"options": "CFG"}, status="failed", index=20),
+             _result("released-nodm", {1: 250.0, 4: 200.0}, {"options": "no DM"}, index=21)]
+    return rows
+
+
+def test_render_report_is_pure_and_follows_the_numbers():
+    results = _all_results()
+    before = copy.deepcopy(results)
+    text = rp.render_report(results, expected_seconds=3600.0)
+    assert results == before and rp.render_report(results, expected_seconds=3600.0) == text
+    assert "One-step claim HOLDS" in text and "Table 6 ordering HOLDS" in text and "Table 7 ordering HOLDS" in text
+    assert "expected for this mode: 1 h 00 min" in text
+    assert "| APEX | 3 | 125.0 ± 5.0 | 105.0 ± 5.0 | - |" in text  # n, then NFE 1, 4, 50
+    assert "failed: released-cfg: boom" in text
+    assert "![fm NFE=1](samples/fm/nfe1_s0.png)" in text
+    total = sum(r["train_seconds"] + r["eval_seconds"] for r in results)
+    assert f"Runtime: {rp._duration(total)} measured" in text
+    flipped = copy.deepcopy(results)
+    for r in flipped:
+        if r["entry"] == "t7--0.5-1.0":
+            r["evals"][0]["fd"] = 999.0
+    assert "Table 7 ordering DOES NOT HOLD" in rp.render_report(flipped)
+
+
+def test_write_report_reads_results_and_writes_plots(tmp_path):
+    from PIL import Image
+
+    for r in _all_results():
+        bq.write_json(tmp_path / "results" / f"{r['job']}.json", r)
+    path = rp.write_report(tmp_path, expected_seconds=60.0)
+    text = path.read_text()
+    assert text == rp.render_report(rp.load_results(tmp_path / "results"), 60.0, [rp.PLOT_NFE, rp.PLOT_ABLATIONS])
+    for name in (rp.PLOT_NFE, rp.PLOT_ABLATIONS):
+        with Image.open(tmp_path / name) as img:
+            assert img.size[0] > 200 and img.size[1] > 100
+    assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]
+    (tmp_path / "results" / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json"):
+        rp.load_results(tmp_path / "results")
+
+
+# ---- end to end: the FM teacher and one fine-tune through the launcher, then a rerun --------
+def _run_tool(*args):
+    return subprocess.run([sys.executable, str(REPO / "tools" / "benchmark_quality.py"), *args], cwd=REPO,
+                          capture_output=True, text=True)
+
+
+def test_smoke_end_to_end_then_rerun(tmp_path):
+    out = tmp_path / "bench"
+    proc = _run_tool("--smoke", "--only", "fm,released-ft", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[benchmark 2/2" in proc.stdout
+    for name in ("report.md", rp.PLOT_NFE, rp.PLOT_ABLATIONS):
+        assert (out / name).is_file(), name
+    fm = json.loads((out / "results" / "fm.json").read_text())
+    rel = json.loads((out / "results" / "released-ft.json").read_text())
+    assert fm["status"] == rel["status"] == "ok"
+    assert sorted(e["nfe"] for e in fm["evals"]) == [1, 2, 4, 8, 50] and rel["base"] == "fm"
+    log = (out / "runs" / "released-ft" / "launcher.log").read_text()
+    assert f"--load {out / 'runs' / 'fm' / 'iter_0000004'} --finetune" in log
+    assert "One-step claim" in (out / "report.md").read_text()
+
+    # the samples are tools/sample.py's for the same checkpoint, NFE and seed; the scores tools/evaluate.py's
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, str(REPO / "tools" / "sample.py"), "--load", str(out / "runs" / "released-ft"),
+                    "--nfe", "2", "--num-per-prompt", str(bq.MODES["smoke"].num_per_prompt), "--seed", "0",
+                    "--out", str(ref)], check=True, capture_output=True, cwd=REPO)
+    with np.load(ref.with_suffix(".npz")) as a, np.load(out / "samples" / "released-ft" / "nfe2_s0.npz") as b:
+        np.testing.assert_array_equal(a["images"], b["images"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+    subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), "--samples", str(ref.with_suffix(".npz")),
+                    "--json", str(tmp_path / "ref.json")], check=True, capture_output=True, cwd=REPO)
+    ours = next(e for e in rel["evals"] if e["nfe"] == 2)
+    theirs = json.loads((tmp_path / "ref.json").read_text())
+    assert ours["fd"] == pytest.approx(theirs["fd"], rel=1e-9) and ours["acc"] == theirs["acc"]
+
+    # rerun: the finished FM result is kept, the trained fine-tune is only re-evaluated
+    stamp = (out / "results" / "fm.json").stat().st_mtime_ns
+    ckpts = sorted(p.name for p in (out / "runs" / "released-ft").glob("iter_*"))
+    os.remove(out / "results" / "released-ft.json")
+    proc = _run_tool("--smoke", "--only", "released-ft", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "released-ft: evaluating" in proc.stdout and "training" not in proc.stdout
+    assert (out / "results" / "fm.json").stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in (out / "runs" / "released-ft").glob("iter_*")) == ckpts
+    again = json.loads((out / "results" / "released-ft.json").read_text())
+    assert [e["fd"] for e in again["evals"]] == [e["fd"] for e in rel["evals"]]

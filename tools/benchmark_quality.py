@@ -1,0 +1,680 @@
+#!/usr/bin/env python
+"""Small-scale reproduction of the APEX paper's claims as one resumable command.
+
+    python tools/benchmark_quality.py --quick          # 7 runs, ~19 min on the idle 2-core machine
+    python tools/benchmark_quality.py                  # full: 39 runs, ~4.5 h on the idle 2-core machine
+    python tools/benchmark_quality.py --smoke --only fm,released-ft   # seconds per run (tests)
+    python tools/benchmark_quality.py --list [--quick] # the plan, its launcher flags and time estimate
+    python tools/benchmark_quality.py --report-only [--quick]
+
+qwen-image-tiny on the built-in Fashion-MNIST with MiniLM prompts, every run through the normal
+launcher (torchrun over 2 CPU processes of one thread each, examples/pretrain_apex_dit.py). An FM
+teacher is trained once and sampled at NFE 1, 2, 4, 8, 50 (Euler); APEX runs fine-tune from it
+(`--load TEACHER --finetune`, docs/apex_recipe.md row B) or train from scratch and are sampled at
+NFE 1, 2, 4 (any-step flow map). Every sample set is scored by
+megatron_apex.eval.metrics.evaluate_images (accuracy, Frechet distance, diversity; the class-mean
+and real-image scores as references).
+
+Outputs under --out (default runs/benchmark_quality[_quick|_smoke]):
+  runs/NAME/          the run's checkpoints (launcher --save), metrics.jsonl, launcher.log
+  samples/NAME/       nfe{N}_s{SEED}.png (one row per class prompt) and .npz (as tools/sample.py)
+  results/NAME.json   the run's evaluation, written atomically once the run is done
+  report.md, fd_vs_nfe.png, ablations.png   (megatron_apex/eval/report.py, from results/*.json)
+Rerunning the same command skips runs with a result, evaluates trained runs and resumes unfinished
+training from its newest checkpoint (launcher --load). A failed run is recorded as failed (the
+report names the error), the others go on; the next rerun retries it.
+
+Expected runtimes are estimates from idle-machine speeds (FM 4.9 it/s, released APEX 1.45 it/s,
+paper APEX 2.1 it/s at DP=2, docs/benchmarks.md) plus ~25 s launcher start per run and sampling
+at one thread; `--list` prints them per run. Another job on the 2 cores slows everything down
+several-fold (sampling with 2 threads under load most of all: hence --eval-threads 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script from a checkout without the package installed
+    sys.path.insert(0, str(REPO))
+
+from megatron_apex.cli import OneLineErrorParser  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------
+FM = ("--objective", "fm")
+# The default job's APEX (docs/apex_recipe.md): c_fake = -c at the projected site, frozen FM
+# teacher for the real velocity, DM weight 1 held off 80 iterations, DM gradient clamped to [-1, 1].
+RELEASED = ("--objective", "apex", "--apex-variant", "released", "--teacher", "frozen",
+            "--apex-option", "w_dm=1.0", "--apex-option", "dm_warmup_steps=80")
+# From scratch a frozen copy of the random init would be the DM's real velocity: the release's
+# full-tuning setting (the online model) instead.
+RELEASED_SCRATCH = RELEASED + ("--teacher", "online")
+PAPER = ("--objective", "apex", "--apex-variant", "paper")  # lam 0.5, 1:1, w = (1-t)/t, detach
+FM_NFES = (1, 2, 4, 8, 50)
+APEX_NFES = (1, 2, 4)
+
+
+def opt(*fields: str) -> Tuple[str, ...]:
+    return tuple(x for f in fields for x in ("--apex-option", f))
+
+
+def shift(a: float, b: float) -> Tuple[str, ...]:
+    return ("--shift-a", str(a), "--shift-b", str(b))
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row of the plan. base: the row it fine-tunes from (--load BASE --finetune), None =
+    from scratch. budget: which of the mode's iteration counts it trains ("fm" | "ft" |
+    "scratch"). seeds: "one" (the mode's first seed), "train" (a training run per mode seed,
+    each sampled with its own sampling seed) or "sample" (one training run, sampled once per
+    mode seed). quick: part of --quick. cells: the report cells it fills
+    (megatron_apex/eval/report.py)."""
+
+    name: str
+    base: Optional[str]
+    budget: str
+    flags: Tuple[str, ...]
+    seeds: str = "one"
+    quick: bool = False
+    nfes: Tuple[int, ...] = APEX_NFES
+    method: str = "flowmap"
+    cells: Dict = field(default_factory=dict, hash=False)
+
+
+RUNS: Tuple[Run, ...] = (
+    # ---- headline: FM teacher vs APEX, both variants, fine-tuned and from scratch
+    Run("fm", None, "fm", FM, seeds="sample", quick=True, nfes=FM_NFES, method="euler",
+        cells={"headline": "FM teacher (Euler)", "claim": "teacher"}),
+    Run("released-ft", "fm", "ft", RELEASED, seeds="train", quick=True,
+        cells={"headline": "APEX released, fine-tuned", "claim": "apex", "table7": (-1.0, 0.0),
+               "site": "projected (default)", "options": "default: clamp 1, w_dm 1, frozen teacher"}),
+    Run("paper-ft", "fm", "ft", PAPER, seeds="train", quick=True,
+        cells={"headline": "APEX paper, fine-tuned", "table6": "1:1", "fake_grad": "detach (default)",
+               "weighting": "paper (default)"}),
+    Run("released-scratch", None, "scratch", RELEASED_SCRATCH, seeds="train",
+        cells={"headline": "APEX released, from scratch"}),
+    Run("paper-scratch", None, "scratch", PAPER, seeds="train", cells={"headline": "APEX paper, from scratch"}),
+    # ---- released variant: its options (APEX_SPEC.md points 4-5)
+    Run("released-noclamp", "fm", "ft", RELEASED + opt("dm_clamp=None"), cells={"options": "no DM clamp"}),
+    Run("released-normalize", "fm", "ft", RELEASED + opt("dm_normalize=true", "dm_clamp=None", "w_dm=0.5"),
+        cells={"options": "normalised DM gradient, w_dm 0.5"}),
+    Run("released-nodm", "fm", "ft", RELEASED + opt("w_dm=0"), cells={"options": "no DM term (w_dm 0)"}),
+    Run("released-online", "fm", "ft", RELEASED + ("--teacher", "online"), cells={"options": "online teacher"}),
+    Run("released-consistency", "fm", "ft", RELEASED + opt("w_consistency=1.0"),
+        cells={"options": "+ consistency term (w 1)"}),
+    Run("released-split", "fm", "ft", RELEASED + opt("batch_split=0.5"), cells={"options": "batch split 0.5"}),
+    Run("released-cfg", "fm", "ft", RELEASED + opt("cfg_scale=0.8"), cells={"options": "CFG-enhanced target r 0.8"}),
+    # ---- paper Table 6: lambda_p : lambda_e (paper variant; 1:1 is paper-ft)
+    Run("t6-1-0", "fm", "ft", PAPER + ("--lambda-p", "1", "--lambda-e", "0"), quick=True, cells={"table6": "1:0"}),
+    Run("t6-0-1", "fm", "ft", PAPER + ("--lambda-p", "0", "--lambda-e", "1"), quick=True, cells={"table6": "0:1"}),
+    Run("t6-1-0.5", "fm", "ft", PAPER + ("--lambda-p", "1", "--lambda-e", "0.5"), cells={"table6": "1:0.5"}),
+    Run("t6-1-2", "fm", "ft", PAPER + ("--lambda-p", "1", "--lambda-e", "2"), cells={"table6": "1:2"}),
+    # ---- paper Table 7: c_fake = a*c + b (released variant; a=-1, b=0 is released-ft)
+    Run("t7-a-1-b0.1", "fm", "ft", RELEASED + shift(-1, 0.1), cells={"table7": (-1.0, 0.1)}),
+    Run("t7-a-1-b1", "fm", "ft", RELEASED + shift(-1, 1), cells={"table7": (-1.0, 1.0)}),
+    Run("t7-a-1-b10", "fm", "ft", RELEASED + shift(-1, 10), cells={"table7": (-1.0, 10.0)}),
+    Run("t7-a-0.5-b0", "fm", "ft", RELEASED + shift(-0.5, 0), cells={"table7": (-0.5, 0.0)}),
+    Run("t7-a-0.5-b0.1", "fm", "ft", RELEASED + shift(-0.5, 0.1), cells={"table7": (-0.5, 0.1)}),
+    Run("t7-a-0.5-b1", "fm", "ft", RELEASED + shift(-0.5, 1), quick=True, cells={"table7": (-0.5, 1.0)}),
+    Run("t7-a-0.5-b10", "fm", "ft", RELEASED + shift(-0.5, 10), cells={"table7": (-0.5, 10.0)}),
+    Run("t7-a0.5-b0", "fm", "ft", RELEASED + shift(0.5, 0), quick=True, cells={"table7": (0.5, 0.0)}),
+    Run("t7-a0.5-b0.1", "fm", "ft", RELEASED + shift(0.5, 0.1), cells={"table7": (0.5, 0.1)}),
+    Run("t7-a0.5-b1", "fm", "ft", RELEASED + shift(0.5, 1), cells={"table7": (0.5, 1.0)}),
+    Run("t7-a0.5-b10", "fm", "ft", RELEASED + shift(0.5, 10), cells={"table7": (0.5, 10.0)}),
+    # ---- shift site, fake_grad, weighting
+    Run("released-site-input", "fm", "ft", RELEASED + ("--shift-site", "input"), cells={"site": "input"}),
+    Run("paper-through", "fm", "ft", PAPER + ("--fake-grad", "through"), cells={"fake_grad": "through"}),
+    Run("paper-w-endpoint", "fm", "ft", PAPER + ("--weighting", "endpoint"), cells={"weighting": "endpoint"}),
+    Run("paper-w-velocity", "fm", "ft", PAPER + ("--weighting", "velocity"), cells={"weighting": "velocity"}),
+)
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    iters: Dict[str, int] = field(hash=False)  # per budget
+    seeds: Tuple[int, ...]
+    num_per_prompt: int  # sampled images per class prompt (10 prompts)
+    quick_rows_only: bool
+    out: str
+
+
+MODES = {
+    "full": Mode("full", {"fm": 1500, "ft": 500, "scratch": 1000}, (1234, 1235, 1236), 100, False,
+                 "runs/benchmark_quality"),
+    "quick": Mode("quick", {"fm": 600, "ft": 200, "scratch": 400}, (1234,), 30, True, "runs/benchmark_quality_quick"),
+    "smoke": Mode("smoke", {"fm": 4, "ft": 3, "scratch": 3}, (1234,), 2, True, "runs/benchmark_quality_smoke"),
+}
+
+# Launcher flags every run shares (the default job's, examples/pretrain_apex_dit.sh).
+COMMON = ("--model", "qwen-image-tiny", "--micro-batch-size", "32", "--global-batch-size", "64",
+          "--clip-grad", "1.0", "--ema-decay", "0.99", "--log-interval", "10", "--no-progress")
+GLOBAL_BATCH = 64
+KNOWN_CELLS = {"headline", "claim", "table6", "table7", "options", "site", "fake_grad", "weighting"}
+
+
+def schedule_flags(budget: str, iters: int) -> Tuple[str, ...]:
+    """FM and from-scratch runs: the default job's cosine 1e-3 -> 5e-4 with warmup; fine-tuning:
+    a constant 5e-4 (docs/apex_recipe.md row B)."""
+    if budget == "ft":
+        return ("--lr", "5e-4", "--lr-decay-style", "constant")
+    return ("--lr", "1e-3", "--min-lr", "5e-4", "--lr-warmup-iters", str(min(100, iters // 10)),
+            "--lr-decay-iters", str(iters), "--lr-decay-style", "cosine")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan expansion
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Job:
+    """One training run + its evaluation."""
+
+    name: str
+    run: Run
+    index: int  # the row's position in the plan
+    seed: int
+    sample_seeds: Tuple[int, ...]
+    iters: int
+    base_job: Optional[str]
+
+
+def validate_runs(runs: Sequence[Run]) -> None:
+    seen: Dict[str, Run] = {}
+    for r in runs:
+        if r.name in seen:
+            raise ValueError(f"plan: run name {r.name!r} appears twice")
+        if r.base is not None:
+            if r.base not in seen:
+                raise ValueError(f"plan: run {r.name!r} fine-tunes from {r.base!r}, which is not an earlier row")
+            if seen[r.base].seeds == "train":
+                raise ValueError(f"plan: run {r.name!r} fine-tunes from {r.base!r}, which has one run per seed")
+        if r.budget not in ("fm", "ft", "scratch"):
+            raise ValueError(f"plan: run {r.name!r} budget {r.budget!r}: use fm, ft or scratch")
+        if r.seeds not in ("one", "train", "sample"):
+            raise ValueError(f"plan: run {r.name!r} seeds {r.seeds!r}: use one, train or sample")
+        unknown = set(r.cells) - KNOWN_CELLS
+        if unknown:
+            raise ValueError(f"plan: run {r.name!r} cells {sorted(unknown)}: known {sorted(KNOWN_CELLS)}")
+        seen[r.name] = r
+
+
+def expand(run: Run, index: int, mode: Mode) -> List[Job]:
+    iters = mode.iters[run.budget]
+    if run.seeds == "train" and len(mode.seeds) > 1:
+        return [Job(f"{run.name}-s{seed}", run, index, seed, (i,), iters, run.base)
+                for i, seed in enumerate(mode.seeds)]
+    samples = tuple(range(len(mode.seeds))) if run.seeds == "sample" else (0,)
+    return [Job(run.name, run, index, mode.seeds[0], samples, iters, run.base)]
+
+
+def build_plan(mode: Mode, runs: Sequence[Run] = RUNS) -> List[Job]:
+    """The mode's jobs in plan order; a fine-tune's base_job names its base's (single) job."""
+    validate_runs(runs)
+    rows = [(i, r) for i, r in enumerate(runs) if r.quick or not mode.quick_rows_only]
+    names = {r.name for _, r in rows}
+    for _, r in rows:
+        if r.base is not None and r.base not in names:
+            raise ValueError(f"plan: run {r.name!r} is in mode {mode.name} but its base {r.base!r} is not")
+    return [job for i, r in rows for job in expand(r, i, mode)]
+
+
+def select(jobs: Sequence[Job], only: Optional[str]) -> List[Job]:
+    """--only NAME[,NAME]: plan rows or single jobs, plus the bases they fine-tune from."""
+    if not only:
+        return list(jobs)
+    wanted = {n.strip() for n in only.split(",") if n.strip()}
+    known = {j.name for j in jobs} | {j.run.name for j in jobs}
+    unknown = sorted(wanted - known)
+    if unknown:
+        raise ValueError(f"--only {unknown[0]}: not in this mode's plan; known: {', '.join(sorted(known))}")
+    keep = {j.name for j in jobs if j.name in wanted or j.run.name in wanted}
+    for j in reversed(jobs):  # bases come earlier in the plan
+        if j.name in keep and j.base_job:
+            keep.add(j.base_job)
+    return [j for j in jobs if j.name in keep]
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a job stands (resumability)
+# ---------------------------------------------------------------------------------------------
+
+def run_dir(out: Path, job_name: str) -> Path:
+    return out / "runs" / job_name
+
+
+def result_path(out: Path, job_name: str) -> Path:
+    return out / "results" / f"{job_name}.json"
+
+
+def trained_iters(path: Path) -> int:
+    """Iteration of the newest complete checkpoint under a save directory (0: none)."""
+    from megatron_apex.training.checkpointing import complete_checkpoints
+
+    found = complete_checkpoints(str(path))
+    return found[-1] if found else 0
+
+
+def finished_result(out: Path, job: Job) -> bool:
+    path = result_path(out, job.name)
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("status") == "ok"
+    except json.JSONDecodeError:
+        return False
+
+
+def job_action(out: Path, job: Job) -> str:
+    """skip (result done) | evaluate (trained) | resume (has a checkpoint) | start."""
+    if finished_result(out, job):
+        return "skip"
+    done = trained_iters(run_dir(out, job.name))
+    if done >= job.iters:
+        return "evaluate"
+    return "resume" if done > 0 else "start"
+
+
+def launcher_args(out: Path, job: Job) -> List[str]:
+    """pretrain_apex_dit.py flags: resume from the run's own checkpoint when it has one, else
+    fine-tune from the base's."""
+    save = run_dir(out, job.name)
+    args = [*COMMON, *schedule_flags(job.run.budget, job.iters), *job.run.flags,
+            "--seed", str(job.seed), "--train-iters", str(job.iters), "--save", str(save),
+            "--save-interval", str(max(1, job.iters // 4)), "--keep-last", "1"]
+    if trained_iters(save) > 0:
+        args += ["--load", str(save)]
+    elif job.base_job:
+        args += ["--load", str(base_checkpoint(out, job)), "--finetune"]
+    return args
+
+
+# Model-config fields a fine-tune may change from its base: a fixed scalar shift is a buffer
+# built from the config, not a weight, and the FM teacher never queried it.
+RELABELLED = ("shift_a", "shift_b", "shift_site")
+
+
+def model_config_of(flags: Sequence[str]) -> Dict:
+    import dataclasses
+
+    from megatron_apex.models.registry import get_model_config
+    from megatron_apex.training.arguments import parse_args
+
+    cfg = parse_args([*COMMON, *flags])
+    return json.loads(json.dumps(dataclasses.asdict(get_model_config(cfg.model, **cfg.model_overrides))))
+
+
+def _fixed_scalar(config: Dict) -> bool:
+    return config.get("shift_kind", "scalar") == "scalar" and not config.get("shift_learnable")
+
+
+def base_checkpoint(out: Path, job: Job) -> Path:
+    """The base's newest checkpoint, or, when this run's shift differs from the one recorded
+    there, a view of it (links to its files, its train_state.json with this run's shift): the
+    launcher refuses --finetune across model configs."""
+    from megatron_apex.training.checkpointing import TRAIN_STATE, resolve_checkpoint
+
+    ckpt = Path(resolve_checkpoint(str(run_dir(out, job.base_job))))
+    state = json.loads((ckpt / TRAIN_STATE).read_text())
+    saved, ours = state.get("model_config", {}), model_config_of(job.run.flags)
+    diff = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+    if not diff:
+        return ckpt
+    if set(diff) - set(RELABELLED) or not (_fixed_scalar(saved) and _fixed_scalar(ours)):
+        raise JobFailed(f"cannot fine-tune {job.name} from {ckpt}: model config differs in {diff}; only a fixed "
+                        f"scalar shift ({', '.join(RELABELLED)}) can change")
+    view = run_dir(out, job.name) / "base_view" / ckpt.name
+    if view.exists():
+        shutil.rmtree(view)
+    view.mkdir(parents=True)
+    for item in ckpt.iterdir():
+        if item.name != TRAIN_STATE:
+            (view / item.name).symlink_to(item.resolve())
+    write_json(view / TRAIN_STATE, {**state, "model_config": {**saved, **{k: ours[k] for k in diff}}})
+    return view
+
+
+# ---------------------------------------------------------------------------------------------
+# Time estimates and progress
+# ---------------------------------------------------------------------------------------------
+ITS_PER_SEC = {"fm": 4.9, "paper": 2.1, "released": 1.45}  # idle 2 cores, DP=2 (docs/benchmarks.md)
+LAUNCH_SECONDS = 25.0  # torchrun start, megatron init, checkpoint saves
+SECONDS_PER_IMAGE_STEP = 2.2e-3  # one sampler step of one image, one thread
+SECONDS_PER_EVAL = 3.0  # evaluate_images on one sample set, plus loading the model
+
+
+def its_per_sec(run: Run) -> float:
+    flags = " ".join(run.flags)
+    kind = "fm" if "--objective fm" in flags else "paper" if "variant paper" in flags else "released"
+    speed = ITS_PER_SEC[kind]
+    if "batch_split" in flags:
+        speed *= 1.9  # docs/benchmarks.md: 1.88x FM step instead of 3.69x
+    if "w_consistency" in flags:
+        speed *= 0.8  # one more forward/backward on the base rows (not measured)
+    return speed
+
+
+def estimate_seconds(job: Job, mode: Mode) -> float:
+    images = 10 * mode.num_per_prompt * len(job.sample_seeds)
+    sampling = images * sum(job.run.nfes) * SECONDS_PER_IMAGE_STEP
+    evals = len(job.run.nfes) * len(job.sample_seeds) * SECONDS_PER_EVAL
+    return LAUNCH_SECONDS + job.iters / its_per_sec(job.run) + sampling + evals
+
+
+def hms(seconds: float) -> str:
+    seconds = int(round(max(seconds, 0)))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """k of n, elapsed, ETA: the remaining estimate scaled by how the finished jobs compared to
+    theirs."""
+
+    def __init__(self, jobs: Sequence[Job], mode: Mode, out: Path):
+        self.mode, self.start = mode, time.time()
+        self.todo = {j.name: estimate_seconds(j, mode) for j in jobs if job_action(out, j) != "skip"}
+        self.n, self.k = len(self.todo), 0
+        self.spent_estimate = 0.0
+
+    def begin(self, job: Job, what: str) -> None:
+        self.k += 1
+        elapsed = time.time() - self.start
+        scale = elapsed / self.spent_estimate if self.spent_estimate > 60 else 1.0
+        remaining = sum(self.todo.values()) * scale
+        print(f"[benchmark {self.k}/{self.n} | elapsed {hms(elapsed)} | ETA {hms(remaining)}] {job.name}: {what}",
+              flush=True)
+
+    def end(self, job: Job) -> None:
+        self.spent_estimate += self.todo.pop(job.name, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training through the launcher
+# ---------------------------------------------------------------------------------------------
+
+class JobFailed(Exception):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_command(args: Sequence[str]) -> List[str]:
+    nproc = 2 if (os.cpu_count() or 1) >= 2 else 1
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+            str(REPO / "examples" / "pretrain_apex_dit.py"), *args]
+
+
+def _child_env() -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"  # as the launcher script on CPU: 2 processes x 1 thread
+    return env
+
+
+def _error_line(log: Path) -> str:
+    lines = [l.strip() for l in log.read_text(errors="replace").splitlines()[-200:] if l.strip()]
+    errors = [l for l in lines if "error:" in l.lower() or l.startswith(("ValueError", "RuntimeError"))]
+    return (errors or lines or ["no output"])[-1][:400]
+
+
+def train(out: Path, job: Job) -> None:
+    """Run (or resume) the job's training; its wall time accumulates in runs/NAME/benchmark_time.json."""
+    save = run_dir(out, job.name)
+    save.mkdir(parents=True, exist_ok=True)
+    log = save / "launcher.log"
+    cmd = launcher_command(launcher_args(out, job))
+    start = time.time()
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_child_env(), stdout=f, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:  # the trainer saves a checkpoint on SIGTERM and exits 0
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+            raise
+        finally:
+            _add_train_seconds(save, time.time() - start)
+    if rc != 0:
+        raise JobFailed(f"launcher exit code {rc}: {_error_line(log)} (log: {log})")
+    if trained_iters(save) < job.iters:
+        raise JobFailed(f"training stopped at iteration {trained_iters(save)} of {job.iters} (log: {log})")
+
+
+def _add_train_seconds(save: Path, seconds: float) -> None:
+    path = save / "benchmark_time.json"
+    total = json.loads(path.read_text())["train_seconds"] if path.is_file() else 0.0
+    write_json(path, {"train_seconds": total + seconds})
+
+
+def write_json(path: Path, payload: Dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+def training_record(save: Path) -> Dict:
+    """Measured speed (median it/s of the logged windows), the last logged losses, train seconds."""
+    records = []
+    metrics = save / "metrics.jsonl"
+    if metrics.is_file():
+        records = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
+    speeds = sorted(r["samples_per_sec"] / GLOBAL_BATCH for r in records if r.get("samples_per_sec"))
+    timing = save / "benchmark_time.json"
+    return {"its_per_sec": speeds[len(speeds) // 2] if speeds else None,
+            "last_metrics": records[-1] if records else None,
+            "train_seconds": json.loads(timing.read_text())["train_seconds"] if timing.is_file() else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and scoring (the same draws as tools/sample.py)
+# ---------------------------------------------------------------------------------------------
+
+def _sample_tool():
+    spec = importlib.util.spec_from_file_location("_benchmark_sample_tool", Path(__file__).with_name("sample.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Scorer:
+    """Loaded once per invocation: class prompts, their MiniLM encodings, the classifier."""
+
+    def __init__(self, num_per_prompt: int):
+        import numpy as np
+        import torch
+
+        from megatron_apex.data.builtin import build_builtin_shards
+        from megatron_apex.data.shards import read_manifest
+        from megatron_apex.data.text_encoder import MiniLMTextEncoder
+        from megatron_apex.eval.classifier import load_or_train_classifier
+
+        manifest = read_manifest(build_builtin_shards())
+        self.prompts = list(manifest["class_prompts"])
+        self.shape = tuple(manifest["image_shape"])
+        self.dataset = manifest.get("dataset")
+        self.k = num_per_prompt
+        context, mask = MiniLMTextEncoder().encode(self.prompts, max_length=int(manifest["max_text_len"]))
+        self.context = torch.from_numpy(context).repeat_interleave(self.k, dim=0)
+        self.mask = torch.from_numpy(mask).repeat_interleave(self.k, dim=0)
+        self.labels = np.repeat(np.arange(len(self.prompts)), self.k)
+        self.classifier = load_or_train_classifier(self.dataset, None)
+        self.tool = _sample_tool()
+
+    def images(self, model, nfe: int, method: str, seed: int):
+        """uint8 (N, H, W, C): tools/sample.py's noise, batches and generator for this seed."""
+        import torch
+
+        from megatron_apex.inference.samplers import sample
+
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn((len(self.labels), *self.shape), generator=gen)
+        parts = [sample(model, noise[s:s + 64], self.context[s:s + 64], self.mask[s:s + 64], nfe=nfe, method=method,
+                        generator=gen) for s in range(0, noise.shape[0], 64)]
+        return self.tool.to_uint8(torch.cat(parts))
+
+    def save(self, images, prefix: Path, nfe: int) -> None:
+        import numpy as np
+
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        self.tool.save_grid(images, len(self.prompts), str(prefix) + ".png")
+        tmp = str(prefix) + ".tmp.npz"
+        np.savez_compressed(tmp, images=images, prompts=np.array(np.repeat(self.prompts, self.k)), nfe=nfe,
+                            labels=self.labels, **({"dataset": self.dataset} if self.dataset else {}))
+        os.replace(tmp, str(prefix) + ".npz")
+
+    def score(self, images) -> Dict:
+        from megatron_apex.eval.metrics import evaluate_images
+
+        return evaluate_images(images, self.labels, dataset_name=self.dataset, classifier=self.classifier)
+
+
+def evaluate(out: Path, job: Job, scorer: Scorer) -> List[Dict]:
+    from megatron_apex.inference.loading import load_model_for_inference
+
+    model, _ = load_model_for_inference(str(run_dir(out, job.name)), "auto")
+    evals = []
+    for sample_seed in job.sample_seeds:
+        for nfe in job.run.nfes:
+            images = scorer.images(model, nfe, job.run.method, sample_seed)
+            prefix = out / "samples" / job.name / f"nfe{nfe}_s{sample_seed}"
+            scorer.save(images, prefix, nfe)
+            evals.append({"nfe": nfe, "sample_seed": sample_seed, "method": job.run.method, **scorer.score(images),
+                          "grid": str(prefix.relative_to(out)) + ".png"})
+    return evals
+
+
+def result_record(job: Job, mode: Mode, status: str, **extra) -> Dict:
+    return {"job": job.name, "entry": job.run.name, "plan_index": job.index, "mode": mode.name, "seed": job.seed,
+            "base": job.base_job, "iters": job.iters, "flags": list(job.run.flags), "cells": job.run.cells,
+            "status": status, **extra}
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
+
+def run_job(out: Path, mode: Mode, job: Job, progress: Progress, scorer_box: List) -> None:
+    action = job_action(out, job)
+    if action == "skip":
+        return
+    base_ok = job.base_job is None or finished_training(out, job.base_job, mode)
+    if not base_ok:
+        print(f"[benchmark] {job.name}: skipped, its base {job.base_job} is not trained", flush=True)
+        progress.end(job)
+        return
+    what = {"evaluate": "evaluating", "resume": f"resuming training at iteration {trained_iters(run_dir(out, job.name))}"
+            f" of {job.iters}", "start": f"training {job.iters} iterations"
+            + (f" (fine-tuning {job.base_job})" if job.base_job else "")}[action]
+    progress.begin(job, what)
+    try:
+        if action != "evaluate":
+            train(out, job)
+        start = time.time()
+        if not scorer_box:
+            scorer_box.append(Scorer(mode.num_per_prompt))
+        evals = evaluate(out, job, scorer_box[0])
+        record = result_record(job, mode, "ok", evals=evals, eval_seconds=time.time() - start,
+                               **training_record(run_dir(out, job.name)))
+        fd1 = [e["fd"] for e in evals if e["nfe"] == 1]
+        print(f"[benchmark] {job.name}: NFE=1 FD {sum(fd1) / len(fd1):.1f}", flush=True)
+    except JobFailed as err:
+        print(f"[benchmark] {job.name}: FAILED: {err}", flush=True)
+        record = result_record(job, mode, "failed", error=str(err), **training_record(run_dir(out, job.name)))
+    write_json(result_path(out, job.name), record)
+    progress.end(job)
+
+
+def finished_training(out: Path, job_name: str, mode: Mode) -> bool:
+    needed = next((j.iters for j in build_plan(mode) if j.name == job_name), None)
+    return needed is not None and trained_iters(run_dir(out, job_name)) >= needed
+
+
+def mode_of(args) -> Mode:
+    return MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
+
+
+def plan_listing(jobs: Sequence[Job], mode: Mode, out: Path) -> str:
+    lines = [f"mode {mode.name}: {len(jobs)} runs, expected {hms(sum(estimate_seconds(j, mode) for j in jobs))} "
+             f"on the idle 2-core machine; out {out}"]
+    for j in jobs:
+        lines.append(f"  {j.name:<24} {j.iters:>5} it  seed {j.seed}  ~{hms(estimate_seconds(j, mode))}  "
+                     f"{'from ' + j.base_job if j.base_job else 'scratch':<12} {' '.join(j.run.flags)}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = OneLineErrorParser(prog="benchmark_quality.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the quick plan (< 30 min on 2 idle cores)")
+    size.add_argument("--smoke", action="store_true", help="a few iterations per run (tests)")
+    p.add_argument("--only", default=None, help="NAME[,NAME]: plan rows or jobs (their bases are added)")
+    p.add_argument("--out", default=None, help="default: runs/benchmark_quality[_quick|_smoke] in the repository")
+    p.add_argument("--report-only", action="store_true", help="rewrite report.md and the plots from results/")
+    p.add_argument("--list", action="store_true", help="print the plan and its time estimate, run nothing")
+    p.add_argument("--eval-threads", type=int, default=1,
+                   help="torch threads for sampling and scoring (1: robust when other jobs share the cores)")
+    args = p.parse_args(argv)
+    if args.eval_threads < 1:
+        p.error(f"--eval-threads must be >= 1, got {args.eval_threads}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    mode = mode_of(args)
+    out = Path(args.out).resolve() if args.out else REPO / mode.out
+    try:
+        jobs = select(build_plan(mode), args.only)
+    except ValueError as err:
+        print(f"benchmark_quality.py: error: {err}", file=sys.stderr)
+        return 2
+    expected = sum(estimate_seconds(j, mode) for j in build_plan(mode))
+    if args.list:
+        print(plan_listing(jobs, mode, out))
+        return 0
+    from megatron_apex.eval.report import write_report
+
+    if not args.report_only:
+        import torch
+
+        torch.set_num_threads(args.eval_threads)
+        print(plan_listing(jobs, mode, out), flush=True)
+        progress, scorer_box = Progress(jobs, mode, out), []
+        try:
+            for job in jobs:
+                run_job(out, mode, job, progress, scorer_box)
+        except KeyboardInterrupt:
+            print("[benchmark] interrupted; rerun the same command to resume", file=sys.stderr, flush=True)
+            return 130
+        print(f"[benchmark] done in {hms(time.time() - progress.start)}", flush=True)
+    report = write_report(out, expected_seconds=expected)
+    print(f"[benchmark] wrote {report}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
