@@ -4,6 +4,7 @@
         [--tensor-model-parallel-size T --pipeline-model-parallel-size P]
     python tools/convert_hf.py export --model qwen-image --load CKPT_DIR --hf-path OUT_DIR \\
         [--weights model|ema --max-shard-size 5GB --dtype auto --extras inline|separate|drop]
+        [--base-pipeline PIPELINE_DIR]   (then OUT_DIR is a whole pipeline with our transformer/)
     python tools/convert_hf.py verify --model qwen-image --hf-path HF_DIR [--load CKPT_DIR] \\
         [--batch 2 --grid 4x4 --text-len 8 --seed 0 --tolerance 1e-5]
 
@@ -25,10 +26,7 @@ import time
 # Runs from a checkout without installing the package, too.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's convention)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from megatron_apex.cli import OneLineErrorParser  # noqa: E402
 
 
 def _grid(text: str):
@@ -66,8 +64,9 @@ MODEL_HELP = "model family: qwen-image, sana or auto (detected; the default)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="convert_hf.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = OneLineErrorParser(prog="convert_hf.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
 
     imp = sub.add_parser("import", help="diffusers folder -> megatron_apex checkpoint")
     imp.add_argument("--model", default="auto", help=MODEL_HELP)
@@ -83,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="megatron_apex checkpoint -> diffusers folder")
     exp.add_argument("--model", default="auto", help=MODEL_HELP)
     exp.add_argument("--load", required=True, help="checkpoint: a save directory (follows `latest`) or an iter_* dir")
-    exp.add_argument("--hf-path", required=True, help="new diffusers folder (must not exist or be empty)")
+    exp.add_argument("--hf-path", required=True,
+                     help="new diffusers transformer folder, or with --base-pipeline the new pipeline folder "
+                          "(must not exist or be empty)")
     exp.add_argument("--weights", choices=("model", "ema"), default="model")
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
     exp.add_argument("--dtype", default="auto",
@@ -91,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--extras", choices=("inline", "separate", "drop"), default="inline",
                      help="APEX keys diffusers does not know: in the shards (diffusers warns and ignores them), "
                           "in apex_extras.safetensors, or not at all")
+    exp.add_argument("--base-pipeline", default=None,
+                     help="a diffusers pipeline folder (model_index.json): --hf-path becomes a whole pipeline with "
+                          "its other components (hard-linked on the same filesystem, else copied) and our "
+                          "transformer/")
     exp.add_argument("--report-memory", action="store_true", help="print peak RSS against the model size")
 
     ver = sub.add_parser("verify", help="compare diffusers' forward with ours")
@@ -189,12 +194,19 @@ def run(a) -> int:
         return 0
     if a.command == "export":
         _require_dir(a.load, "--load")
-        result = checkpoint_io.export_hf(family, a.load, a.hf_path, a.weights, a.max_shard_size, a.dtype, a.extras)
-        print(f"convert_hf.py: wrote {a.hf_path} ({len(result['files'])} files, {result['dtype']}, "
+        result = checkpoint_io.export_hf(family, a.load, a.hf_path, a.weights, a.max_shard_size, a.dtype, a.extras,
+                                         a.base_pipeline)
+        where = a.hf_path
+        if a.base_pipeline is not None:
+            where = os.path.join(a.hf_path, "transformer")
+            base = result["base_pipeline"]
+            print(f"convert_hf.py: pipeline {a.hf_path} from {a.base_pipeline}: {base['linked']} files hard-linked, "
+                  f"{base['copied']} copied, transformer/ exported")
+        print(f"convert_hf.py: wrote {where} ({len(result['files'])} files, {result['dtype']}, "
               f"{result['weights']} weights of {result['checkpoint']}; {len(result['extras'])} APEX extra keys "
               f"{a.extras}) in {time.time() - start:.1f}s")
         if a.report_memory:
-            _report_memory(baseline, a.hf_path)
+            _report_memory(baseline, where)
         return 0
     _require_dir(a.hf_path, "--hf-path")
     if a.load is not None:
@@ -219,4 +231,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from megatron_apex.conversion.hf_io import return_freed_memory_promptly
+
+    return_freed_memory_promptly()  # RSS = what the streaming holds (see its docstring)
     sys.exit(main())

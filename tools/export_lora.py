@@ -7,8 +7,9 @@
 The LoRA file loads on the stock base pipeline with ``pipe.load_lora_weights(DIR)`` (or
 ``transformer.load_lora_adapter(DIR/pytorch_lora_weights.safetensors, prefix="transformer")``);
 the merged folder (adapters folded into the weights, W + alpha/r B A) is what
-``tools/convert_hf.py export`` writes for a full run. The base comes from the checkpoint's
-record, or --pretrained-checkpoint. One process (no torchrun); docs/lora.md.
+``tools/convert_hf.py export`` writes for a full run, merged and written one tensor at a time
+(memory: the loaded model plus a tensor). The base comes from the checkpoint's record, or
+--pretrained-checkpoint. One process (no torchrun); docs/lora.md.
 Exit status: 0 success, 2 bad input (one line naming the flag or file).
 """
 
@@ -23,18 +24,16 @@ import time
 # Runs from a checkout without installing the package, too.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_apex.cli import OneLineErrorParser  # noqa: E402
+
 LORA_EXTRAS = ("drop", "error")
 MERGED_EXTRAS = ("inline", "separate", "drop")
 LORA_INFO_NAME = "megatron_apex_lora.json"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's convention)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="export_lora.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrorParser(prog="export_lora.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="LoRA run: a save directory (follows `latest`) or an iter_* dir")
     p.add_argument("--pretrained-checkpoint", default=None,
                    help="the base weights (default: the base recorded in the LoRA checkpoint)")
@@ -97,35 +96,53 @@ def export_lora_file(model, state, out: str, extras: str, dtype) -> dict:
     return {"files": [LORA_WEIGHT_NAME, LORA_INFO_NAME], "dropped": dropped}
 
 
+def merged_tensors(model):
+    """(our state dict with every adapted weight as W + scale * B A, made when it is read;
+    the same keys as meta tensors). Adapter entries are left out; nothing is copied here, so
+    the export holds the model and one merged tensor at a time."""
+    import torch
+
+    from megatron_apex.conversion.engine import LazyStateDict
+    from megatron_apex.lora.adapters import ADAPTER_PARAMS, iter_lora_modules, merged_weight
+    from megatron_apex.lora.apply import unwrap
+    from megatron_apex.lora.diffusers_io import _check_whole_model
+
+    root = unwrap(model)
+    _check_whole_model(root, "merged export", allow_tp=False)
+    real, meta = LazyStateDict(), LazyStateDict()
+    for key, tensor in root.state_dict().items():  # references to the parameters, not copies
+        real[key] = tensor
+        # (megatron's *._extra_state entries may be None; the export skips them)
+        meta[key] = torch.empty_like(tensor, device="meta") if isinstance(tensor, torch.Tensor) else tensor
+    for name, module in iter_lora_modules(root):
+        prefix = f"{name}." if name else ""
+        for key in ADAPTER_PARAMS:
+            for sd in (real, meta):
+                sd.pop(prefix + key, None)
+
+        def merge(module=module):
+            with torch.no_grad():
+                return merged_weight(module)
+
+        real.set_recipe(prefix + "weight", merge)
+    return real, meta
+
+
 def export_merged(model, state, out: str, extras: str, dtype, max_shard_size: str) -> dict:
     from megatron_apex.conversion import hf_io
-    from megatron_apex.conversion.checkpoint_io import APEX_CONFIG_NAME
-    from megatron_apex.conversion.engine import expand
-    from megatron_apex.lora import merged_diffusers_state_dict
+    from megatron_apex.conversion.checkpoint_io import APEX_CONFIG_NAME, write_hf_transformer
     from megatron_apex.lora.diffusers_io import resolve_family
     from megatron_apex.training import checkpointing
 
     shard_bytes = hf_io.parse_size(max_shard_size)
     family = resolve_family(model)
     config = model.model_config
-    optional = {h for _, hf_keys, rule in expand(family.mapping_table(config), family.num_layers(config))
-                if rule.optional for h in hf_keys}
     base = state.get("lora_base")
     base_state = checkpointing.read_train_state(base) if base else None
-    tensors = merged_diffusers_state_dict(model, family)
-    written_extras = []
+    real, meta = merged_tensors(model)
     with hf_io.atomic_output_dir(out, "--out") as tmp:
-        main = hf_io.ShardedSafetensorsWriter(tmp, shard_bytes)
-        side = hf_io.ShardedSafetensorsWriter(tmp, 1 << 62, weights_name=hf_io.EXTRAS_NAME,
-                                              index_name=hf_io.EXTRAS_NAME + ".index.json")
-        for key in list(tensors):
-            tensor = tensors.pop(key)
-            if key in optional:
-                if extras == "drop":
-                    continue
-                written_extras.append(key)
-            (side if key in optional and extras == "separate" else main).add(key, tensor.to(dtype))
-        files = main.close() + side.close()
+        files, written_extras = write_hf_transformer(tmp, family, config, lambda is_meta: meta if is_meta else real,
+                                                     dtype, extras, shard_bytes, source="the merged model state dict")
         with open(os.path.join(tmp, hf_io.CONFIG_NAME), "w") as f:
             json.dump(_diffusers_config(family, config, base_state), f, indent=2, sort_keys=True)
             f.write("\n")
@@ -184,4 +201,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from megatron_apex.conversion.hf_io import return_freed_memory_promptly
+
+    return_freed_memory_promptly()  # RSS = what the streaming holds (see its docstring)
     sys.exit(main())

@@ -4,9 +4,11 @@ state dict into a one-stage TP=1 model."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping
+from typing import Callable, Dict, Mapping, MutableMapping
 
 import torch
+
+from megatron_apex.conversion.engine import LazyStateDict
 
 _TARGET_KEYS = {f"target_time_embedder.linear_{j}.{p}" for j in (1, 2) for p in ("weight", "bias")}
 
@@ -17,8 +19,24 @@ def shift_is_learnable(config) -> bool:
     return bool(config.shift_learnable)
 
 
-def fill_apex_extras(sd: Dict[str, torch.Tensor], missing, config, shift_dim: int, embedder_hf: str,
-                     source: str) -> Dict[str, torch.Tensor]:
+def _put(sd: MutableMapping, key: str, make: Callable[[], torch.Tensor]) -> None:
+    """Store ``make()`` under ``key``; a lazy state dict keeps the recipe instead (a streaming
+    import then holds no extra tensors either)."""
+    if isinstance(sd, LazyStateDict):
+        sd.set_recipe(key, make)
+    else:
+        sd[key] = make()
+
+
+def _fresh_shift(config, shift_dim: int) -> Dict[str, torch.Tensor]:
+    from megatron_apex.objectives.apex import ConditionShift
+
+    return ConditionShift(shift_dim, kind=config.shift_kind, a=config.shift_a, b=config.shift_b,
+                          learnable=config.shift_learnable).state_dict()
+
+
+def fill_apex_extras(sd: MutableMapping, missing, config, shift_dim: int, embedder_hf: str,
+                     source: str) -> MutableMapping:
     """Fill the APEX keys a diffusers checkpoint lacks: the target-time embedder starts as a copy
     of the time embedder (its output layer zeroed with target_time_init="zero"), the condition
     shift at its configured initial value."""
@@ -26,19 +44,16 @@ def fill_apex_extras(sd: Dict[str, torch.Tensor], missing, config, shift_dim: in
     if missing & _TARGET_KEYS:
         if not _TARGET_KEYS <= missing:
             raise ValueError(f"{source} has only part of {embedder_hf}")
-        for key in _TARGET_KEYS:
-            sd[key] = sd[key.replace("target_time_embedder", "time_embedder")].clone()
-        if config.target_time_init == "zero":
-            for p in ("weight", "bias"):
-                sd[f"target_time_embedder.linear_2.{p}"] = torch.zeros_like(sd[f"target_time_embedder.linear_2.{p}"])
+        for key in sorted(_TARGET_KEYS):
+            src = key.replace("target_time_embedder", "time_embedder")
+            if config.target_time_init == "zero" and key.startswith("target_time_embedder.linear_2."):
+                _put(sd, key, lambda src=src: torch.zeros_like(sd[src]))
+            else:
+                _put(sd, key, lambda src=src: sd[src].clone())
         missing -= _TARGET_KEYS
-    if missing:
-        from megatron_apex.objectives.apex import ConditionShift
-
-        fresh = ConditionShift(shift_dim, kind=config.shift_kind, a=config.shift_a, b=config.shift_b,
-                               learnable=config.shift_learnable).state_dict()
-        for key in sorted(missing):
-            sd[key] = fresh[key.split(".", 1)[1]].to(config.torch_dtype)
+    for key in sorted(missing):
+        name = key.split(".", 1)[1]
+        _put(sd, key, lambda name=name: _fresh_shift(config, shift_dim)[name].to(config.torch_dtype))
     return sd
 
 

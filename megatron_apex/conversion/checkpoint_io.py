@@ -3,15 +3,17 @@ family that has a mapping table (tools/convert_hf.py is the command line; docs/c
 the user guide).
 
 import: the safetensors headers are checked against the keys and shapes the table expects
-before anything is read; then each HF tensor is read once, converted (QKV fused) and cut into
-the tensor-parallel pieces a TP=T run would save, and the pieces are written by megatron's
-``dist_checkpointing`` from this ONE process (it accepts several shards of a key from one
-rank). Pipeline stages address layers by their global index, so a checkpoint has no pipeline
-layout of its own: any TP/PP run (and any other) loads it, resharding on load.
+before anything is read. The checkpoint is then written by megatron's ``dist_checkpointing``
+from this ONE process (it accepts several shards of a key from one rank) through
+``streaming_save``: when the writer reaches a tensor, its HF tensors are read, converted (QKV
+fused), cut into the tensor-parallel pieces a TP=T run would save, written and dropped.
+Pipeline stages address layers by their global index, so a checkpoint has no pipeline layout
+of its own: any TP/PP run (and any other) loads it, resharding on load.
 
-export: the checkpoint is loaded one layer at a time at TP=1 (megatron reshards whatever TP/PP
-it was saved with), split back into diffusers' keys and written into safetensors shards of
-at most ``max_shard_size``: peak memory is one shard plus one layer.
+export: the checkpoint's full (TP=1) tensors are read with torch DCP (which assembles whatever
+TP/PP pieces were saved) in groups of about the largest tensor's size; each tensor is split
+back into diffusers' keys and written straight into its safetensors shard, whose layout was
+computed beforehand from the shapes alone. Memory holds about one group, whatever the model and shard sizes.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_apex.conversion import hf_io
-from megatron_apex.conversion.engine import EXTRA_STATE_SUFFIX, TRANSFORMS, ParamRule, expand, ours_to_hf
+from megatron_apex.conversion import hf_io, pipeline_io
+from megatron_apex.conversion.engine import EXTRA_STATE_SUFFIX, ParamRule, expand, iter_ours_to_hf, ours_to_hf
 
 APEX_CONFIG_NAME = "megatron_apex_config.json"
 EXTRAS_MODES = ("inline", "separate", "drop")
@@ -49,13 +51,15 @@ class ModelFamily:
     config_from_saved: Callable[[Dict], Any]  # train_state.json -> our config
     mapping_table: Callable[[Any], List[ParamRule]]
     transform_context: Callable[[Any], Dict]
-    hf_to_ours: Callable[..., Dict[str, torch.Tensor]]  # (lazy HF mapping, config, source=) -> TP=1 state dict
+    hf_to_ours: Callable[..., Mapping[str, torch.Tensor]]  # (HF mapping, config, source=, lazy=) -> TP=1 state dict
     build_model: Callable[[Any], torch.nn.Module]  # TP=1, every layer, on the current default device
     model_names: Callable[[], Mapping[str, Callable[[], Any]]]  # registry: name -> config factory
     default_model_name: str
     load_reference: Callable[[str], torch.nn.Module]  # the diffusers model of a folder
     reference_forward: Callable[..., torch.Tensor]  # (hf model, config, x, t, ctx, mask) -> velocity
     context_dim: Callable[[Any], int]  # width of the text states the model takes
+    # config.json fields a pipeline's other components fix (latent channels, text width)
+    pipeline_fields: Tuple[str, ...] = ()
 
     def num_layers(self, config) -> int:
         return config.num_layers
@@ -103,6 +107,7 @@ def _qwen_image_family() -> ModelFamily:
         transform_context=qm.transform_context, hf_to_ours=qm.hf_to_megatron, build_model=build,
         model_names=names, default_model_name="qwen-image-20b", load_reference=load_reference,
         reference_forward=reference_forward, context_dim=lambda config: config.joint_attention_dim,
+        pipeline_fields=("in_channels", "out_channels", "joint_attention_dim"),
     )
 
 
@@ -143,6 +148,7 @@ def _sana_family() -> ModelFamily:
         transform_context=sm.transform_context, hf_to_ours=sm.hf_to_megatron, build_model=build,
         model_names=names, default_model_name="sana-1.6b", load_reference=load_reference,
         reference_forward=reference_forward, context_dim=lambda config: config.caption_channels,
+        pipeline_fields=("in_channels", "out_channels", "caption_channels"),
     )
 
 
@@ -298,47 +304,32 @@ def _json_ready(value):
 
 
 # ============================================================================ import
-def tensor_parallel_shards(template: Mapping, tensors: Dict[str, torch.Tensor], split_dims: Mapping[str, Optional[int]],
-                           tp: int, prefix: str, dtype: torch.dtype) -> Dict:
-    """The sharded state dict that ``tp`` tensor-parallel ranks would save together, built in
-    one process from full tensors (popped from ``tensors`` as they are cut, so memory holds
-    one copy): each TP-split tensor becomes ``tp`` contiguous chunks along its split dim with
-    their global offsets, the rest one piece. ``template`` (a TP=1 model's
-    ``sharded_state_dict``) supplies keys and non-tensor entries."""
-    from megatron.core.dist_checkpointing import ShardedTensor
+def _write_checkpoint(save_dir: str, sharded: Dict, index: Mapping, source, train_state: Dict) -> str:
+    """``save_dir/iter_0000000`` (tensors streamed from ``source``), its train_state.json and
+    ``save_dir/latest``: the layout the trainer writes and loads."""
+    from megatron_apex.conversion import streaming_save
+    from megatron_apex.training import checkpointing
 
-    out = {}
-    for name, entry in template.items():
-        if not isinstance(entry, ShardedTensor):
-            out[name] = entry  # ShardedObject (extra state): replicated, kept as the model has it
-            continue
-        key = entry.key[len(prefix):]
-        tensor = tensors.pop(key).to(dtype)
-        if tuple(tensor.shape) != tuple(entry.global_shape):
-            raise ValueError(f"converted {key!r} has shape {tuple(tensor.shape)}, the model {tuple(entry.global_shape)}")
-        dim = split_dims[key]
-        if dim is None or tp == 1:
-            out[name] = ShardedTensor.from_rank_offsets(entry.key, tensor.contiguous(), replica_id=entry.replica_id)
-            continue
-        if tensor.shape[dim] % tp:
-            raise ValueError(f"{key!r} dim {dim} ({tensor.shape[dim]}) is not divisible by "
-                             f"--tensor-model-parallel-size {tp}")
-        for rank, chunk in enumerate(tensor.chunk(tp, dim=dim)):
-            # a clone: the writer would copy views anyway, and the full tensor can go now
-            out[f"{name}/tp{rank}"] = ShardedTensor.from_rank_offsets(
-                entry.key, chunk.clone(memory_format=torch.contiguous_format), (dim, rank, tp),
-                replica_id=entry.replica_id)
-        del tensor
-    if tensors:
-        raise ValueError(f"converted keys the model does not have: {_listing(sorted(tensors))}")
-    return out
+    ckpt = checkpointing.checkpoint_dir(save_dir, 0)
+    os.makedirs(ckpt)
+    streaming_save.save(sharded, index, source, ckpt)
+    checkpointing.write_json_atomic(os.path.join(ckpt, checkpointing.TRAIN_STATE), train_state)
+    with open(os.path.join(save_dir, checkpointing.LATEST), "w") as f:
+        f.write("0\n")
+    return ckpt
 
 
 def import_hf(family: ModelFamily, hf_path: str, save: str, tensor_model_parallel_size: int = 1,
               pipeline_model_parallel_size: int = 1, overrides: Optional[Mapping] = None,
-              model_name: Optional[str] = None) -> Dict:
-    """diffusers folder -> ``save/iter_0000000`` (+ ``latest``); returns the train state written."""
-    from megatron_apex.training import checkpointing
+              model_name: Optional[str] = None, on_convert: Optional[Callable] = None) -> Dict:
+    """diffusers folder -> ``save/iter_0000000`` (+ ``latest``); returns the train state written.
+
+    Streams: each of our tensors is read from the safetensors file(s), converted and written
+    when the checkpoint writer reaches it (``streaming_save``). ``on_convert(key, tensor)``
+    (tests, measurements) sees every converted tensor."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from megatron_apex.conversion.streaming_save import PieceSource, lazy_sharded_state_dict
 
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     for flag, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp)):
@@ -354,54 +345,146 @@ def import_hf(family: ModelFamily, hf_path: str, save: str, tensor_model_paralle
         raise ValueError(f"--model-name {model_name!r}: not a registered model; known: "
                          f"{', '.join(sorted(family.model_names()))}")
 
-    source = hf_io.SafetensorsFolder(hf_path, "--hf-path")
-    check_hf_keys(family, config, source, "--hf-path")
-    table = family.mapping_table(config)
-    split_dims = _split_dims(table, layers)
-    meta = _meta_model(family, config)
-    for key, tensor in _plain_state(meta).items():
-        dim = split_dims.get(key)
-        if dim is not None and tensor.shape[dim] % tp:
-            raise ValueError(f"--tensor-model-parallel-size {tp} does not divide dim {dim} of {key!r} "
-                             f"({tensor.shape[dim]})")
+    with hf_io.SafetensorsFolder(hf_path, "--hf-path") as source:
+        check_hf_keys(family, config, source, "--hf-path")
+        table = family.mapping_table(config)
+        split_dims = _split_dims(table, layers)
+        meta = _meta_model(family, config)
+        shapes = {key: tuple(tensor.shape) for key, tensor in _plain_state(meta).items()}
+        for key, shape in shapes.items():
+            dim = split_dims.get(key)
+            if dim is not None and shape[dim] % tp:
+                raise ValueError(f"--tensor-model-parallel-size {tp} does not divide dim {dim} of {key!r} "
+                                 f"({shape[dim]})")
 
-    _init_single_process()
-    prefix = "model."
-    template = meta.sharded_state_dict(prefix=prefix)
-    # Reads each HF tensor once, in table order; fills APEX extras the folder lacks.
-    tensors = family.hf_to_ours(source, config, source=f"--hf-path {hf_path}")
-    source_dtype = source.dominant_dtype()
-    source.close()
-    sharded = tensor_parallel_shards(template, tensors, split_dims, tp, prefix, config.torch_dtype)
+        _init_single_process()
+        prefix = "model."
+        template = meta.sharded_state_dict(prefix=prefix)
+        # Nothing is read yet: each tensor is read and converted when the writer asks for it.
+        tensors = family.hf_to_ours(source, config, source=f"--hf-path {hf_path}", lazy=True)
+        wanted = {v.key[len(prefix):] for v in template.values() if isinstance(v, ShardedTensor)}
+        if set(tensors) != wanted:
+            raise ValueError(f"converted keys and model disagree: only converted "
+                             f"{_listing(sorted(set(tensors) - wanted))}; only in the model "
+                             f"{_listing(sorted(wanted - set(tensors)))}")
+        pieces = PieceSource(tensors, shapes, split_dims, tp, config.torch_dtype, on_convert)
+        sharded, index = lazy_sharded_state_dict(template, pieces, prefix)
+        source_dtype = source.dominant_dtype()
 
-    name, match = (model_name, "given") if model_name else _registry_name(family, config)
-    train_state = {
-        "iteration": 0,
-        "consumed_samples": 0,
-        "model_name": name,
-        "model_config": _json_ready(dataclasses.asdict(config)),
-        "has_ema": False,
-        "has_teacher": False,
-        "args": {"model": name, "data": {"data_path": None},
-                 "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}},
-        "source": {
-            "format": "diffusers", "family": family.name, "hf_path": os.path.abspath(hf_path),
-            "config_sha256": hf_io.file_sha256(os.path.join(hf_path, hf_io.CONFIG_NAME)),
-            "diffusers_config": diffusers_config,
-            "dtype": str(source_dtype).replace("torch.", "") if source_dtype is not None else None,
-            "weight_files": source.files,
-            "registry_match": match,
-        },
-    }
-    with hf_io.atomic_output_dir(save, "--save") as tmp:
-        checkpointing.save_checkpoint(tmp, 0, sharded, train_state)
+        name, match = (model_name, "given") if model_name else _registry_name(family, config)
+        train_state = {
+            "iteration": 0,
+            "consumed_samples": 0,
+            "model_name": name,
+            "model_config": _json_ready(dataclasses.asdict(config)),
+            "has_ema": False,
+            "has_teacher": False,
+            "args": {"model": name, "data": {"data_path": None},
+                     "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}},
+            "source": {
+                "format": "diffusers", "family": family.name, "hf_path": os.path.abspath(hf_path),
+                "config_sha256": hf_io.file_sha256(os.path.join(hf_path, hf_io.CONFIG_NAME)),
+                "diffusers_config": diffusers_config,
+                "dtype": str(source_dtype).replace("torch.", "") if source_dtype is not None else None,
+                "weight_files": source.files,
+                "registry_match": match,
+            },
+        }
+        with hf_io.atomic_output_dir(save, "--save") as tmp:
+            _write_checkpoint(tmp, sharded, index, pieces, train_state)
     return train_state
 
 
 # ============================================================================ export
-def _layer_of(key: str) -> int:
-    match = re.match(r"layers\.(\d+)\.", key)
-    return int(match.group(1)) if match else -1
+class CheckpointTensors(Mapping[str, torch.Tensor]):
+    """Our TP=1 tensors of one checkpoint (``weights`` prefix), read when asked for: keys are
+    grouped in ``order`` into reads of at most ``group_bytes`` (a larger tensor is read alone;
+    the read assembles full tensors from whatever TP/PP pieces were saved), the group of the
+    key asked for is read, and each tensor is handed out once and forgotten, so memory holds
+    one group. ``on_read(keys)`` (tests, measurements) sees every read."""
+
+    def __init__(self, ckpt: str, entries: Mapping[str, Tuple[str, Tuple[int, ...], torch.dtype]],
+                 order: Sequence[str], group_bytes: int, on_read: Optional[Callable[[List[str]], None]] = None):
+        self.ckpt, self.entries, self.on_read = ckpt, dict(entries), on_read
+        self.groups: List[List[str]] = []
+        size = 0
+        for key in order:
+            _, shape, dtype = self.entries[key]
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            if not self.groups or (self.groups[-1] and size + nbytes > group_bytes):
+                self.groups.append([])
+                size = 0
+            self.groups[-1].append(key)
+            size += nbytes
+        self._group_of = {key: i for i, group in enumerate(self.groups) for key in group}
+        self._held: Dict[str, torch.Tensor] = {}
+        self._reader = None
+
+    def _read(self, group: List[str]) -> Dict[str, torch.Tensor]:
+        """One torch-DCP read of the group's full tensors (megatron's checkpoints are torch DCP
+        checkpoints keyed by ShardedTensor key; DCP assembles a full tensor from the stored
+        TP pieces). Straight DCP rather than ``dist_checkpointing.load``: that one unpickles
+        the checkpoint's metadata on every call, most of an export's time at ~40 ms a call."""
+        import torch.distributed.checkpoint as dcp
+
+        if self._reader is None:
+            self._reader = _MetadataOnceReader(self.ckpt)
+        request = {}
+        for key in group:
+            sharded_key, shape, dtype = self.entries[key]
+            request[sharded_key] = torch.empty(shape, dtype=dtype)
+        if self.on_read is not None:
+            self.on_read(list(group))
+        with warnings.catch_warnings():  # no_dist is the point: one process reads
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(request, storage_reader=self._reader, no_dist=True)
+        return {key: request[self.entries[key][0]] for key in group}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._held:
+            self._held = {}  # let the previous group go before reading the next
+            self._held = self._read(self.groups[self._group_of[key]])
+        return self._held.pop(key)
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, key) -> bool:
+        return key in self.entries
+
+
+def _MetadataOnceReader(path: str):
+    """torch DCP's FileSystemReader reading ``.metadata`` once for all the loads it serves
+    (the caller has checked the pickle, ``untrusted.check_checkpoint_pickles``)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class Reader(FileSystemReader):
+        def read_metadata(self):
+            if getattr(self, "_metadata", None) is None:
+                self._metadata = super().read_metadata()
+            return self._metadata
+
+    return Reader(path)
+
+
+class _MetaTensors(Mapping[str, torch.Tensor]):
+    """The same keys as a :class:`CheckpointTensors`, as meta tensors (the export's layout)."""
+
+    def __init__(self, entries: Mapping[str, Tuple[str, Tuple[int, ...], torch.dtype]]):
+        self.entries = entries
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        _, shape, dtype = self.entries[key]
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
 
 
 def _checkpoint_tensors(ckpt: str) -> Dict:
@@ -410,13 +493,61 @@ def _checkpoint_tensors(ckpt: str) -> Dict:
     return dist_checkpointing.load_tensors_metadata(ckpt)
 
 
+def hf_items(family: ModelFamily, config, tensors: Mapping[str, torch.Tensor], out_dtype: torch.dtype, extras: str,
+             source: str) -> Iterator[Tuple[str, torch.Tensor, bool]]:
+    """(diffusers key, tensor in ``out_dtype``, is APEX extra) for our (TP=1) ``tensors``, one
+    of ours read at a time, in table order; extras left out with ``extras == "drop"``."""
+    for hf_key, tensor, rule in iter_ours_to_hf(tensors, family.mapping_table(config), family.num_layers(config),
+                                                family.transform_context(config), source=source):
+        if rule.optional and extras == "drop":
+            continue
+        yield hf_key, tensor.to(out_dtype), rule.optional
+
+
+def write_hf_transformer(folder: str, family: ModelFamily, config, make_tensors: Callable[[bool], Mapping],
+                         out_dtype: torch.dtype, extras: str, max_shard_size: int,
+                         source: str) -> Tuple[List[str], List[str]]:
+    """A diffusers transformer folder's weights (``folder`` exists), streamed: the layout is
+    computed from ``make_tensors(True)`` (meta tensors), then ``make_tensors(False)`` is read
+    one tensor at a time and each result written to disk at once. Returns (files, extra keys)."""
+    def items(meta: bool):
+        return hf_items(family, config, make_tensors(meta), out_dtype, extras, source)
+
+    extra_keys = [key for key, _, extra in items(True) if extra]
+    files = hf_io.write_tensor_stream(folder, items, max_shard_size, separate_extras=extras == "separate")
+    return files, extra_keys
+
+
+def check_pipeline_interface(family: ModelFamily, config, base: str, flag: str = "--base-pipeline") -> None:
+    """The base pipeline's other components were made for its own transformer: refuse ours
+    when it differs in what they fix (latent channels, text-state width), as read from the
+    base's ``transformer/config.json`` (not checked when the base has none)."""
+    theirs_path = os.path.join(base, pipeline_io.TRANSFORMER, hf_io.CONFIG_NAME)
+    if not os.path.isfile(theirs_path):
+        return
+    theirs = hf_io.read_json(theirs_path, flag)
+    ours = family.config_to_diffusers(config)
+    differs = [f"{k} {theirs.get(k)!r} (ours {ours[k]!r})" for k in family.pipeline_fields
+               if k in theirs and theirs.get(k) != ours[k]]
+    if differs:
+        raise ValueError(f"{flag} {base}: its other components expect a transformer with "
+                         f"{', '.join(differs)}")
+
+
 def export_hf(family: ModelFamily, load: str, out: str, weights: str = "model",
-              max_shard_size="5GB", dtype: str = "auto", extras: str = "inline") -> Dict:
-    """Our checkpoint (any TP/PP) -> a diffusers folder; returns a summary."""
-    from megatron.core import dist_checkpointing
+              max_shard_size="5GB", dtype: str = "auto", extras: str = "inline",
+              base_pipeline: Optional[str] = None, read_group_bytes: Optional[int] = None,
+              on_read: Optional[Callable[[List[str]], None]] = None) -> Dict:
+    """Our checkpoint (any TP/PP) -> a diffusers transformer folder, or with ``base_pipeline``
+    a pipeline folder: the base's other components (``pipeline_io.populate_from_base``: hard
+    links, copies across file systems) and our transformer in ``transformer/``. Streams: the
+    checkpoint is read in groups of at most ``read_group_bytes`` (default: the largest
+    tensor's size) and every converted tensor is written to its shard at once; ``on_read``
+    (tests, measurements) sees each group read. Returns a summary."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
     from megatron_apex.training import checkpointing
+    from megatron_apex.untrusted import check_checkpoint_pickles
 
     if weights not in WEIGHTS:
         raise ValueError(f"--weights {weights!r}: choose one of {WEIGHTS}")
@@ -440,6 +571,9 @@ def export_hf(family: ModelFamily, load: str, out: str, weights: str = "model",
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"--load {ckpt}: cannot rebuild the model config from train_state.json ({err})") from None
     diffusers_config = family.config_to_diffusers(config)
+    if base_pipeline is not None:
+        pipeline_io.check_base_pipeline(base_pipeline, family.diffusers_class)
+        check_pipeline_interface(family, config, base_pipeline)
     source = state.get("source") or {}
     original = source.get("diffusers_config")
     if isinstance(original, dict) and original.get("_class_name") == family.diffusers_class and \
@@ -451,10 +585,11 @@ def export_hf(family: ModelFamily, load: str, out: str, weights: str = "model",
     else:
         out_dtype = DTYPES[dtype]
 
+    check_checkpoint_pickles(ckpt)
+    checkpointing.check_checkpoint_files(ckpt)
     _init_single_process()
     layers = family.num_layers(config)
     table = family.mapping_table(config)
-    ctx = family.transform_context(config)
     prefix = f"{weights}."
     template = {k: v for k, v in _meta_model(family, config).sharded_state_dict(prefix=prefix).items()
                 if isinstance(v, ShardedTensor)}
@@ -476,44 +611,37 @@ def export_hf(family: ModelFamily, load: str, out: str, weights: str = "model",
     if absent or unmapped:
         raise ValueError(f"mapping table and model disagree: table-only {_listing(absent)}; "
                          f"model-only {_listing(unmapped)}")
-    groups: Dict[int, List] = {}
-    for rule in rules:
-        groups.setdefault(_layer_of(rule[0]), []).append(rule)
+    entries = {o: (by_key[o].key, tuple(by_key[o].global_shape), saved[by_key[o].key].dtype) for o, _, _ in rules}
+    if read_group_bytes is None:
+        read_group_bytes = max(torch.Size(shape).numel() * dt.itemsize for _, shape, dt in entries.values())
 
-    written_extras = []
+    def tensors(meta: bool) -> Mapping[str, torch.Tensor]:
+        if meta:
+            return _MetaTensors(entries)
+        return CheckpointTensors(ckpt, entries, [o for o, _, _ in rules], read_group_bytes, on_read)
+
     with hf_io.atomic_output_dir(out, "--hf-path") as tmp:
-        main = hf_io.ShardedSafetensorsWriter(tmp, shard_bytes)
-        side = hf_io.ShardedSafetensorsWriter(tmp, 1 << 62, weights_name=hf_io.EXTRAS_NAME,
-                                              index_name=hf_io.EXTRAS_NAME + ".index.json")
-        for layer in sorted(groups):
-            group = groups[layer]
-            request = {}
-            for our_key, _, _ in group:
-                entry = by_key[our_key]
-                request[our_key] = ShardedTensor.from_rank_offsets(
-                    entry.key, torch.empty(entry.global_shape, dtype=saved[entry.key].dtype), replica_id=0)
-            loaded = dist_checkpointing.load(request, ckpt)
-            for our_key, hf_keys, rule in group:
-                pieces = TRANSFORMS[rule.transform][1](loaded.pop(our_key), ctx)
-                for hf_key, tensor in zip(hf_keys, pieces):
-                    if rule.optional and extras == "drop":
-                        continue
-                    writer = side if rule.optional and extras == "separate" else main
-                    writer.add(hf_key, tensor.to(out_dtype))
-                    if rule.optional:
-                        written_extras.append(hf_key)
-            del loaded
-        files = main.close() + side.close()
-        with open(os.path.join(tmp, hf_io.CONFIG_NAME), "w") as f:
+        linked = None
+        folder = tmp
+        if base_pipeline is not None:
+            linked = pipeline_io.populate_from_base(base_pipeline, tmp, family.diffusers_class)
+            folder = os.path.join(tmp, pipeline_io.TRANSFORMER)
+            os.makedirs(folder)
+        files, written_extras = write_hf_transformer(folder, family, config, tensors, out_dtype, extras, shard_bytes,
+                                                     source=f"--load {ckpt}")
+        with open(os.path.join(folder, hf_io.CONFIG_NAME), "w") as f:
             json.dump(diffusers_config, f, indent=2, sort_keys=True)
             f.write("\n")
-        with open(os.path.join(tmp, APEX_CONFIG_NAME), "w") as f:
+        with open(os.path.join(folder, APEX_CONFIG_NAME), "w") as f:
             json.dump({"family": family.name, "model_name": state.get("model_name"),
                        "model_config": state["model_config"], "weights": weights, "checkpoint": os.path.abspath(ckpt),
                        "iteration": state.get("iteration"), "extras": extras, "extra_keys": written_extras,
-                       "dtype": str(out_dtype).replace("torch.", "")}, f, indent=1, sort_keys=True)
+                       "dtype": str(out_dtype).replace("torch.", ""),
+                       "base_pipeline": os.path.abspath(base_pipeline) if base_pipeline else None},
+                      f, indent=1, sort_keys=True)
             f.write("\n")
-    return {"files": files, "extras": written_extras, "dtype": out_dtype, "checkpoint": ckpt, "weights": weights}
+    return {"files": files, "extras": written_extras, "dtype": out_dtype, "checkpoint": ckpt, "weights": weights,
+            "base_pipeline": linked}
 
 
 # ============================================================================ verify

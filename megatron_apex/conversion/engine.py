@@ -8,8 +8,10 @@ None = replicated). Patterns may contain ``{i}``, expanded over layers.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import MutableMapping
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -141,16 +143,62 @@ def _ensure_unique(expanded):
             seen[key] = True
 
 
+@dataclass(frozen=True)
+class _Recipe:
+    make: Callable[[], torch.Tensor]
+
+
+class LazyStateDict(MutableMapping):
+    """``{key: tensor}`` whose values may be recipes: a recipe runs each time its key is read
+    and its result is not kept, so a consumer that reads keys one at a time (a streaming
+    writer) holds one converted tensor, never the state dict. Plain tensors stored into it
+    (the APEX extras, filled from other keys) are kept as they are."""
+
+    def __init__(self):
+        self._values: Dict[str, object] = {}
+
+    def set_recipe(self, key: str, make: Callable[[], torch.Tensor]) -> None:
+        self._values[key] = _Recipe(make)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        value = self._values[key]
+        return value.make() if isinstance(value, _Recipe) else value
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self._values[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __contains__(self, key) -> bool:
+        return key in self._values
+
+
+def _fused(fuse: Callable, hf_sd: Mapping[str, torch.Tensor], hf_keys: Tuple[str, ...], ctx: Mapping) -> torch.Tensor:
+    return fuse([hf_sd[h] for h in hf_keys], ctx)
+
+
 def hf_to_ours(hf_sd: Mapping[str, torch.Tensor], table: Sequence[ParamRule], num_layers: int,
-               ctx: Optional[Mapping] = None, source: str = "the HF state dict") -> Tuple[Dict, List[str]]:
+               ctx: Optional[Mapping] = None, source: str = "the HF state dict",
+               lazy: bool = False) -> Tuple[Mapping[str, torch.Tensor], List[str]]:
     """Returns (our state dict, our keys of optional rules that ``hf_sd`` lacked).
 
-    Raises ValueError naming the first missing required key or any key no rule consumes.
+    With ``lazy``, the state dict is a :class:`LazyStateDict`: nothing is read from ``hf_sd``
+    here; reading one of our keys reads (and fuses) just the HF tensors it is made of.
+    Raises ValueError naming the first missing required key or any key no rule consumes
+    (from the keys alone, before any tensor is read).
     """
     ctx = ctx or {}
     expanded = expand(table, num_layers)
     _ensure_unique(expanded)
-    ours, missing_optional, consumed = {}, [], set()
+    ours = LazyStateDict() if lazy else {}
+    missing_optional, consumed = [], set()
     for our_key, hf_keys, rule in expanded:
         present = [h in hf_sd for h in hf_keys]
         if not all(present):
@@ -160,7 +208,10 @@ def hf_to_ours(hf_sd: Mapping[str, torch.Tensor], table: Sequence[ParamRule], nu
             absent = hf_keys[present.index(False)]
             raise ValueError(f"{source} lacks key {absent!r} (needed for {our_key!r})")
         fuse, _ = TRANSFORMS[rule.transform]
-        ours[our_key] = fuse([hf_sd[h] for h in hf_keys], ctx)
+        if lazy:
+            ours.set_recipe(our_key, functools.partial(_fused, fuse, hf_sd, hf_keys, ctx))
+        else:
+            ours[our_key] = _fused(fuse, hf_sd, hf_keys, ctx)
         consumed.update(hf_keys)
     unexpected = sorted(k for k in hf_sd if k not in consumed)
     if unexpected:
@@ -169,27 +220,37 @@ def hf_to_ours(hf_sd: Mapping[str, torch.Tensor], table: Sequence[ParamRule], nu
     return ours, missing_optional
 
 
-def ours_to_hf(sd: Mapping[str, torch.Tensor], table: Sequence[ParamRule], num_layers: int,
-               ctx: Optional[Mapping] = None, source: str = "the model state dict") -> Dict[str, torch.Tensor]:
-    """Inverse of :func:`hf_to_ours`; megatron's ``*._extra_state`` entries are dropped."""
+def iter_ours_to_hf(sd: Mapping[str, torch.Tensor], table: Sequence[ParamRule], num_layers: int,
+                    ctx: Optional[Mapping] = None, source: str = "the model state dict"
+                    ) -> Iterator[Tuple[str, torch.Tensor, ParamRule]]:
+    """(HF key, tensor, rule) in table order, reading ``sd[our key]`` once per rule when the
+    iteration reaches it (``sd`` may be lazy: one of our tensors at a time). Keys are checked
+    before anything is read; megatron's ``*._extra_state`` entries are ignored."""
     ctx = ctx or {}
     expanded = expand(table, num_layers)
     _ensure_unique(expanded)
-    hf, consumed = {}, set()
+    todo = []
     for our_key, hf_keys, rule in expanded:
         if our_key not in sd:
             if rule.optional:
                 continue
             raise ValueError(f"{source} lacks key {our_key!r}")
-        _, split = TRANSFORMS[rule.transform]
-        for h, tensor in zip(hf_keys, split(sd[our_key], ctx)):
-            hf[h] = tensor
-        consumed.add(our_key)
+        todo.append((our_key, hf_keys, rule))
+    consumed = {our_key for our_key, _, _ in todo}
     unexpected = sorted(k for k in sd if k not in consumed and not k.endswith(EXTRA_STATE_SUFFIX))
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise ValueError(f"{source} has key {unexpected[0]!r}{more} that the mapping does not know")
-    return hf
+    for our_key, hf_keys, rule in todo:
+        _, split = TRANSFORMS[rule.transform]
+        for h, tensor in zip(hf_keys, split(sd[our_key], ctx)):
+            yield h, tensor, rule
+
+
+def ours_to_hf(sd: Mapping[str, torch.Tensor], table: Sequence[ParamRule], num_layers: int,
+               ctx: Optional[Mapping] = None, source: str = "the model state dict") -> Dict[str, torch.Tensor]:
+    """Inverse of :func:`hf_to_ours`; megatron's ``*._extra_state`` entries are dropped."""
+    return {h: tensor for h, tensor, _ in iter_ours_to_hf(sd, table, num_layers, ctx, source)}
 
 
 # ----------------------------------------------------------------------------- TP sharding

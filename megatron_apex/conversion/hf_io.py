@@ -5,10 +5,11 @@ A diffusers model folder holds ``config.json`` and either one
 ``diffusion_pytorch_model.safetensors.index.json``. :class:`SafetensorsFolder` opens such a
 folder as a read-only mapping whose keys, shapes and dtypes come from the file headers alone;
 a tensor is read from disk only when it is indexed, and nothing is cached, so a converter
-that consumes keys one by one never holds the HF state dict. :class:`ShardedSafetensorsWriter`
-is the other direction: tensors are buffered up to ``max_shard_size`` bytes, then written as
-one shard. :func:`atomic_output_dir` gives every writer a temp folder that only becomes the
-requested path once everything in it is complete.
+that consumes keys one by one never holds the HF state dict. :class:`PlannedSafetensorsWriter`
+is the other direction: the shard layout is computed from the planned keys, shapes and dtypes,
+then each tensor is written to disk as it arrives (nothing buffered). :func:`atomic_output_dir`
+gives every writer a temp folder that only becomes the requested path once everything in it
+is complete.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import os
 import re
 import shutil
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -232,77 +233,151 @@ def shard_file_name(index: int, total: int, weights_name: str = WEIGHTS_NAME) ->
     return f"{stem}-{index:05d}-of-{total:05d}{ext}"
 
 
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
 
 
-class ShardedSafetensorsWriter:
-    """Writes tensors as they come into shards of at most ``max_shard_size`` bytes (a single
-    tensor larger than that gets a shard of its own), then names them and writes the index.
+class PlannedSafetensorsWriter:
+    """Writes safetensors shards whose layout is known before any data arrives, one tensor at
+    a time straight to disk: nothing is buffered, so memory holds only the tensor being written,
+    whatever ``max_shard_size`` is.
 
-    One shard in total is written as ``weights_name`` with no index, as diffusers does.
+    ``plan`` lists (key, shape, dtype) in the order :meth:`add` will be called (an exporter gets
+    it by running its own conversion on meta tensors). Shards are filled in that order up to
+    ``max_shard_size`` bytes (a single larger tensor gets a shard of its own) and named as
+    diffusers / huggingface_hub do; one shard in total is ``weights_name`` with no index. Each
+    shard's header (keys, shapes, offsets) is written when its first tensor arrives.
     """
 
-    def __init__(self, folder: str, max_shard_size: int, weights_name: str = WEIGHTS_NAME,
-                 index_name: str = INDEX_NAME):
-        self.folder = folder
-        self.max_shard_size = max_shard_size
-        self.weights_name = weights_name
-        self.index_name = index_name
-        self._buffer: Dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._shards: List[List[str]] = []  # keys per written shard, in order
-        self.total_size = 0
-        self._keys = set()
+    def __init__(self, folder: str, plan: Sequence[Tuple[str, Sequence[int], torch.dtype]], max_shard_size: int,
+                 weights_name: str = WEIGHTS_NAME, index_name: str = INDEX_NAME):
+        self.folder, self.index_name = folder, index_name
+        self._plan = [(key, tuple(int(s) for s in shape), dtype) for key, shape, dtype in plan]
+        if len({key for key, _, _ in self._plan}) != len(self._plan):
+            raise ValueError("a tensor key is planned twice")
+        for key, _, dtype in self._plan:
+            if dtype not in _ST_NAMES:
+                raise ValueError(f"tensor {key!r}: dtype {dtype} has no safetensors name")
+        shards: List[List[int]] = []
+        size = 0
+        for i, (_, shape, dtype) in enumerate(self._plan):
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            if not shards or (shards[-1] and size + nbytes > max_shard_size):
+                shards.append([])
+                size = 0
+            shards[-1].append(i)
+            size += nbytes
+        self._shards = shards
+        self._shard_of = [shard for shard, members in enumerate(shards) for _ in members]
+        total = len(shards)
+        self.names = [weights_name] if total == 1 else [shard_file_name(i + 1, total, weights_name)
+                                                       for i in range(total)]
+        self.total_size = sum(torch.Size(shape).numel() * dtype.itemsize for _, shape, dtype in self._plan)
+        self._next = 0  # index into the plan
+        self._shard = -1
+        self._file = None
 
-    def _tmp_name(self, i: int) -> str:
-        return os.path.join(self.folder, f".shard-{i:05d}.tmp")
+    def _open_shard(self, shard: int) -> None:
+        header: Dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for i in self._shards[shard]:
+            key, shape, dtype = self._plan[i]
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+        self._file = open(os.path.join(self.folder, self.names[shard]), "wb")
+        self._file.write(len(text).to_bytes(8, "little"))
+        self._file.write(text)
+        self._shard = shard
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        if key in self._keys:
-            raise ValueError(f"tensor {key!r} written twice")
-        self._keys.add(key)
-        size = _nbytes(tensor)
-        if self._buffer and self._buffer_bytes + size > self.max_shard_size:
-            self.flush()
-        tensor = tensor.detach()
-        # safetensors refuses non-contiguous tensors and views into a larger storage
-        if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != size:
-            tensor = tensor.clone(memory_format=torch.contiguous_format)
-        self._buffer[key] = tensor
-        self._buffer_bytes += size
-        self.total_size += size
+        if self._next >= len(self._plan):
+            raise ValueError(f"tensor {key!r} was not planned (all {len(self._plan)} planned tensors are written)")
+        want_key, want_shape, want_dtype = self._plan[self._next]
+        if key != want_key or tuple(tensor.shape) != want_shape or tensor.dtype != want_dtype:
+            raise ValueError(f"tensor {key!r} {list(tensor.shape)} {tensor.dtype} arrived where the plan has "
+                             f"{want_key!r} {list(want_shape)} {want_dtype}")
+        shard = self._shard_of[self._next]
+        if shard != self._shard:
+            self._close_shard()
+            self._open_shard(shard)
+        data = tensor.detach().contiguous()
+        if data.numel():
+            # little-endian bytes, as the format specifies (and every supported host is)
+            self._file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        self._next += 1
 
-    def flush(self) -> None:
-        if not self._buffer:
-            return
-        from safetensors.torch import save_file
-
-        save_file(self._buffer, self._tmp_name(len(self._shards)), metadata={"format": "pt"})
-        self._shards.append(list(self._buffer))
-        self._buffer = {}
-        self._buffer_bytes = 0
+    def _close_shard(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
 
     def close(self) -> List[str]:
-        """Flush, give the shards their final names, write the index; returns the file names."""
-        self.flush()
-        total = len(self._shards)
-        if total == 0:
+        """Check every planned tensor came, close the last shard, write the index; returns the
+        file names."""
+        if self._next != len(self._plan):
+            self._close_shard()
+            raise ValueError(f"{len(self._plan) - self._next} planned tensor(s) never arrived, the first "
+                             f"{self._plan[self._next][0]!r}")
+        self._close_shard()
+        if not self._plan:
             return []
-        if total == 1:
-            names = [self.weights_name]
-        else:
-            names = [shard_file_name(i + 1, total, self.weights_name) for i in range(total)]
-        for i, name in enumerate(names):
-            os.replace(self._tmp_name(i), os.path.join(self.folder, name))
-        if total > 1:
-            weight_map = {key: name for name, keys in zip(names, self._shards) for key in keys}
-            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
-            with open(os.path.join(self.folder, self.index_name), "w") as f:
-                json.dump(index, f, indent=2)
-                f.write("\n")
-            names = names + [self.index_name]
-        return names
+        if len(self.names) == 1:
+            return list(self.names)
+        weight_map = {self._plan[i][0]: name for name, members in zip(self.names, self._shards) for i in members}
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        with open(os.path.join(self.folder, self.index_name), "w") as f:
+            json.dump(index, f, indent=2)
+            f.write("\n")
+        return self.names + [self.index_name]
+
+
+def write_tensor_stream(folder: str, make_items: Callable[[bool], Iterator[Tuple[str, torch.Tensor, bool]]],
+                        max_shard_size: int, separate_extras: bool) -> List[str]:
+    """A diffusers folder's weights from a stream of (key, tensor, is APEX extra).
+
+    ``make_items(meta)`` must yield the same keys, shapes and dtypes in the same order with
+    ``meta`` True (meta-device tensors: the layout, computed before anything is read) and
+    False (the data, written as it comes). Extras go to ``apex_extras.safetensors`` with
+    ``separate_extras``, else into the shards. Returns the file names written.
+    """
+    plan = [(key, tuple(t.shape), t.dtype, extra) for key, t, extra in make_items(True)]
+    side_keys = {key for key, _, _, extra in plan if extra and separate_extras}
+    main = PlannedSafetensorsWriter(folder, [(k, s, d) for k, s, d, _ in plan if k not in side_keys], max_shard_size)
+    side = PlannedSafetensorsWriter(folder, [(k, s, d) for k, s, d, _ in plan if k in side_keys], 1 << 62,
+                                    weights_name=EXTRAS_NAME, index_name=EXTRAS_NAME + ".index.json")
+    try:
+        for key, tensor, _ in make_items(False):
+            (side if key in side_keys else main).add(key, tensor)
+            del tensor
+        return main.close() + side.close()
+    finally:
+        main._close_shard()
+        side._close_shard()
+
+
+def return_freed_memory_promptly(threshold: int = 1 << 20) -> bool:
+    """Make freed tensors of ``threshold`` bytes and more go back to the OS at once (glibc).
+
+    glibc serves a large allocation with mmap and unmaps it on free, but after such a free it
+    raises its (dynamic) mmap threshold to the freed block's size, so later tensors up to that
+    size come from the heap, whose freed space it keeps. A streaming conversion, which frees
+    every tensor it made, then shows an RSS that creeps up with the model (measured: +25 MB per
+    GB of weights) although it holds a few tensors. A fixed threshold keeps RSS at what is
+    alive. For the conversion tools (whole processes); False where there is no glibc."""
+    import ctypes
+
+    try:
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # this process's own libc
+    except OSError:
+        return False
+    if mallopt is None:
+        return False
+    m_mmap_threshold = -3  # glibc's M_MMAP_THRESHOLD
+    return bool(mallopt(m_mmap_threshold, int(threshold)))
 
 
 def check_output_path(path: str, flag: str) -> None:

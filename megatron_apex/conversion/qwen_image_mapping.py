@@ -77,10 +77,13 @@ def _ctx(config) -> Dict:
     return {"head_dim": config.attention_head_dim}
 
 
-def hf_to_megatron(hf_sd: Mapping[str, torch.Tensor], config, source: str = "the diffusers state dict") -> Dict:
-    """diffusers state dict -> ours (TP=1, all layers), APEX extras filled where absent."""
+def hf_to_megatron(hf_sd: Mapping[str, torch.Tensor], config, source: str = "the diffusers state dict",
+                   lazy: bool = False) -> Mapping[str, torch.Tensor]:
+    """diffusers state dict -> ours (TP=1, all layers), APEX extras filled where absent.
+    ``lazy``: a ``LazyStateDict`` that reads and converts each tensor when it is asked for
+    (the extras, small, are filled eagerly)."""
     table = qwen_image_mapping_table(config)
-    sd, missing = hf_to_ours(hf_sd, table, config.num_layers, _ctx(config), source=source)
+    sd, missing = hf_to_ours(hf_sd, table, config.num_layers, _ctx(config), source=source, lazy=lazy)
     shift_dim = config.joint_attention_dim if config.shift_site == "input" else config.hidden_size
     return fill_apex_extras(sd, missing, config, shift_dim, "time_text_embed_2", source)
 

@@ -201,46 +201,59 @@ def _edited_copy(src: Path, dst: Path, edit) -> Path:
 
 # ----------------------------------------------------------------------------- errors
 # Bad folders, paths and flags and their one-line errors: tests/unit/test_bad_inputs.py (hf-* rows).
-def test_a_failure_while_writing_leaves_no_output(hf_dir, imported, tmp_path, monkeypatch):
-    from megatron_apex.training import checkpointing
-
+def test_a_failure_while_writing_leaves_no_output(hf_dir, imported, tmp_path):
+    """Failures in the middle of the stream, after part of the data is on disk."""
     family = checkpoint_io.get_family("qwen-image")
+    converted = []
 
-    def dies_after_writing(save, *args, **kwargs):
-        os.makedirs(os.path.join(save, "iter_0000000"))
-        raise RuntimeError("disk full")
+    def dies_at_the_fifth(key, tensor):
+        converted.append(key)
+        if len(converted) == 5:
+            raise RuntimeError("disk full")
 
-    monkeypatch.setattr(checkpointing, "save_checkpoint", dies_after_writing)
     with pytest.raises(RuntimeError, match="disk full"):
-        checkpoint_io.import_hf(family, str(hf_dir), str(tmp_path / "ckpt"))
-    monkeypatch.undo()
+        checkpoint_io.import_hf(family, str(hf_dir), str(tmp_path / "ckpt"), 2, on_convert=dies_at_the_fifth)
+    assert len(converted) == 5
+    reads = []
 
-    def dies_in_close(self):
-        raise RuntimeError("disk full")
+    def dies_at_the_third(keys):
+        reads.append(keys)
+        if len(reads) == 3:
+            raise RuntimeError("disk full")
 
-    monkeypatch.setattr(hf_io.ShardedSafetensorsWriter, "close", dies_in_close)
     with pytest.raises(RuntimeError, match="disk full"):
-        checkpoint_io.export_hf(family, str(imported), str(tmp_path / "hf"))
+        checkpoint_io.export_hf(family, str(imported), str(tmp_path / "hf"), max_shard_size="10KB",
+                                read_group_bytes=1, on_read=dies_at_the_third)
+    assert len(reads) == 3
     assert os.listdir(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------- helpers
-def test_writer_shards_by_size_and_reader_sees_headers_only(tmp_path):
+def test_writer_streams_planned_shards_that_safetensors_reads(tmp_path):
     tensors = {f"t{i}": torch.randn(10, 10 + i) for i in range(6)}  # 400..600 bytes each
-    writer = hf_io.ShardedSafetensorsWriter(str(tmp_path), max_shard_size=1200)
+    tensors["half"] = torch.randn(3, 5).to(torch.bfloat16)
+    plan = [(k, t.shape, t.dtype) for k, t in tensors.items()]
+    writer = hf_io.PlannedSafetensorsWriter(str(tmp_path), plan, max_shard_size=1200)
     for key, tensor in tensors.items():
-        writer.add(key, tensor[:, :])  # a view: must be written as its own data
+        writer.add(key, tensor.t().t()[:, :])  # a view: only its own elements are written
     names = writer.close()
     index = json.loads((tmp_path / hf_io.INDEX_NAME).read_text())
     sizes = {}
     for key, name in index["weight_map"].items():
-        sizes[name] = sizes.get(name, 0) + tensors[key].numel() * 4
-    assert max(sizes.values()) <= 1200 and len(sizes) == len(names) - 1 == 3
-    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in tensors.values())
+        sizes[name] = sizes.get(name, 0) + tensors[key].numel() * tensors[key].element_size()
+    assert max(sizes.values()) <= 1200 and len(sizes) == len(names) - 1 == 3  # 840, 1000, 1190 bytes
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    read = {}
+    for name in sizes:  # safetensors' own reader: headers, offsets and data are valid
+        read.update(load_file(tmp_path / name))
+    assert read.keys() == tensors.keys() and all(torch.equal(read[k], t) for k, t in tensors.items())
     (tmp_path / "config.json").write_text("{}")
     folder = hf_io.SafetensorsFolder(str(tmp_path))
     assert {k: folder.shape(k) for k in folder} == {k: tuple(t.shape) for k, t in tensors.items()}
-    assert all(torch.equal(folder[k], t) for k, t in tensors.items())
+
+    other = hf_io.PlannedSafetensorsWriter(str(tmp_path / "x"), plan, max_shard_size=1200)
+    with pytest.raises(ValueError, match="'t1'.*arrived where the plan has 't0'"):
+        other.add("t1", tensors["t1"])
     assert hf_io.parse_size("5GB") == 5 * 10 ** 9 and hf_io.parse_size("2MiB") == 2 * 2 ** 20
     with pytest.raises(ValueError, match="--max-shard-size"):
         hf_io.parse_size("lots")

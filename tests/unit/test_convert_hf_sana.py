@@ -241,7 +241,7 @@ def test_a_failure_while_writing_leaves_no_output(hf_dir, imported, tmp_path, mo
     def dies_in_close(self):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(hf_io.ShardedSafetensorsWriter, "close", dies_in_close)
+    monkeypatch.setattr(hf_io.PlannedSafetensorsWriter, "close", dies_in_close)
     with pytest.raises(RuntimeError, match="disk full"):
         checkpoint_io.export_hf(family, str(imported), str(tmp_path / "hf"))
     assert os.listdir(tmp_path) == []

@@ -1,0 +1,186 @@
+"""`convert_hf.py export --base-pipeline`: a whole diffusers pipeline folder (the base's other
+components, hard-linked, and our transformer/) that diffusers' own ``from_pretrained`` loads and
+that takes the same NFE = 1 step as our sampler on the checkpoint; bad bases fail in one line
+and leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("safetensors")
+
+import test_convert_hf as qwen_tests  # noqa: E402  (their helpers, not their tests)
+import test_convert_hf_sana as sana_tests  # noqa: E402
+
+
+def _files(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def _expect_base_untouched_and_linked(base, out):
+    """Every base file but transformer/ is in out as the same inode (tmp_path: one filesystem);
+    transformer/ is ours; model_index.json is the base's."""
+    base_files = [f for f in _files(base) if not f.startswith("transformer" + os.sep)]
+    ours = _files(out)
+    assert [f for f in ours if not f.startswith("transformer" + os.sep)] == base_files
+    for f in base_files:
+        if f != "model_index.json":
+            assert os.stat(base / f).st_ino == os.stat(out / f).st_ino, f
+    assert json.loads((out / "model_index.json").read_text()) == json.loads((base / "model_index.json").read_text())
+    assert "transformer/megatron_apex_config.json" in ours
+    assert not (base / "transformer" / "megatron_apex_config.json").exists()
+
+
+@pytest.fixture(scope="module")
+def qwen_imported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen")
+    hf = qwen_tests.save_diffusers(root / "hf", seed=3)
+    assert qwen_tests.convert("import", "--hf-path", hf, "--save", root / "ckpt") == 0
+    return root / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def qwen_base(tmp_path_factory):
+    """A saved QwenImagePipeline (offline: no VAE or text encoder needed for latent output with
+    prompt_embeds) whose transformer is another random model, so a leftover would show."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    # the same scheduler as test_convert_hf's pipeline test (one step goes sigma 1 -> 0)
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=None,
+                             text_encoder=None, tokenizer=None, transformer=qwen_tests.random_diffusers(seed=11))
+    base = tmp_path_factory.mktemp("qwen_base") / "pipeline"
+    pipe.save_pretrained(base)
+    return base
+
+
+def test_qwen_image_pipeline_from_exported_folder_takes_our_one_step(qwen_imported, qwen_base, tmp_path, capsys):
+    from diffusers import QwenImagePipeline
+
+    from megatron_apex.inference.loading import load_model_for_inference
+    from megatron_apex.inference.samplers import sample
+    from megatron_apex.models.qwen_image.model import pack_latents, unpack_latents
+
+    out = tmp_path / "pipeline"
+    assert qwen_tests.convert("export", "--load", qwen_imported, "--hf-path", out, "--base-pipeline", qwen_base) == 0
+    assert "hard-linked" in capsys.readouterr().out
+    _expect_base_untouched_and_linked(qwen_base, out)
+
+    pipe = QwenImagePipeline.from_pretrained(out, vae=None, text_encoder=None, tokenizer=None)
+    pipe.set_progress_bar_config(disable=True)
+    base_pipe = QwenImagePipeline.from_pretrained(qwen_base, vae=None, text_encoder=None, tokenizer=None)
+    assert type(pipe.scheduler) is type(base_pipe.scheduler) and pipe.scheduler.config == base_pipe.scheduler.config
+
+    gen = torch.Generator().manual_seed(21)
+    b, c, h, w, L = 2, qwen_tests.ARCH["out_channels"], 6, 8, 5
+    noise = torch.randn(b, c, h, w, generator=gen)
+    ctx = torch.randn(b, L, qwen_tests.ARCH["joint_attention_dim"], generator=gen)
+    mask = torch.ones(b, L)
+    mask[1, 3:] = 0
+
+    def one_step(p):
+        with torch.no_grad():
+            packed = p(prompt_embeds=ctx, prompt_embeds_mask=mask, latents=pack_latents(noise, 2),
+                       height=h * p.vae_scale_factor, width=w * p.vae_scale_factor, num_inference_steps=1,
+                       output_type="latent", return_dict=False)[0]
+        return unpack_latents(packed, h, w, 2)
+
+    theirs = one_step(pipe)
+    model, _ = load_model_for_inference(str(qwen_imported))
+    ours = sample(model, noise, ctx, mask, nfe=1, method="euler")
+    assert (theirs - noise).abs().max() > 0.1  # the step moved the latents
+    assert (ours - theirs).abs().max().item() <= qwen_tests.TOL
+    base_pipe.set_progress_bar_config(disable=True)
+    assert (one_step(base_pipe) - theirs).abs().max() > 0.1  # the base's own transformer was replaced
+
+
+def test_sana_pipeline_with_text_encoder_and_vae_from_exported_folder(tmp_path, capsys):
+    """A complete SanaPipeline (tokenizer, Gemma-2, DC-AE, scheduler) as the base: the exported
+    pipeline encodes the prompts, steps and decodes as our sampler + the base's VAE do."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
+
+    from megatron_apex.inference.loading import load_model_for_inference
+    from megatron_apex.inference.samplers import sample
+
+    arch = sana_tests.ARCH
+    hf = sana_tests.save_diffusers(tmp_path / "hf", seed=3)
+    assert sana_tests.convert("import", "--hf-path", hf, "--save", tmp_path / "ckpt") == 0
+    tokenizer, encoder = sana_tests._tiny_text_stack(arch["caption_channels"])
+    base = tmp_path / "base"
+    SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=sana_tests._tiny_dc_ae(arch["in_channels"]),
+                 transformer=sana_tests.random_diffusers(seed=11),
+                 scheduler=FlowMatchEulerDiscreteScheduler()).save_pretrained(base)
+
+    out = tmp_path / "pipeline"
+    assert sana_tests.convert("export", "--load", tmp_path / "ckpt", "--hf-path", out, "--base-pipeline", base) == 0
+    capsys.readouterr()
+    _expect_base_untouched_and_linked(base, out)
+
+    pipe = SanaPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a cat", "a dog on the grass"]
+    h, w = 32, 16
+    noise = torch.randn(2, arch["in_channels"], h, w, generator=torch.Generator().manual_seed(21))
+    common = dict(prompt=prompts, height=h * pipe.vae_scale_factor, width=w * pipe.vae_scale_factor,
+                  num_inference_steps=1, guidance_scale=1.0, latents=noise, use_resolution_binning=False,
+                  complex_human_instruction=None, max_sequence_length=8, return_dict=False)
+    with torch.no_grad():
+        theirs = pipe(output_type="latent", **common)[0]
+        images = pipe(output_type="pt", **common)[0]
+        ctx, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=8,
+                                             complex_human_instruction=None)
+    model, _ = load_model_for_inference(str(tmp_path / "ckpt"))
+    ours = sample(model, noise, ctx, mask, nfe=1)
+    assert (theirs - noise).abs().max() > 0.1
+    assert (ours - theirs).abs().max().item() <= sana_tests.TOL
+    with torch.no_grad():
+        decoded = pipe.vae.decode(ours / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    assert (pipe.image_processor.postprocess(decoded, output_type="pt") - images).abs().max().item() <= 1e-4
+
+
+def test_bad_base_pipelines_fail_in_one_line_and_leave_nothing(qwen_imported, qwen_base, tmp_path, capsys):
+    cases = {
+        "model folder": (qwen_base / "transformer", "no model_index.json"),
+        "missing": (tmp_path / "nowhere", "no such directory"),
+    }
+    sana_base = tmp_path / "sana_base"
+    sana_base.mkdir()
+    (sana_base / "model_index.json").write_text(json.dumps(
+        {"_class_name": "SanaPipeline", "transformer": ["diffusers", "SanaTransformer2DModel"]}))
+    cases["other family"] = (sana_base, "'SanaTransformer2DModel'")
+    wider = tmp_path / "wider_base"  # its VAE / text encoder expect another transformer interface
+    (wider / "transformer").mkdir(parents=True)
+    (wider / "model_index.json").write_bytes((qwen_base / "model_index.json").read_bytes())
+    config = json.loads((qwen_base / "transformer" / "config.json").read_text())
+    (wider / "transformer" / "config.json").write_text(json.dumps({**config, "joint_attention_dim": 24}))
+    cases["other interface"] = (wider, "joint_attention_dim 24")
+    for name, (base, needle) in cases.items():
+        out = tmp_path / f"out-{name.replace(' ', '-')}"
+        assert qwen_tests.convert("export", "--load", qwen_imported, "--hf-path", out, "--base-pipeline", base) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--base-pipeline" in err and needle in err, (name, err)
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sana_base", "wider_base"]  # no temp folders left
+
+
+def test_a_symlinked_base_like_the_hub_cache_gives_real_files(qwen_imported, qwen_base, tmp_path, capsys):
+    """A Hugging Face cache snapshot is symlinks into blobs/: the output holds the blobs' data
+    (hard links to them), never links back into the cache."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    for i, f in enumerate(_files(qwen_base)):
+        (blobs / str(i)).write_bytes((qwen_base / f).read_bytes())
+        (snapshot / f).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / f).symlink_to(blobs / str(i))
+    out = tmp_path / "pipeline"
+    assert qwen_tests.convert("export", "--load", qwen_imported, "--hf-path", out, "--base-pipeline", snapshot) == 0
+    capsys.readouterr()
+    for f in _files(out):
+        assert not os.path.islink(out / f), f
+    scheduler = "scheduler/scheduler_config.json"
+    assert os.stat(out / scheduler).st_ino == os.stat(os.path.realpath(snapshot / scheduler)).st_ino
+    assert (out / scheduler).read_bytes() == (qwen_base / scheduler).read_bytes()
