@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -411,16 +410,11 @@ class JobFailed(Exception):
     pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launcher_command(args: Sequence[str]) -> List[str]:
     nproc = 2 if (os.cpu_count() or 1) >= 2 else 1
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+    # --standalone: torchrun picks its own free port (a port chosen here could be taken before
+    # the job binds it)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
             str(REPO / "examples" / "pretrain_apex_dit.py"), *args]
 
 

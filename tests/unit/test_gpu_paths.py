@@ -168,7 +168,9 @@ _IMPORT_PROBE = textwrap.dedent('''
                    if f.endswith(".py"))
     for path in files:
         spec = importlib.util.spec_from_file_location("probe_" + os.path.basename(path)[:-3], os.path.join(root, path))
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # as an import would (dataclasses look their module up there)
+        spec.loader.exec_module(module)
     # the probe itself must see an eager import (else this test could not fail)
     spec = importlib.util.spec_from_file_location("eager", os.path.join(probe_dir, "eager.py"))
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
