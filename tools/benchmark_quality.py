@@ -437,23 +437,43 @@ def train(out: Path, job: Job) -> None:
     save.mkdir(parents=True, exist_ok=True)
     log = save / "launcher.log"
     cmd = launcher_command(launcher_args(out, job))
+    for attempt in range(1, PORT_RACE_ATTEMPTS + 1):
+        offset = log.stat().st_size if log.is_file() else 0
+        rc = _run_logged(cmd, log, save)
+        # torchrun's workers bind a port chosen before the bind; another process can take it in
+        # between. The run resumes from its last checkpoint, so a relaunch loses nothing.
+        if rc == 0 or attempt == PORT_RACE_ATTEMPTS or not _lost_port_race(log, offset):
+            break
+        print(f"  {job.name}: the rendezvous port was taken by another process; relaunching", flush=True)
+    if rc != 0:
+        raise JobFailed(f"launcher exit code {rc}: {_error_line(log)} (log: {log})")
+    if trained_iters(save) < job.iters:
+        raise JobFailed(f"training stopped at iteration {trained_iters(save)} of {job.iters} (log: {log})")
+
+
+PORT_RACE_ATTEMPTS = 3
+
+
+def _run_logged(cmd: Sequence[str], log: Path, save: Path) -> int:
     start = time.time()
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
         proc = subprocess.Popen(cmd, cwd=REPO, env=_child_env(), stdout=f, stderr=subprocess.STDOUT)
         try:
-            rc = proc.wait()
+            return proc.wait()
         except KeyboardInterrupt:  # the trainer saves a checkpoint on SIGTERM and exits 0
             proc.send_signal(signal.SIGTERM)
             proc.wait()
             raise
         finally:
             _add_train_seconds(save, time.time() - start)
-    if rc != 0:
-        raise JobFailed(f"launcher exit code {rc}: {_error_line(log)} (log: {log})")
-    if trained_iters(save) < job.iters:
-        raise JobFailed(f"training stopped at iteration {trained_iters(save)} of {job.iters} (log: {log})")
+
+
+def _lost_port_race(log: Path, offset: int) -> bool:
+    with open(log, "rb") as f:
+        f.seek(offset)
+        return b"EADDRINUSE" in f.read()
 
 
 def _add_train_seconds(save: Path, seconds: float) -> None:

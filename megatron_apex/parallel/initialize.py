@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -34,15 +33,6 @@ def get_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
-
-
-_own_port: list[str | None] = [None]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env_int(name: str) -> int:
@@ -110,18 +100,18 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
         apply_cpu_adaptations()
 
     if not dist.is_initialized():
-        if "RANK" in os.environ:
-            rank = _env_int("RANK")
-        else:
-            rank = 0
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            if "MASTER_PORT" not in os.environ or os.environ["MASTER_PORT"] == _own_port[0]:
-                # A port we chose for an earlier single-process group may be taken by now.
-                _own_port[0] = os.environ["MASTER_PORT"] = str(_free_port())
         if cuda:
             torch.cuda.set_device(get_device())
-        dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=timeout_s))
+        backend = "nccl" if cuda else "gloo"
+        timeout = timedelta(seconds=timeout_s)
+        if "RANK" in os.environ:
+            dist.init_process_group(backend=backend, init_method="env://", rank=_env_int("RANK"),
+                                    world_size=world_size, timeout=timeout)
+        else:
+            # A process on its own needs no TCP rendezvous: an in-memory store cannot race another
+            # process for a port (a free port picked here can be taken before it is bound).
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
 
     if ps.model_parallel_is_initialized():
         if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) == (tp, pp):

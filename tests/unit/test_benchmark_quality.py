@@ -119,6 +119,44 @@ def _quick_jobs(*names):
     return [by[n] for n in names]
 
 
+def _fake_launcher(monkeypatch, tmp_path, failures: int, message: str):
+    """A launcher that fails `failures` times printing `message`, then writes the job's checkpoint."""
+    script = tmp_path / "fake_launcher.py"
+    script.write_text(f"""
+import json, sys
+from pathlib import Path
+count = Path(sys.argv[1]) / "attempts"
+n = int(count.read_text()) + 1 if count.exists() else 1
+count.write_text(str(n))
+if n <= {failures}:
+    print({message!r}); sys.exit(1)
+ckpt = Path(sys.argv[2]) / "iter_{{:07d}}".format(int(sys.argv[3]))
+ckpt.mkdir(parents=True)
+(ckpt / "common.pt").write_bytes(b"weights")
+(ckpt / "train_state.json").write_text(json.dumps({{"iteration": int(sys.argv[3])}}))
+""")
+    fm, = _quick_jobs("fm")
+    save = bq.run_dir(tmp_path, fm.name)
+    monkeypatch.setattr(bq, "launcher_command", lambda args: [sys.executable, str(script), str(tmp_path), str(save), str(fm.iters)])
+    return fm, tmp_path / "attempts"
+
+
+def test_train_relaunches_a_run_that_lost_the_port_race(monkeypatch, tmp_path):
+    fm, attempts = _fake_launcher(monkeypatch, tmp_path, 2, "DistNetworkError: ... EADDRINUSE, message: address already in use")
+    bq.train(tmp_path, fm)
+    assert attempts.read_text() == "3"
+    assert bq.trained_iters(bq.run_dir(tmp_path, fm.name)) == fm.iters
+
+
+@pytest.mark.parametrize("failures,message", [(1, "ValueError: --lr must be positive"),
+                                              (bq.PORT_RACE_ATTEMPTS, "EADDRINUSE")])
+def test_train_does_not_relaunch_other_failures_or_forever(monkeypatch, tmp_path, failures, message):
+    fm, attempts = _fake_launcher(monkeypatch, tmp_path, failures, message)
+    with pytest.raises(bq.JobFailed, match="exit code 1"):
+        bq.train(tmp_path, fm)
+    assert attempts.read_text() == str(failures)
+
+
 def test_job_action_and_launcher_load_flags(tmp_path):
     fm, rel = _quick_jobs("fm", "released-ft")
     assert bq.job_action(tmp_path, fm) == "start"
