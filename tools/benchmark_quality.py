@@ -36,7 +36,6 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -303,49 +302,12 @@ def launcher_args(out: Path, job: Job) -> List[str]:
     return args
 
 
-# Model-config fields a fine-tune may change from its base: a fixed scalar shift is a buffer
-# built from the config, not a weight, and the FM teacher never queried it.
-RELABELLED = ("shift_a", "shift_b", "shift_site")
-
-
-def model_config_of(flags: Sequence[str]) -> Dict:
-    import dataclasses
-
-    from megatron_apex.models.registry import get_model_config
-    from megatron_apex.training.arguments import parse_args
-
-    cfg = parse_args([*COMMON, *flags])
-    return json.loads(json.dumps(dataclasses.asdict(get_model_config(cfg.model, **cfg.model_overrides))))
-
-
-def _fixed_scalar(config: Dict) -> bool:
-    return config.get("shift_kind", "scalar") == "scalar" and not config.get("shift_learnable")
-
-
 def base_checkpoint(out: Path, job: Job) -> Path:
-    """The base's newest checkpoint, or, when this run's shift differs from the one recorded
-    there, a view of it (links to its files, its train_state.json with this run's shift): the
-    launcher refuses --finetune across model configs."""
-    from megatron_apex.training.checkpointing import TRAIN_STATE, resolve_checkpoint
+    """The base run's newest complete checkpoint (Table 7's runs fine-tune it with their own fixed
+    shift, which the trainer allows: a fixed scalar shift holds no weights)."""
+    from megatron_apex.training.checkpointing import resolve_checkpoint
 
-    ckpt = Path(resolve_checkpoint(str(run_dir(out, job.base_job))))
-    state = json.loads((ckpt / TRAIN_STATE).read_text())
-    saved, ours = state.get("model_config", {}), model_config_of(job.run.flags)
-    diff = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
-    if not diff:
-        return ckpt
-    if set(diff) - set(RELABELLED) or not (_fixed_scalar(saved) and _fixed_scalar(ours)):
-        raise JobFailed(f"cannot fine-tune {job.name} from {ckpt}: model config differs in {diff}; only a fixed "
-                        f"scalar shift ({', '.join(RELABELLED)}) can change")
-    view = run_dir(out, job.name) / "base_view" / ckpt.name
-    if view.exists():
-        shutil.rmtree(view)
-    view.mkdir(parents=True)
-    for item in ckpt.iterdir():
-        if item.name != TRAIN_STATE:
-            (view / item.name).symlink_to(item.resolve())
-    write_json(view / TRAIN_STATE, {**state, "model_config": {**saved, **{k: ours[k] for k in diff}}})
-    return view
+    return Path(resolve_checkpoint(str(run_dir(out, job.base_job))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,16 +500,10 @@ class Scorer:
         self.tool = _sample_tool()
 
     def images(self, model, nfe: int, method: str, seed: int):
-        """uint8 (N, H, W, C): tools/sample.py's noise, batches and generator for this seed."""
-        import torch
+        """uint8 (N, H, W, C): tools/sample.py's images for this seed."""
+        from megatron_apex.inference.samplers import sample_seeded
 
-        from megatron_apex.inference.samplers import sample
-
-        gen = torch.Generator().manual_seed(seed)
-        noise = torch.randn((len(self.labels), *self.shape), generator=gen)
-        parts = [sample(model, noise[s:s + 64], self.context[s:s + 64], self.mask[s:s + 64], nfe=nfe, method=method,
-                        generator=gen) for s in range(0, noise.shape[0], 64)]
-        return self.tool.to_uint8(torch.cat(parts))
+        return self.tool.to_uint8(sample_seeded(model, self.context, self.mask, self.shape, nfe, method, seed))
 
     def save(self, images, prefix: Path, nfe: int) -> None:
         import numpy as np

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     from megatron_apex.data.shards import read_manifest
     from megatron_apex.data.text_encoder import MiniLMTextEncoder
     from megatron_apex.inference.loading import load_model_for_inference
-    from megatron_apex.inference.samplers import sample
+    from megatron_apex.inference.samplers import sample_seeded
 
     try:
         model, state = load_model_for_inference(args.load, args.weights, args.pretrained_checkpoint)
@@ -102,14 +102,8 @@ def main(argv=None) -> int:
     k = args.num_per_prompt
     context = context.repeat_interleave(k, dim=0)
     mask = mask.repeat_interleave(k, dim=0)
-    gen = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn((len(prompts) * k, *manifest["image_shape"]), generator=gen)
-    images = []
-    for start in range(0, noise.shape[0], 64):
-        sl = slice(start, start + 64)
-        images.append(sample(model, noise[sl], context[sl], mask[sl], nfe=args.nfe, method=args.method,
-                             generator=gen))
-    images = to_uint8(torch.cat(images))
+    images = to_uint8(sample_seeded(model, context, mask, manifest["image_shape"], nfe=args.nfe,
+                                    method=args.method, seed=args.seed))
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_grid(images, len(prompts), args.out + ".png")

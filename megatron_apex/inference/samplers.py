@@ -44,3 +44,17 @@ def sample(model, noise: torch.Tensor, context: torch.Tensor, context_mask: Opti
         else:
             x = x - (t - t_next) * velocity
     return x
+
+
+def sample_seeded(model, context: torch.Tensor, context_mask: Optional[torch.Tensor], image_shape, nfe: int,
+                  method: str = "flowmap", seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+    """One image per context row from ``seed``: all noise is drawn first, then sampled in
+    batches sharing that generator, so a seed names the same images in every tool."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((context.shape[0], *image_shape), generator=gen)
+    parts = []
+    for start in range(0, noise.shape[0], batch_size):
+        rows = slice(start, start + batch_size)
+        parts.append(sample(model, noise[rows], context[rows], None if context_mask is None else context_mask[rows],
+                            nfe=nfe, method=method, generator=gen))
+    return torch.cat(parts)

@@ -79,6 +79,14 @@ def check_parallel_config(cfg: RunConfig, model_config, apex_config) -> bool:
     return two_phase
 
 
+WEIGHTLESS_SHIFT_KEYS = ("shift_a", "shift_b", "shift_site")
+
+
+def _fixed_scalar_shift(model_config: Dict) -> bool:
+    """A fixed scalar c_fake = a c + b lives in non-persistent buffers: no checkpointed weights."""
+    return model_config.get("shift_kind", "scalar") == "scalar" and not model_config.get("shift_learnable")
+
+
 def _sharded(module, prefix: str) -> Dict:
     return checkpointing.mark_tp_replicas(module.sharded_state_dict(prefix=prefix))
 
@@ -247,7 +255,7 @@ class Trainer:
             if state.get("lora") is not None:
                 raise ValueError(f"{flag} {base}: a LoRA checkpoint (adapters only), not base weights; give the full "
                                  f"checkpoint it was trained on ({state['lora'].get('base')})")
-            self._check_model_config(base, state, flag)
+            self._check_model_config(base, state, flag, weights_only=True)
             loaded = checkpointing.load_checkpoint(base, {"model": _sharded(self.model, "model.")})
             self.model.load_state_dict(checkpointing.module_state_dict(loaded["model"], "model.", self.model))
         self.lora_base = os.path.abspath(base) if base is not None else None
@@ -373,10 +381,17 @@ class Trainer:
             raise ValueError(f"LoRA checkpoint entries do not fit the model: missing {missing}, unexpected "
                              f"{sorted(result.unexpected_keys)}")
 
-    def _check_model_config(self, ckpt: str, state: Dict, flag: str) -> None:
+    def _check_model_config(self, ckpt: str, state: Dict, flag: str, weights_only: bool = False) -> None:
         saved_cfg = state.get("model_config", {})
         ours = json.loads(json.dumps(dataclasses.asdict(self.model_config)))  # tuples as saved: lists
         diff = sorted(k for k in set(saved_cfg) | set(ours) if saved_cfg.get(k) != ours.get(k))
+        if weights_only and _fixed_scalar_shift(saved_cfg) and _fixed_scalar_shift(ours):
+            # a fixed scalar shift holds no weights, so a fine-tune may pick another one
+            relabelled = [k for k in diff if k in WEIGHTLESS_SHIFT_KEYS]
+            if relabelled:
+                self._print0(f"{flag} {ckpt}: fine-tuning with " + ", ".join(
+                    f"{k} {ours.get(k)!r} (checkpoint {saved_cfg.get(k)!r})" for k in relabelled))
+            diff = [k for k in diff if k not in WEIGHTLESS_SHIFT_KEYS]
         if diff:
             shown = ", ".join(f"{k}: checkpoint {saved_cfg.get(k)!r} vs run {ours.get(k)!r}" for k in diff)
             raise ValueError(f"{flag} {ckpt}: model config differs from this run's flags ({shown})")
@@ -429,7 +444,7 @@ class Trainer:
             if ck.pretrained_checkpoint and self.lora_config is None:  # (a LoRA run loaded its base already)
                 ckpt = checkpointing.resolve_checkpoint(ck.pretrained_checkpoint, "--pretrained-checkpoint")
                 state = checkpointing.read_train_state(ckpt)
-                self._check_model_config(ckpt, state, "--pretrained-checkpoint")
+                self._check_model_config(ckpt, state, "--pretrained-checkpoint", weights_only=True)
                 if state.get("lora") is not None:
                     raise ValueError(f"--pretrained-checkpoint {ckpt}: a LoRA checkpoint (adapters only); give "
                                      f"--lora-rank {state['lora']['config']['rank']} and the LoRA flags to train it "
@@ -438,7 +453,7 @@ class Trainer:
             return
         ckpt = checkpointing.resolve_checkpoint(load, log=self._print0)
         state = checkpointing.read_train_state(ckpt, required=("model_config",))
-        self._check_model_config(ckpt, state, "--load")
+        self._check_model_config(ckpt, state, "--load", weights_only=ck.finetune)
         saved_lora = state.get("lora")
         if self.lora_config is not None:
             if saved_lora is None:

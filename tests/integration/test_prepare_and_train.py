@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from cli_run import REPO, child_env, metrics, train
+from tiny_vaes import tiny_vae
 
 from megatron_apex.data.builtin import class_names, load_builtin_arrays
 
@@ -55,23 +56,7 @@ def prepared(images):
 def _grey_autoencoder(class_name, folder):
     """A random tiny Qwen-Image VAE or DC-AE: grey in, one latent channel out (the tiny models'),
     downsampling 2, so 56-pixel buckets give 28-grid latents."""
-    import diffusers
-    import torch
-
-    torch.manual_seed(0)
-    if class_name == "AutoencoderKLQwenImage":
-        vae = diffusers.AutoencoderKLQwenImage(base_dim=8, z_dim=1, dim_mult=[1, 2], num_res_blocks=1,
-                                               temperal_downsample=[False], input_channels=1, latents_mean=[0.1],
-                                               latents_std=[1.5])
-    else:
-        vae = diffusers.AutoencoderDC(in_channels=1, latent_channels=1, attention_head_dim=4,
-                                      encoder_block_types=("ResBlock", "EfficientViTBlock"),
-                                      decoder_block_types=("ResBlock", "EfficientViTBlock"),
-                                      encoder_block_out_channels=(8, 16), decoder_block_out_channels=(8, 16),
-                                      encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
-                                      encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
-                                      scaling_factor=0.4)
-    vae.save_pretrained(folder)
+    tiny_vae(class_name, image_channels=1, latent_channels=1).save_pretrained(folder)
     return folder
 
 

@@ -391,6 +391,12 @@ case("ckpt-weights-ema-absent", "--weights ema on a run without EMA", "`tools/sa
 case("ckpt-other-model", "--load of a 2-layer run with --num-layers 3", "`pretrain_apex_dit.py --load`",
      ("--load", "num_layers"))(
     lambda a, tmp: train(a, "--load", a.base, "--num-layers", "3"))
+case("ckpt-other-shift-resumed", "resume (no --finetune) with another --shift-a", "`pretrain_apex_dit.py --load`",
+     ("--load", "shift_a"))(
+    lambda a, tmp: train(a, "--load", a.base, "--shift-a", "-0.5", "--train-iters", "2"))
+case("ckpt-finetune-learnable-shift", "--finetune a fixed-shift run with a learnable --shift-kind diagonal",
+     "`pretrain_apex_dit.py --load --finetune`", ("--load", "shift_kind"))(
+    lambda a, tmp: train(a, "--load", a.base, "--finetune", "--shift-kind", "diagonal", "--save", tmp / "ft"))
 case("ckpt-pretrained-missing", "--pretrained-checkpoint that does not exist", "`pretrain_apex_dit.py "
      "--pretrained-checkpoint`", "--pretrained-checkpoint")(
     lambda a, tmp: train(a, *LORA_FLAGS, "--pretrained-checkpoint", tmp / "nowhere"))
@@ -895,6 +901,31 @@ def test_bad_input_fails_with_one_line_naming_it(case, assets, tmp_path):
     if case.absent:  # nor a temp folder beside it (outputs are written to `.<name>.tmp-*`, then renamed)
         left = [p for p in os.listdir(tmp_path) if p == case.absent or p.startswith(f".{case.absent}.tmp")]
         assert not left, left
+
+
+def test_finetune_may_change_a_fixed_scalar_shift(assets, tmp_path):
+    """The counterpart of ckpt-other-shift-resumed: a fixed scalar shift holds no weights, so a
+    fine-tune (Table 7's cells start from one FM checkpoint) may choose its own a and b."""
+    import json
+
+    import torch
+
+    from megatron_apex.inference.loading import load_model_for_inference
+    from megatron_apex.training.checkpointing import resolve_checkpoint
+
+    save = tmp_path / "ft"
+    assert train(assets, "--load", assets.base, "--finetune", "--shift-a", "-0.5", "--shift-b", "1",
+                 "--shift-site", "input", "--lr", "1e-12", "--save", save) in (None, 0)
+    ckpt = resolve_checkpoint(str(save))
+    cfg = json.loads((Path(ckpt) / "train_state.json").read_text())["model_config"]
+    base_cfg = json.loads((Path(resolve_checkpoint(str(assets.base))) / "train_state.json").read_text())["model_config"]
+    assert (cfg["shift_a"], cfg["shift_b"], cfg["shift_site"]) == (-0.5, 1.0, "input")
+    assert {k for k in cfg if cfg[k] != base_cfg[k]} == {"shift_a", "shift_b", "shift_site"}
+    # the base's weights were loaded (a 1e-12 step away from them), not a fresh initialisation
+    ours, base = (load_model_for_inference(str(p), weights="model")[0].state_dict() for p in (save, assets.base))
+    assert ours.keys() == base.keys()
+    for name, tensor in base.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
 def test_case_ids_are_unique():

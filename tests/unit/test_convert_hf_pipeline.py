@@ -103,9 +103,6 @@ def test_sana_pipeline_with_text_encoder_and_vae_from_exported_folder(tmp_path, 
     pipeline encodes the prompts, steps and decodes as our sampler + the base's VAE do."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
 
-    from megatron_apex.inference.loading import load_model_for_inference
-    from megatron_apex.inference.samplers import sample
-
     arch = sana_tests.ARCH
     hf = sana_tests.save_diffusers(tmp_path / "hf", seed=3)
     assert sana_tests.convert("import", "--hf-path", hf, "--save", tmp_path / "ckpt") == 0
@@ -120,26 +117,7 @@ def test_sana_pipeline_with_text_encoder_and_vae_from_exported_folder(tmp_path, 
     capsys.readouterr()
     _expect_base_untouched_and_linked(base, out)
 
-    pipe = SanaPipeline.from_pretrained(out)
-    pipe.set_progress_bar_config(disable=True)
-    prompts = ["a cat", "a dog on the grass"]
-    h, w = 32, 16
-    noise = torch.randn(2, arch["in_channels"], h, w, generator=torch.Generator().manual_seed(21))
-    common = dict(prompt=prompts, height=h * pipe.vae_scale_factor, width=w * pipe.vae_scale_factor,
-                  num_inference_steps=1, guidance_scale=1.0, latents=noise, use_resolution_binning=False,
-                  complex_human_instruction=None, max_sequence_length=8, return_dict=False)
-    with torch.no_grad():
-        theirs = pipe(output_type="latent", **common)[0]
-        images = pipe(output_type="pt", **common)[0]
-        ctx, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=8,
-                                             complex_human_instruction=None)
-    model, _ = load_model_for_inference(str(tmp_path / "ckpt"))
-    ours = sample(model, noise, ctx, mask, nfe=1)
-    assert (theirs - noise).abs().max() > 0.1
-    assert (ours - theirs).abs().max().item() <= sana_tests.TOL
-    with torch.no_grad():
-        decoded = pipe.vae.decode(ours / pipe.vae.config.scaling_factor, return_dict=False)[0]
-    assert (pipe.image_processor.postprocess(decoded, output_type="pt") - images).abs().max().item() <= 1e-4
+    sana_tests.assert_pipeline_matches_our_one_step(SanaPipeline.from_pretrained(out), str(tmp_path / "ckpt"))
 
 
 def test_bad_base_pipelines_fail_in_one_line_and_leave_nothing(qwen_imported, qwen_base, tmp_path, capsys):

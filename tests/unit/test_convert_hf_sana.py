@@ -284,9 +284,6 @@ def test_pipeline_with_exported_transformer_matches_our_one_step_sampler(importe
     megatron_apex.inference.samplers.sample on the imported checkpoint, and decodes it alike."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
 
-    from megatron_apex.inference.loading import load_model_for_inference
-    from megatron_apex.inference.samplers import sample
-
     assert convert("export", "--load", imported, "--hf-path", tmp_path / "hf") == 0
     transformer = SanaTransformer2DModel.from_pretrained(tmp_path / "hf").eval()
     tokenizer, encoder = _tiny_text_stack(ARCH["caption_channels"])
@@ -294,12 +291,19 @@ def test_pipeline_with_exported_transformer_matches_our_one_step_sampler(importe
     # One Euler step from sigma 1 to 0 (Sana's released DPM-Solver starts at sigma 0.999).
     pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer,
                         scheduler=FlowMatchEulerDiscreteScheduler())
-    pipe.set_progress_bar_config(disable=True)
+    assert_pipeline_matches_our_one_step(pipe, str(imported))
 
+
+def assert_pipeline_matches_our_one_step(pipe, checkpoint: str) -> None:
+    """``pipe`` (a SanaPipeline) and our NFE = 1 sampler on ``checkpoint`` take the same Euler step
+    from the same noise and prompts, and the pipeline's VAE decodes ours as it decodes its own."""
+    from megatron_apex.inference.loading import load_model_for_inference
+    from megatron_apex.inference.samplers import sample
+
+    pipe.set_progress_bar_config(disable=True)
     prompts = ["a cat", "a dog on the grass"]
-    gen = torch.Generator().manual_seed(21)
     h, w = 32, 16  # latent grid; the pipeline wants pixel sizes divisible by 32
-    noise = torch.randn(2, ARCH["in_channels"], h, w, generator=gen)
+    noise = torch.randn(2, pipe.transformer.config.in_channels, h, w, generator=torch.Generator().manual_seed(21))
     common = dict(prompt=prompts, height=h * pipe.vae_scale_factor, width=w * pipe.vae_scale_factor,
                   num_inference_steps=1, guidance_scale=1.0, latents=noise, use_resolution_binning=False,
                   complex_human_instruction=None, max_sequence_length=8, return_dict=False)
@@ -310,11 +314,10 @@ def test_pipeline_with_exported_transformer_matches_our_one_step_sampler(importe
                                              complex_human_instruction=None)
     assert mask[0].sum() < mask[1].sum() < mask.shape[1] + 1  # padded captions of different lengths
 
-    model, _ = load_model_for_inference(str(imported))
+    model, _ = load_model_for_inference(checkpoint)
     ours = sample(model, noise, ctx, mask, nfe=1)  # tools/sample.py's default method
     assert (theirs - noise).abs().max() > 0.1  # the step moved the latents
     assert (ours - theirs).abs().max().item() <= TOL
     with torch.no_grad():
-        decoded = vae.decode(ours / vae.config.scaling_factor, return_dict=False)[0]
-    ours_images = pipe.image_processor.postprocess(decoded, output_type="pt")
-    assert (ours_images - images).abs().max().item() <= 1e-4
+        decoded = pipe.vae.decode(ours / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    assert (pipe.image_processor.postprocess(decoded, output_type="pt") - images).abs().max().item() <= 1e-4

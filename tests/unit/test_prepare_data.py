@@ -9,6 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_vaes import tiny_vae
 
 from megatron_apex.data.prepare import PrepareConfig, prepare
 
@@ -178,29 +179,6 @@ def test_truncated_tar_member_and_json_sidecar_captions(tmp_path):
     assert sorted(v.decode() for k, v in got.items() if k.endswith(".txt")) == ["from json", "from txt"]
 
 
-def _tiny_vae(class_name):
-    import torch
-    import diffusers
-
-    torch.manual_seed(0)
-    if class_name == "AutoencoderKL":
-        return diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                                       up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-                                       layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
-                                       scaling_factor=0.5, shift_factor=0.1)
-    if class_name == "AutoencoderKLQwenImage":
-        return diffusers.AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1,
-                                                temperal_downsample=[False], latents_mean=[0.1, -0.2, 0.3, 0.0],
-                                                latents_std=[1.5, 0.5, 2.0, 1.0])
-    return diffusers.AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=4,
-                                   encoder_block_types=("ResBlock", "EfficientViTBlock"),
-                                   decoder_block_types=("ResBlock", "EfficientViTBlock"),
-                                   encoder_block_out_channels=(8, 16), decoder_block_out_channels=(8, 16),
-                                   encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
-                                   encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
-                                   scaling_factor=0.4)
-
-
 def _pipeline_latents(vae, x):
     """What the diffusers pipelines make of an image batch in [-1, 1] (written from their code)."""
     import torch
@@ -222,7 +200,7 @@ def _pipeline_latents(vae, x):
 def test_vae_latents_match_the_diffusers_pipelines(tmp_path, class_name):
     import torch
 
-    vae = _tiny_vae(class_name).eval()
+    vae = tiny_vae(class_name).eval()
     vae.save_pretrained(tmp_path / "vae")
     folder = tmp_path / "rgb"
     folder.mkdir()
