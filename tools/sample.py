@@ -40,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--weights", default="auto", choices=WEIGHTS,
                    help="auto (EMA when the checkpoint has it) | ema | model")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line; default: one per class")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance scale (1 = off; a model trained with --caption-dropout)")
     p.add_argument("--pretrained-checkpoint", default=None,
                    help="LoRA runs: the base weights (default: the base recorded in the checkpoint)")
     return p.parse_args(argv)
@@ -71,6 +73,7 @@ def save_grid(images: np.ndarray, rows: int, path: str, max_cols: int = 10) -> N
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_apex.data.builtin import build_builtin_shards
+    from megatron_apex.data.empty_prompt import empty_prompt_context
     from megatron_apex.data.shards import read_manifest
     from megatron_apex.data.text_encoder import MiniLMTextEncoder
     from megatron_apex.inference.loading import load_model_for_inference
@@ -92,6 +95,11 @@ def main(argv=None) -> int:
             labels = np.arange(len(prompts))
         else:
             raise ValueError(f"{data_path} has no class prompts; pass --prompts FILE")
+        uncond = {}
+        if args.guidance_scale != 1.0:
+            uc, um = empty_prompt_context(manifest, str(data_path), "--guidance-scale")
+            uncond = dict(guidance_scale=args.guidance_scale, uncond_context=torch.from_numpy(uc),
+                          uncond_mask=torch.from_numpy(um))
     except (ValueError, FileNotFoundError) as err:
         print(f"sample.py: error: {err}", file=sys.stderr)
         return 2
@@ -103,11 +111,12 @@ def main(argv=None) -> int:
     context = context.repeat_interleave(k, dim=0)
     mask = mask.repeat_interleave(k, dim=0)
     images = to_uint8(sample_seeded(model, context, mask, manifest["image_shape"], nfe=args.nfe,
-                                    method=args.method, seed=args.seed))
+                                    method=args.method, seed=args.seed, **uncond))
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_grid(images, len(prompts), args.out + ".png")
-    payload = {"images": images, "prompts": np.array(np.repeat(prompts, k)), "nfe": args.nfe}
+    payload = {"images": images, "prompts": np.array(np.repeat(prompts, k)), "nfe": args.nfe,
+               "guidance_scale": args.guidance_scale}
     if manifest.get("dataset"):
         payload["dataset"] = manifest["dataset"]
     if labels is not None:

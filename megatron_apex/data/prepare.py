@@ -9,7 +9,8 @@ Output folder: `manifest.json` + `shard-NNNNNN.tar` (+ `.tar.gz` with compress) 
 (webdataset key = the input's index in the sorted input list, 8 digits): `latent.npy` float16
 (C, h, w), `ctx.npy` float16 (n, D) the n real text tokens, `mask.npy` bool (n,), `txt` the
 caption, `json` {"original_size": [H, W], "bucket": [h, w] pixels, "latent_size": [h', w'],
-"source": input name}.
+"source": input name}. `empty_prompt.npy` float16 (n, D): the text encoder's states of the empty
+prompt, for caption dropout and classifier-free guidance.
 
 Determinism: the input list is sorted; input i goes to shard i // samples_per_shard whether or
 not it decodes (a skipped input leaves its shard one sample shorter, so later shards never
@@ -36,6 +37,7 @@ from typing import Optional
 import numpy as np
 
 from megatron_apex.data.buckets import bucket_table, nearest_bucket, resize_to_bucket
+from megatron_apex.data.empty_prompt import EMPTY_PROMPT, EMPTY_PROMPT_FILE, write_empty_prompt
 
 LATENT_FORMAT = "megatron_apex.latent_shards.v1"
 MANIFEST_NAME = "manifest.json"
@@ -464,6 +466,8 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
         used_buckets=[list(b) for b in latent_buckets],
         shards=[{k: e[k] for k in ("name", "count", "bytes", "sha256", "buckets")} for e in shards],
         skipped=len(skipped), signature=signature)
+    if jobs or not (out / EMPTY_PROMPT_FILE).is_file():  # for caption dropout and classifier-free guidance
+        write_empty_prompt(out, _encode_texts([EMPTY_PROMPT], cfg)[0])
     _atomic_write(out / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
     summary = dict(samples=total, shards=num_shards, shards_kept=kept, shards_written=len(jobs),
                    skipped=skipped, manifest=str(out / MANIFEST_NAME))

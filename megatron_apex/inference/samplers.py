@@ -6,6 +6,8 @@
 `renoise` : predict the endpoint x = x_t - t*F, then re-noise it to the next t with fresh noise.
 A one-step generator trained with a target-time input (the `released` APEX variant) is sampled
 with `flowmap`: at NFE = 1 that is x = z - F(z, 1, c, tt = 0).
+Classifier-free guidance (guidance_scale s != 1) replaces every query F(., c) with
+F(., u) + s * (F(., c) - F(., u)), u the empty prompt's states (a model trained with caption dropout).
 """
 
 from typing import Optional
@@ -23,9 +25,15 @@ def time_grid(nfe: int, device=None) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(model, noise: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None,
-           nfe: int = 1, method: str = "flowmap", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+           nfe: int = 1, method: str = "flowmap", generator: Optional[torch.Generator] = None,
+           guidance_scale: float = 1.0, uncond_context: Optional[torch.Tensor] = None,
+           uncond_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     if method not in METHODS:
         raise ValueError(f"unknown sampling method {method!r}; choose one of {METHODS}")
+    if guidance_scale != 1.0:
+        if uncond_context is None:
+            raise ValueError(f"guidance scale {guidance_scale} needs the empty prompt's states (uncond_context)")
+        model = _guided(model, guidance_scale, context, context_mask, uncond_context, uncond_mask)
     grid = time_grid(nfe, device=noise.device)
     batch = noise.shape[0]
     x = noise
@@ -46,8 +54,27 @@ def sample(model, noise: torch.Tensor, context: torch.Tensor, context_mask: Opti
     return x
 
 
+def _guided(model, scale: float, context: torch.Tensor, context_mask: Optional[torch.Tensor],
+            uncond: torch.Tensor, uncond_mask: Optional[torch.Tensor]):
+    """The model under classifier-free guidance: one batched forward of [cond; uncond] per query."""
+    n = context.shape[0]
+    ones = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+    uncond = uncond.to(context).expand(n, *context.shape[1:])
+    uncond_mask = ones if uncond_mask is None else uncond_mask.to(context.device).expand(n, -1)
+    both_context = torch.cat([context, uncond])
+    both_mask = torch.cat([ones if context_mask is None else context_mask, uncond_mask])
+
+    def guided(x, t, _context, _mask, t_target=None):
+        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), both_context, both_mask,
+                                 t_target=None if t_target is None else torch.cat([t_target, t_target])).chunk(2)
+        return v_uncond + scale * (v_cond - v_uncond)
+    return guided
+
+
 def sample_seeded(model, context: torch.Tensor, context_mask: Optional[torch.Tensor], image_shape, nfe: int,
-                  method: str = "flowmap", seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+                  method: str = "flowmap", seed: int = 0, batch_size: int = 64, guidance_scale: float = 1.0,
+                  uncond_context: Optional[torch.Tensor] = None, uncond_mask: Optional[torch.Tensor] = None
+                  ) -> torch.Tensor:
     """One image per context row from ``seed``: all noise is drawn first, then sampled in
     batches sharing that generator, so a seed names the same images in every tool."""
     gen = torch.Generator().manual_seed(seed)
@@ -56,5 +83,6 @@ def sample_seeded(model, context: torch.Tensor, context_mask: Optional[torch.Ten
     for start in range(0, noise.shape[0], batch_size):
         rows = slice(start, start + batch_size)
         parts.append(sample(model, noise[rows], context[rows], None if context_mask is None else context_mask[rows],
-                            nfe=nfe, method=method, generator=gen))
+                            nfe=nfe, method=method, generator=gen, guidance_scale=guidance_scale,
+                            uncond_context=uncond_context, uncond_mask=uncond_mask))
     return torch.cat(parts)

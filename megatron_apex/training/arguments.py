@@ -84,6 +84,9 @@ class ObjectiveArgs:
 @dataclass
 class DataArgs:
     data_path: Optional[str] = None  # None = the built-in dataset
+    # probability that a training sample's caption is replaced by the empty prompt, so the model
+    # also learns the unconditional velocity that classifier-free guidance needs
+    caption_dropout: float = 0.0
 
 
 @dataclass
@@ -224,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="directory of webdataset shards; default: built-in dataset")
+    g.add_argument("--caption-dropout", type=float, default=DataArgs.caption_dropout, metavar="P",
+                   help="replace each training caption by the empty prompt with probability P (for classifier-free "
+                        "guidance: tools/sample.py --guidance-scale, --apex-option cfg_scale)")
 
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None)
@@ -351,6 +357,8 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         raise ValueError(f"--max-skipped-iters must be >= 0 (0 = never stop), got {a.max_skipped_iters}")
     if a.keep_last is not None and not a.save:
         raise ValueError("--keep-last needs --save (the directory whose checkpoints it prunes)")
+    if not 0.0 <= a.caption_dropout < 1.0:
+        raise ValueError(f"--caption-dropout must be in [0, 1), got {a.caption_dropout}")
     if not 0.0 <= a.ema_decay < 1.0:
         raise ValueError(f"--ema-decay must be in [0, 1), got {a.ema_decay}")
 
@@ -371,7 +379,7 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         train=TrainArgs(a.micro_batch_size, a.global_batch_size, a.train_iters, a.seed, a.ema_decay,
                         a.exit_interval, a.exit_duration_in_mins, a.max_skipped_iters),
         objective=ObjectiveArgs(a.objective, a.apex_start_iter, a.teacher, apex, time_sampler, a.apex_schedule),
-        data=DataArgs(a.data_path),
+        data=DataArgs(a.data_path, a.caption_dropout),
         checkpoint=CheckpointArgs(a.save, a.load, a.save_interval, a.finetune, a.pretrained_checkpoint,
                                   a.keep_last),
         logging=LoggingArgs(a.log_interval, a.tensorboard_dir, not a.no_progress),

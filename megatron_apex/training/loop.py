@@ -27,7 +27,7 @@ import os
 import subprocess
 import time
 from functools import partial
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -201,6 +201,7 @@ class Trainer:
             self.dataset = LatentShardDataset(cfg.data.data_path, log=self._print0)
         else:
             self.dataset = load_dataset(cfg.data.data_path, split="train")
+        self.empty_prompt = self._empty_prompt()
         self.iteration = 0
         self.consumed_samples = 0
         self.skipped_iters = 0
@@ -503,7 +504,7 @@ class Trainer:
                      "train": ("micro_batch_size", "global_batch_size", "seed", "ema_decay"),
                      "optim": ("lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "lr_decay_iters", "weight_decay",
                                "adam_beta1", "adam_beta2", "adam_eps", "clip_grad", "bf16"),
-                     "data": ("data_path",)}
+                     "data": ("data_path", "caption_dropout")}
 
     def _report_changed_flags(self, ckpt: str, saved_args: Dict) -> None:
         ours = json.loads(json.dumps(self.cfg.to_dict()))
@@ -528,6 +529,18 @@ class Trainer:
         else:
             self._copy_trainable(copy)
 
+    def _empty_prompt(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(context (1, L, D), mask (1, L)) of the empty prompt when caption dropout or the
+        CFG-enhanced target needs it, else None."""
+        from megatron_apex.data.empty_prompt import empty_prompt_context
+
+        cfg_scale = self.apex_config.cfg_scale if self.apex_config is not None else 0.0
+        if self.cfg.data.caption_dropout == 0 and cfg_scale == 0:
+            return None
+        flag = "--caption-dropout" if self.cfg.data.caption_dropout > 0 else "--apex-option cfg_scale"
+        context, mask = empty_prompt_context(self.dataset.manifest, self.cfg.data.data_path, flag)
+        return torch.from_numpy(context)[None], torch.from_numpy(mask)[None]
+
     # ---- one iteration ------------------------------------------------------------------
     def _micro_batches(self, global_indices: List[int]) -> List[Dict]:
         """This rank's micro-batches of one global batch: data-parallel rank r takes the r-th
@@ -541,6 +554,8 @@ class Trainer:
                  else self.dataset.images.shape[1:])
         noise = torch.randn((g, *shape), generator=gen)
         t = sample_time(g, self.time_config, generator=gen)
+        p_drop = self.cfg.data.caption_dropout
+        dropped = torch.rand(g, generator=gen) < p_drop if p_drop > 0 else None  # (no draw when off)
         mbs = self.cfg.train.micro_batch_size
         rank_start = self.dp_rank * (g // self.dp_size)
         out = []
@@ -549,11 +564,21 @@ class Trainer:
             batch = self.dataset.get_batch(global_indices[start:start + mbs])
             batch["noise"] = noise[start:start + mbs]
             batch["t"] = t[start:start + mbs]
+            if dropped is not None:
+                self._drop_captions(batch, dropped[start:start + mbs])
             # the objective's own fresh draws: one stream per micro-batch of the global batch
             batch["generator"] = _iteration_generator(self.cfg.train.seed, self.iteration,
                                                       stream=1 + start // mbs)
             out.append(batch)
         return out
+
+    def _drop_captions(self, batch: Dict, rows: torch.Tensor) -> None:
+        context, mask = self.empty_prompt
+        if batch["context"].shape[1:] != context.shape[1:]:
+            raise ValueError(f"the empty prompt's states are {tuple(context.shape[1:])}, the batch's captions "
+                             f"{tuple(batch['context'].shape[1:])}")
+        batch["context"] = torch.where(rows[:, None, None], context.to(batch["context"].dtype), batch["context"])
+        batch["context_mask"] = torch.where(rows[:, None], mask, batch["context_mask"])
 
     def _step_teacher(self):
         """The real velocity's model of this iteration's DM query (None = the model itself)."""
@@ -572,8 +597,10 @@ class Trainer:
         args = (model, batch["image"], batch["noise"], batch["t"], batch["context"], batch["context_mask"])
         with fp8_context(self.cfg.gpu, self.model):
             if self._apex_active(self.iteration):
+                uncond = self.empty_prompt if self.apex_config.cfg_scale > 0 else (None, None)
                 terms = apex_loss(*args, self.apex_config, generator=batch["generator"], teacher=self._step_teacher(),
-                                  step=self.iteration - self.cfg.objective.apex_start_iter)
+                                  step=self.iteration - self.cfg.objective.apex_start_iter,
+                                  uncond_context=uncond[0], uncond_context_mask=uncond[1])
             else:
                 terms = fm_loss(*args)
         return terms["loss"], partial(self._loss_func, terms)

@@ -244,6 +244,11 @@ def dry_run(a: Assets, *flags):
         return TOOLS.pretrain.main(["--dry-run", *a.train_flags, *map(str, flags)])
 
 
+def _with_file(folder: Path, name: str, array) -> Path:
+    np.save(folder / name, array)
+    return folder
+
+
 def copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -264,6 +269,7 @@ for _id, _argv, _needle, _what in [
      "global batch 8 with micro batch 3"),
     ("flag-num-heads-zero", ["--num-attention-heads", "0"], "--num-attention-heads", "0 attention heads"),
     ("flag-ema-decay-one", ["--ema-decay", "1.5"], "--ema-decay", "EMA decay outside [0, 1)"),
+    ("flag-caption-dropout-one", ["--caption-dropout", "1"], "--caption-dropout", "caption dropout outside [0, 1)"),
     ("flag-unknown-objective", ["--objective", "gan"], "--objective", "an unknown objective"),
     ("flag-unknown-apex-variant", ["--apex-variant", "turbo"], "--apex-variant", "an unknown APEX variant"),
     ("flag-lam-out-of-range", ["--lam", "1.5"], "--lam", "lambda outside [0, 1]"),
@@ -391,6 +397,13 @@ case("ckpt-weights-ema-absent", "--weights ema on a run without EMA", "`tools/sa
 case("ckpt-other-model", "--load of a 2-layer run with --num-layers 3", "`pretrain_apex_dit.py --load`",
      ("--load", "num_layers"))(
     lambda a, tmp: train(a, "--load", a.base, "--num-layers", "3"))
+case("data-no-empty-prompt", "--caption-dropout on shards without empty_prompt.npy (nor a MiniLM encoder)",
+     "`pretrain_apex_dit.py --data-path`", ("--caption-dropout", "empty_prompt.npy"))(
+    lambda a, tmp: train(a, "--caption-dropout", "0.1"))
+case("data-empty-prompt-bad-shape", "an empty_prompt.npy with the wrong width", "`pretrain_apex_dit.py --data-path`",
+     "empty_prompt.npy")(
+    lambda a, tmp: train(a, "--caption-dropout", "0.1", "--data-path",
+                         _with_file(copy(a.dataset, tmp / "data"), "empty_prompt.npy", np.zeros((2, 3), np.float16))))
 case("ckpt-other-shift-resumed", "resume (no --finetune) with another --shift-a", "`pretrain_apex_dit.py --load`",
      ("--load", "shift_a"))(
     lambda a, tmp: train(a, "--load", a.base, "--shift-a", "-0.5", "--train-iters", "2"))

@@ -66,7 +66,8 @@ def test_every_run_of_the_full_plan_parses_with_the_trainer():
                  "--seed", str(job.seed), "--train-iters", str(job.iters), "--save", str(out)]
         cfg = parse_args(flags)
         assert cfg.train.train_iters == job.iters
-        assert cfg.objective.objective == ("fm" if job.run.name == "fm" else "apex")
+        assert cfg.objective.objective == ("fm" if job.run.budget == "fm" else "apex")
+        assert cfg.data.caption_dropout == (0.1 if job.run.name == "fm-drop" else 0.0)
         if "table7" in job.run.cells:
             a, b = job.run.cells["table7"]
             assert (cfg.model_overrides.get("shift_a", -1.0), cfg.model_overrides.get("shift_b", 0.0)) == (a, b)

@@ -108,6 +108,9 @@ def test_interrupted_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, 
         ctx = np.load(io.BytesIO(members[f"{key}.ctx.npy"]))
         assert mask.all() and len(mask) == masks[i].sum()
         np.testing.assert_allclose(ctx.astype(np.float32), states[i][:len(mask)], rtol=1e-3, atol=1e-3)
+    empty, empty_mask = MiniLMTextEncoder().encode([""], 8)
+    np.testing.assert_allclose(np.load(out / "empty_prompt.npy").astype(np.float32), empty[0][empty_mask[0]],
+                               rtol=1e-3, atol=1e-3)
 
 
 def test_skipped_inputs_are_summarised_with_reasons(tmp_path):
@@ -319,3 +322,7 @@ def test_transformers_text_encoders_match_the_pipelines(tmp_path, kind):
     # some captions are shorter than --max-text-len, the longest are cut at it
     lengths = [len(r) for r in refs]
     assert min(lengths) < 24 == max(lengths)
+    # the empty prompt (caption dropout, classifier-free guidance), encoded as the pipeline would
+    empty = np.load(tmp_path / "out" / "empty_prompt.npy")
+    np.testing.assert_allclose(empty.astype(np.float32), _pipeline_states(kind, model, tok, [""], 24, drop)[0],
+                               rtol=3e-3, atol=3e-3)
