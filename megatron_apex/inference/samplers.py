@@ -75,14 +75,20 @@ def sample_seeded(model, context: torch.Tensor, context_mask: Optional[torch.Ten
                   method: str = "flowmap", seed: int = 0, batch_size: int = 64, guidance_scale: float = 1.0,
                   uncond_context: Optional[torch.Tensor] = None, uncond_mask: Optional[torch.Tensor] = None
                   ) -> torch.Tensor:
-    """One image per context row from ``seed``: all noise is drawn first, then sampled in
-    batches sharing that generator, so a seed names the same images in every tool."""
+    """One image per context row from ``seed`` (on the host): all noise is drawn first, then
+    sampled in batches sharing that generator, so a seed names the same images in every tool."""
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((context.shape[0], *image_shape), generator=gen)
+    device = next(model.parameters()).device  # noise is drawn on the host: the same images on any device
+
+    def on_device(x):
+        return None if x is None else x.to(device)
+
     parts = []
     for start in range(0, noise.shape[0], batch_size):
         rows = slice(start, start + batch_size)
-        parts.append(sample(model, noise[rows], context[rows], None if context_mask is None else context_mask[rows],
+        parts.append(sample(model, noise[rows].to(device), context[rows].to(device),
+                            None if context_mask is None else context_mask[rows].to(device),
                             nfe=nfe, method=method, generator=gen, guidance_scale=guidance_scale,
-                            uncond_context=uncond_context, uncond_mask=uncond_mask))
+                            uncond_context=on_device(uncond_context), uncond_mask=on_device(uncond_mask)).cpu())
     return torch.cat(parts)

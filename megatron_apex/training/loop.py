@@ -539,7 +539,7 @@ class Trainer:
             return None
         flag = "--caption-dropout" if self.cfg.data.caption_dropout > 0 else "--apex-option cfg_scale"
         context, mask = empty_prompt_context(self.dataset.manifest, self.cfg.data.data_path, flag)
-        return torch.from_numpy(context)[None], torch.from_numpy(mask)[None]
+        return torch.from_numpy(context)[None].to(self.info.device), torch.from_numpy(mask)[None].to(self.info.device)
 
     # ---- one iteration ------------------------------------------------------------------
     def _micro_batches(self, global_indices: List[int]) -> List[Dict]:
@@ -564,8 +564,11 @@ class Trainer:
             batch = self.dataset.get_batch(global_indices[start:start + mbs])
             batch["noise"] = noise[start:start + mbs]
             batch["t"] = t[start:start + mbs]
+            # the host draws every random number (reproducible on any device), the device computes
+            batch = {k: v.to(self.info.device, non_blocking=True) if torch.is_tensor(v) else v
+                     for k, v in batch.items()}
             if dropped is not None:
-                self._drop_captions(batch, dropped[start:start + mbs])
+                self._drop_captions(batch, dropped[start:start + mbs].to(self.info.device))
             # the objective's own fresh draws: one stream per micro-batch of the global batch
             batch["generator"] = _iteration_generator(self.cfg.train.seed, self.iteration,
                                                       stream=1 + start // mbs)
