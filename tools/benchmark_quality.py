@@ -62,6 +62,7 @@ RELEASED = ("--objective", "apex", "--apex-variant", "released", "--teacher", "f
 # full-tuning setting (the online model) instead.
 RELEASED_SCRATCH = RELEASED + ("--teacher", "online")
 PAPER = ("--objective", "apex", "--apex-variant", "paper")  # lam 0.5, 1:1, w = (1-t)/t, detach
+INPUT_SITE = ("--shift-site", "input")
 FM_NFES = (1, 2, 4, 8, 50)
 APEX_NFES = (1, 2, 4)
 
@@ -127,19 +128,18 @@ RUNS: Tuple[Run, ...] = (
     Run("t6-1-0.5", "fm", "ft", PAPER + ("--lambda-p", "1", "--lambda-e", "0.5"), cells={"table6": "1:0.5"}),
     Run("t6-1-2", "fm", "ft", PAPER + ("--lambda-p", "1", "--lambda-e", "2"), cells={"table6": "1:2"}),
     # ---- paper Table 7: c_fake = a*c + b (released variant; a=-1, b=0 is released-ft)
-    Run("t7-a-1-b0.1", "fm", "ft", RELEASED + shift(-1, 0.1), cells={"table7": (-1.0, 0.1)}),
+    # At the projected site b is invisible to qwen-image (every block LayerNorms the text stream:
+    # tests/unit/test_qwen_image_model.py::test_projected_scalar_shift_offset_b_is_invisible_to_the_model),
+    # so there the grid is its b=0 column, plus two cells that show b changes nothing; the whole
+    # grid runs at the input site, before the text RMSNorm, where b does reach the model.
     Run("t7-a-1-b1", "fm", "ft", RELEASED + shift(-1, 1), cells={"table7": (-1.0, 1.0)}),
-    Run("t7-a-1-b10", "fm", "ft", RELEASED + shift(-1, 10), cells={"table7": (-1.0, 10.0)}),
     Run("t7-a-0.5-b0", "fm", "ft", RELEASED + shift(-0.5, 0), cells={"table7": (-0.5, 0.0)}),
-    Run("t7-a-0.5-b0.1", "fm", "ft", RELEASED + shift(-0.5, 0.1), cells={"table7": (-0.5, 0.1)}),
     Run("t7-a-0.5-b1", "fm", "ft", RELEASED + shift(-0.5, 1), quick=True, cells={"table7": (-0.5, 1.0)}),
-    Run("t7-a-0.5-b10", "fm", "ft", RELEASED + shift(-0.5, 10), cells={"table7": (-0.5, 10.0)}),
     Run("t7-a0.5-b0", "fm", "ft", RELEASED + shift(0.5, 0), quick=True, cells={"table7": (0.5, 0.0)}),
-    Run("t7-a0.5-b0.1", "fm", "ft", RELEASED + shift(0.5, 0.1), cells={"table7": (0.5, 0.1)}),
-    Run("t7-a0.5-b1", "fm", "ft", RELEASED + shift(0.5, 1), cells={"table7": (0.5, 1.0)}),
-    Run("t7-a0.5-b10", "fm", "ft", RELEASED + shift(0.5, 10), cells={"table7": (0.5, 10.0)}),
+    *(Run(f"t7in-a{a:g}-b{b:g}", "fm", "ft", RELEASED + shift(a, b) + INPUT_SITE, cells={"table7_input": (a, b)})
+      for a in (-1.0, -0.5, 0.5) for b in (0.0, 0.1, 1.0, 10.0) if (a, b) != (-1.0, 0.0)),
     # ---- shift site, fake_grad, weighting
-    Run("released-site-input", "fm", "ft", RELEASED + ("--shift-site", "input"), cells={"site": "input"}),
+    Run("released-site-input", "fm", "ft", RELEASED + INPUT_SITE, cells={"site": "input", "table7_input": (-1.0, 0.0)}),
     Run("paper-through", "fm", "ft", PAPER + ("--fake-grad", "through"), cells={"fake_grad": "through"}),
     Run("paper-w-endpoint", "fm", "ft", PAPER + ("--weighting", "endpoint"), cells={"weighting": "endpoint"}),
     Run("paper-w-velocity", "fm", "ft", PAPER + ("--weighting", "velocity"), cells={"weighting": "velocity"}),
@@ -167,7 +167,7 @@ MODES = {
 COMMON = ("--model", "qwen-image-tiny", "--micro-batch-size", "32", "--global-batch-size", "64",
           "--clip-grad", "1.0", "--ema-decay", "0.99", "--log-interval", "10", "--no-progress")
 GLOBAL_BATCH = 64
-KNOWN_CELLS = {"headline", "claim", "table6", "table7", "options", "site", "fake_grad", "weighting"}
+KNOWN_CELLS = {"headline", "claim", "table6", "table7", "table7_input", "options", "site", "fake_grad", "weighting"}
 
 
 def schedule_flags(budget: str, iters: int) -> Tuple[str, ...]:

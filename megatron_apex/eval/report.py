@@ -186,13 +186,18 @@ def _shift_key(value) -> Tuple[float, float]:
     return float(a), float(b)
 
 
-def table7_ordering(entries: Dict[str, Entry], noise_source: Optional[Entry] = None
+TABLE7_SITES = {"table7": "projected", "table7_input": "input"}
+
+
+def table7_ordering(entries: Dict[str, Entry], noise_source: Optional[Entry] = None, cell: str = "table7"
                     ) -> Tuple[Dict[Tuple[float, float], Entry], str]:
-    """Grid (a, b) -> Entry and the sentence on whether the paper's best shift is best here."""
-    grid = {_shift_key(e.cells["table7"]): e for e in with_cell(entries, "table7")}
+    """Grid (a, b) -> Entry and the sentence on whether the paper's best shift is best here
+    (``cell``: the grid of one shift site, TABLE7_SITES)."""
+    grid = {_shift_key(e.cells[cell]): e for e in with_cell(entries, cell)}
     measured = {k: e.metric("fd", 1).mean for k, e in grid.items() if e.metric("fd", 1) is not None}
     if len(measured) < 2:
-        return grid, "Table 7: fewer than two of its cells have results; the ordering cannot be checked."
+        return grid, (f"Table 7 ({TABLE7_SITES[cell]} site): fewer than two of its cells have results; the ordering "
+                      "cannot be checked.")
     ours = sorted(measured, key=lambda k: measured[k])
 
     def name(k):
@@ -206,7 +211,8 @@ def table7_ordering(entries: Dict[str, Entry], noise_source: Optional[Entry] = N
         verdict = "CANNOT BE CHECKED (the paper's best cell did not run)"
     else:
         verdict = "HOLDS" if measured[best] <= measured[ours[0]] else "DOES NOT HOLD"
-    text = (f"Table 7 ordering {verdict} at this scale ({len(measured)} of {len(TABLE7_A) * len(TABLE7_B)} cells): "
+    text = (f"Table 7 ordering ({TABLE7_SITES[cell]} site) {verdict} at this scale ({len(measured)} of "
+            f"{len(TABLE7_A) * len(TABLE7_B)} cells): "
             f"the paper's best shift {name(best)} {rank(best)}; the released code's default "
             f"{name(TABLE7_RELEASED_CODE)} {rank(TABLE7_RELEASED_CODE)}; best here {name(ours[0])} "
             f"(FD {measured[ours[0]]:.1f}), worst {name(ours[-1])} (FD {measured[ours[-1]]:.1f}). "
@@ -301,9 +307,40 @@ def _noise_row(entries: Dict[str, Entry], cell: str) -> Optional[Entry]:
     return multi[0] if multi else None
 
 
-def table7_section(entries: Dict[str, Entry]) -> List[str]:
-    grid, text = table7_ordering(entries, _noise_row(entries, "table7"))
-    out = ["## Table 7: condition shift c_fake = a*c + b (`released` variant, fine-tuned), NFE=1 FD", ""]
+PROJECTED_B_NOTE = (
+    "At the projected site (after `txt_in`) the offset b is invisible to qwen-image: c_fake = a*h + b adds b to every "
+    "hidden unit of every text token, each block reads the text stream through a LayerNorm that removes the mean "
+    "over the hidden units, and the text stream's own output is discarded "
+    "(tests/unit/test_qwen_image_model.py::test_projected_scalar_shift_offset_b_is_invisible_to_the_model). There "
+    "the grid is its b = 0 column; cells with b != 0 that ran show it.")
+
+
+def _fd1_by_seed(entry: Entry) -> Dict[int, float]:
+    return {j.get("seed"): e["fd"] for j in entry.ok_jobs for e in j.get("evals", [])
+            if int(e["nfe"]) == 1 and e.get("fd") is not None}
+
+
+def _same_a_pairs(grid: Dict[Tuple[float, float], Entry]) -> str:
+    """b != 0 cells against the b = 0 cell of the same a, trained with the same seed."""
+    shown = []
+    for a, b in sorted(grid):
+        if b == 0 or (a, 0.0) not in grid:
+            continue
+        ours, base = _fd1_by_seed(grid[(a, b)]), _fd1_by_seed(grid[(a, 0.0)])
+        shown += [f"(a={a:g}, b={b:g}) {ours[seed]:.2f} vs (a={a:g}, b=0) {base[seed]:.2f} (seed {seed})"
+                  for seed in sorted(set(ours) & set(base))]
+    return f" Measured, NFE=1 FD: {'; '.join(shown)}." if shown else ""
+
+
+def table7_section(entries: Dict[str, Entry], cell: str = "table7") -> List[str]:
+    if cell != "table7" and not with_cell(entries, cell):
+        return []
+    # the input site's cells are single runs: the seed spread of the projected default stands in
+    grid, text = table7_ordering(entries, _noise_row(entries, cell) or _noise_row(entries, "table7"), cell)
+    out = [f"## Table 7: condition shift c_fake = a*c + b at the {TABLE7_SITES[cell]} site (`released` variant, "
+           "fine-tuned), NFE=1 FD", ""]
+    if cell == "table7":
+        out += [PROJECTED_B_NOTE + _same_a_pairs(grid), ""]
 
     def cell(a, b):
         e = grid.get((a, b))
@@ -370,7 +407,8 @@ def render_report(results: Sequence[Dict], expected_seconds: Optional[float] = N
            "feature space against held-out test images).", "",
            f"Runtime: {_duration(total)} measured (training + sampling + scoring, summed over the runs here)"
            + (f"; expected for this mode: {_duration(expected_seconds)}." if expected_seconds else "."), ""]
-    out += headline_section(entries) + table6_section(entries) + table7_section(entries)
+    out += headline_section(entries) + table6_section(entries) + table7_section(entries, "table7")
+    out += table7_section(entries, "table7_input")
     out += ablation_section(entries, "options", "`released` variant: options")
     out += ablation_section(entries, "site", "Shift site (`released`, fine-tuned)")
     out += ablation_section(entries, "fake_grad", "fake_grad (`paper`, fine-tuned)")
@@ -464,10 +502,12 @@ def _ablation_panels(entries: Dict[str, Entry]) -> List[Tuple[str, List[str], Li
     if t6:
         cells = [c for c in TABLE6_PAPER if c in t6]
         panels.append(("Table 6: lambda_p:lambda_e", cells, [t6[c].metric("fd", 1) for c in cells]))
-    t7 = with_cell(entries, "table7")
-    if t7:
-        panels.append(("Table 7: shift (a, b)", [f"{a:g},{b:g}" for a, b in (_shift_key(e.cells['table7']) for e in t7)],
-                       [e.metric("fd", 1) for e in t7]))
+    for cell, site in TABLE7_SITES.items():
+        t7 = with_cell(entries, cell)
+        if t7:
+            panels.append((f"Table 7 ({site}): shift (a, b)",
+                           [f"{a:g},{b:g}" for a, b in (_shift_key(e.cells[cell]) for e in t7)],
+                           [e.metric("fd", 1) for e in t7]))
     for cell, title in (("options", "released options"), ("site", "shift site"), ("fake_grad", "fake_grad"),
                         ("weighting", "weighting")):
         rows = with_cell(entries, cell)

@@ -53,8 +53,18 @@ def test_modes_select_rows_and_seeds():
     # every cell of the paper's Table 6 and 7 grids is a row of the full plan
     cells6 = {str(j.run.cells.get("table6")) for j in full}
     assert set(rp.TABLE6_PAPER) <= cells6
-    cells7 = {tuple(j.run.cells["table7"]) for j in full if "table7" in j.run.cells}
-    assert cells7 == {(a, b) for a in rp.TABLE7_A for b in rp.TABLE7_B}
+    # Table 7: the whole grid at the input site; at the projected site (where b is invisible) the
+    # b = 0 column, the paper's best cell and one more b != 0 cell
+    grid = {(a, b) for a in rp.TABLE7_A for b in rp.TABLE7_B}
+    assert {tuple(j.run.cells["table7_input"]) for j in full if "table7_input" in j.run.cells} == grid
+    projected = {tuple(j.run.cells["table7"]) for j in full if "table7" in j.run.cells}
+    assert {(a, 0.0) for a in rp.TABLE7_A} | {rp.TABLE7_PAPER_BEST} <= projected <= grid
+    assert any(b != 0 and a != rp.TABLE7_PAPER_BEST[0] for a, b in projected)
+    for j in full:
+        site = "input" if "table7_input" in j.run.cells else "projected" if "table7" in j.run.cells else None
+        if site is not None:
+            flags = list(j.run.flags)
+            assert (flags[flags.index("--shift-site") + 1] if "--shift-site" in flags else "projected") == site
 
 
 def test_every_run_of_the_full_plan_parses_with_the_trainer():
@@ -68,9 +78,12 @@ def test_every_run_of_the_full_plan_parses_with_the_trainer():
         assert cfg.train.train_iters == job.iters
         assert cfg.objective.objective == ("fm" if job.run.budget == "fm" else "apex")
         assert cfg.data.caption_dropout == (0.1 if job.run.name == "fm-drop" else 0.0)
-        if "table7" in job.run.cells:
-            a, b = job.run.cells["table7"]
+        for cell in ("table7", "table7_input"):
+            if cell not in job.run.cells:
+                continue
+            a, b = job.run.cells[cell]
             assert (cfg.model_overrides.get("shift_a", -1.0), cfg.model_overrides.get("shift_b", 0.0)) == (a, b)
+            assert cfg.model_overrides.get("shift_site", "projected") == rp.TABLE7_SITES[cell]
         if "table6" in job.run.cells:
             lp, le = (float(x) for x in job.run.cells["table6"].split(":"))
             assert cfg.objective.apex["variant"] == "paper"
@@ -333,27 +346,42 @@ def test_kendall_tau_matches_scipy():
         assert rp.kendall_tau(perm, items) == pytest.approx(expected)
 
 
-def _table7(fd_by_cell):
-    return [_result(f"t7-{a}-{b}", {1: fd}, {"table7": [a, b]}, index=i) for i, ((a, b), fd) in enumerate(fd_by_cell.items())]
+def _table7(fd_by_cell, cell="table7"):
+    return [_result(f"{cell}-{a}-{b}", {1: fd}, {cell: [a, b]}, index=i)
+            for i, ((a, b), fd) in enumerate(fd_by_cell.items())]
 
 
 def test_table7_sentence_flips():
     grid = {(a, b): 100.0 + 5 * i for i, (a, b) in enumerate((a, b) for a in rp.TABLE7_A for b in rp.TABLE7_B)}
     best = {**grid, rp.TABLE7_PAPER_BEST: 50.0}
     cells, text = rp.table7_ordering(rp.aggregate(_table7(best)))
-    assert len(cells) == 12 and text.startswith("Table 7 ordering HOLDS") and "ranks 1 of 12 (FD 50.0)" in text
+    assert len(cells) == 12 and text.startswith("Table 7 ordering (projected site) HOLDS") and "ranks 1 of 12 (FD 50.0)" in text
     worst = {**grid, rp.TABLE7_PAPER_BEST: 500.0}
     _, text = rp.table7_ordering(rp.aggregate(_table7(worst)))
-    assert text.startswith("Table 7 ordering DOES NOT HOLD") and "ranks 12 of 12 (FD 500.0)" in text
+    assert text.startswith("Table 7 ordering (projected site) DOES NOT HOLD") and "ranks 12 of 12 (FD 500.0)" in text
     assert "best here (a=-1, b=0)" in text
     no_best = {k: v for k, v in grid.items() if k != rp.TABLE7_PAPER_BEST}
     assert "CANNOT BE CHECKED" in rp.table7_ordering(rp.aggregate(_table7(no_best)))[1]
+    # the input site's grid is its own table
+    _, text = rp.table7_ordering(rp.aggregate(_table7(worst, "table7_input")), cell="table7_input")
+    assert text.startswith("Table 7 ordering (input site) DOES NOT HOLD")
+
+
+def test_projected_table7_compares_b_cells_with_b0_of_the_same_seed():
+    rows = _table7({(-1.0, 0.0): 120.0, (-1.0, 1.0): 121.5, (-0.5, 0.0): 130.0})
+    rows.append(_result("table7--1.0-0.0", {1: 200.0}, {"table7": [-1.0, 0.0]}, seed=99, job="b0-seed99"))
+    text = "\n".join(rp.table7_section(rp.aggregate(rows)))
+    assert "b is invisible" in text
+    assert f"(a=-1, b=1) 121.50 vs (a=-1, b=0) 120.00 (seed {rows[0]['seed']})" in text
+    assert "200.00" not in text  # the b=0 run of another seed is not a pair
+    assert rp.table7_section(rp.aggregate(rows), "table7_input") == []  # no input-site results: no section
 
 
 def _all_results():
     rows = _headline((300.0, 305.0, 295.0), (120.0, 130.0, 125.0))
     rows += _table6({"1:0": 300.0, "0:1": 200.0, "1:1": 150.0})
     rows += _table7({(-1.0, 0.0): 120.0, (-0.5, 1.0): 110.0})
+    rows += _table7({(-1.0, 0.0): 140.0, (-0.5, 1.0): 150.0}, "table7_input")
     rows += [_result("released-cfg", {}, {"options": "CFG"}, status="failed", index=20),
              _result("released-nodm", {1: 250.0, 4: 200.0}, {"options": "no DM"}, index=21)]
     return rows
@@ -364,7 +392,8 @@ def test_render_report_is_pure_and_follows_the_numbers():
     before = copy.deepcopy(results)
     text = rp.render_report(results, expected_seconds=3600.0)
     assert results == before and rp.render_report(results, expected_seconds=3600.0) == text
-    assert "One-step claim HOLDS" in text and "Table 6 ordering HOLDS" in text and "Table 7 ordering HOLDS" in text
+    assert "One-step claim HOLDS" in text and "Table 6 ordering HOLDS" in text
+    assert "Table 7 ordering (projected site) HOLDS" in text and "Table 7 ordering (input site) DOES NOT HOLD" in text
     assert "expected for this mode: 1 h 00 min" in text
     assert "| APEX | 3 | 125.0 ± 5.0 | 105.0 ± 5.0 | - |" in text  # n, then NFE 1, 4, 50
     assert "failed: released-cfg: boom" in text
@@ -373,9 +402,9 @@ def test_render_report_is_pure_and_follows_the_numbers():
     assert f"Runtime: {rp._duration(total)} measured" in text
     flipped = copy.deepcopy(results)
     for r in flipped:
-        if r["entry"] == "t7--0.5-1.0":
+        if r["entry"] == "table7--0.5-1.0":
             r["evals"][0]["fd"] = 999.0
-    assert "Table 7 ordering DOES NOT HOLD" in rp.render_report(flipped)
+    assert "Table 7 ordering (projected site) DOES NOT HOLD" in rp.render_report(flipped)
 
 
 def test_write_report_reads_results_and_writes_plots(tmp_path):

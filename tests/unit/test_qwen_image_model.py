@@ -78,6 +78,26 @@ def test_fake_condition_at_projected_site_shifts_txt_in_output():
     assert (fake - real).abs().max() > 1e-3
 
 
+def test_projected_scalar_shift_offset_b_is_invisible_to_the_model():
+    """At the projected site c_fake = a*h + b adds b to every hidden unit of every text token. Each
+    block reads the text stream through a LayerNorm (mean over the hidden units removed) and the
+    text stream's own output is discarded, so b never reaches the image tokens: Table 7's columns
+    are one column there. At the input site the text RMSNorm keeps b, so b matters."""
+    def fake(site, a, b):
+        config, model = model_for(shift_site=site, shift_a=a, shift_b=b)
+        x, t, ctx, mask = inputs(config)
+        with torch.no_grad():
+            return model(x, t, ctx, mask, fake_condition=True), model(x, t, ctx, mask)
+
+    for a in (-1.0, -0.5, 0.5):
+        base, real = fake("projected", a, 0.0)
+        for b in (0.1, 1.0, 10.0):
+            torch.testing.assert_close(fake("projected", a, b)[0], base, rtol=0, atol=1e-4)
+    assert (fake("projected", -0.5, 0.0)[0] - fake("projected", -1.0, 0.0)[0]).abs().max() > 1e-2  # a matters
+    assert (fake("projected", 0.5, 0.0)[0] - real).abs().max() > 1e-2
+    assert (fake("input", -1.0, 1.0)[0] - fake("input", -1.0, 0.0)[0]).abs().max() > 1e-2  # b matters here
+
+
 @pytest.mark.parametrize("site", ["input", "projected"])
 def test_per_sample_fake_condition_changes_only_selected_rows(site):
     config, model = model_for(shift_site=site)
