@@ -342,12 +342,12 @@ def table7_section(entries: Dict[str, Entry], cell: str = "table7") -> List[str]
     if cell == "table7":
         out += [PROJECTED_B_NOTE + _same_a_pairs(grid), ""]
 
-    def cell(a, b):
+    def fd_cell(a, b):
         e = grid.get((a, b))
         mark = " (paper best)" if (a, b) == TABLE7_PAPER_BEST else ""
         return (fmt(e.metric("fd", 1)) if e else "not run") + mark
 
-    out += _table(["a \\ b"] + [f"b={b:g}" for b in TABLE7_B], ([f"a={a:g}"] + [cell(a, b) for b in TABLE7_B]
+    out += _table(["a \\ b"] + [f"b={b:g}" for b in TABLE7_B], ([f"a={a:g}"] + [fd_cell(a, b) for b in TABLE7_B]
                                                                  for a in TABLE7_A))
     return out + [text, ""]
 
