@@ -449,10 +449,10 @@ def _add_train_seconds(save: Path, seconds: float) -> None:
 
 
 def write_json(path: Path, payload: Dict) -> None:
+    from megatron_apex.training.checkpointing import write_json_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(str(path), payload)
 
 
 def training_record(save: Path) -> Dict:

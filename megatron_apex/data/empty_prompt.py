@@ -26,15 +26,6 @@ def _encoder_is_minilm(manifest: dict) -> bool:
     return encoder == ENCODER_NAME
 
 
-def write_empty_prompt(folder: Path, states: np.ndarray) -> None:
-    """`states` (n, D): the encoder's states of the empty prompt, real tokens only."""
-    folder = Path(folder)
-    tmp = folder / f"{EMPTY_PROMPT_FILE}.tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, np.asarray(states, dtype=np.float16), allow_pickle=False)
-    tmp.replace(folder / EMPTY_PROMPT_FILE)
-
-
 def empty_prompt_context(manifest: dict, data_path: Optional[str], needed_by: str) -> Tuple[np.ndarray, np.ndarray]:
     """(states (L, D) float32, mask (L,) bool), padded to the manifest's max_text_len and rounded
     through float16 as every stored caption is. ``needed_by`` names the flag asking for it."""

@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 
 from megatron_apex.data.buckets import bucket_table, nearest_bucket, resize_to_bucket
-from megatron_apex.data.empty_prompt import EMPTY_PROMPT, EMPTY_PROMPT_FILE, write_empty_prompt
+from megatron_apex.data.empty_prompt import EMPTY_PROMPT, EMPTY_PROMPT_FILE
 
 LATENT_FORMAT = "megatron_apex.latent_shards.v1"
 MANIFEST_NAME = "manifest.json"
@@ -412,7 +412,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*.tmp-*"):  # half-written files of an interrupted run (one run per folder at a time)
-        if stale.name.startswith(("shard-", MANIFEST_NAME)):
+        if stale.name.startswith(("shard-", MANIFEST_NAME, EMPTY_PROMPT_FILE)):
             stale.unlink()
 
     sps = cfg.samples_per_shard
@@ -467,7 +467,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
         shards=[{k: e[k] for k in ("name", "count", "bytes", "sha256", "buckets")} for e in shards],
         skipped=len(skipped), signature=signature)
     if jobs or not (out / EMPTY_PROMPT_FILE).is_file():  # for caption dropout and classifier-free guidance
-        write_empty_prompt(out, _encode_texts([EMPTY_PROMPT], cfg)[0])
+        _atomic_write(out / EMPTY_PROMPT_FILE, _npy(_encode_texts([EMPTY_PROMPT], cfg)[0].astype(np.float16)))
     _atomic_write(out / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
     summary = dict(samples=total, shards=num_shards, shards_kept=kept, shards_written=len(jobs),
                    skipped=skipped, manifest=str(out / MANIFEST_NAME))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from _toy_models import ToyVelocityModel, make_batch
 
-from megatron_apex.data.empty_prompt import EMPTY_PROMPT_FILE, empty_prompt_context, write_empty_prompt
+from megatron_apex.data.empty_prompt import EMPTY_PROMPT_FILE, empty_prompt_context
 from megatron_apex.inference.samplers import sample
 from megatron_apex.training.arguments import parse_args
 
@@ -38,7 +38,7 @@ def test_a_dataset_file_wins_and_a_dataset_without_one_is_refused(tmp_path):
     with pytest.raises(ValueError, match=f"--guidance-scale.*{EMPTY_PROMPT_FILE}.*prepare_data"):
         empty_prompt_context(manifest, str(tmp_path), "--guidance-scale")
     states = np.arange(6, dtype=np.float32).reshape(2, 3) / 7
-    write_empty_prompt(tmp_path, states)
+    np.save(tmp_path / EMPTY_PROMPT_FILE, states.astype(np.float16))
     context, mask = empty_prompt_context(manifest, str(tmp_path), "--guidance-scale")
     assert mask.tolist() == [True, True, False, False, False]
     np.testing.assert_array_equal(context[:2], states.astype(np.float16).astype(np.float32))
