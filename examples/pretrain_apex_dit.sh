@@ -56,13 +56,13 @@ TRAIN_ARGS=(
   --ema-decay 0.99
 )
 # The `released` variant (../shared/reference/APEX_SPEC.md): one-step samples from the any-step
-# generator, a fake flow under a shifted condition, and a distribution-matching correction whose
-# real velocity comes from a frozen copy of the flow model taken when APEX starts; the DM term
-# waits 80 iterations for the fake flow to adapt, and its gradient is clamped to [-1, 1].
-# The shift c_fake = -0.5 c + 1 on the text encoder's output (before the model's text norm) beat
-# the release's c_fake = -c after the text projection on every seed of the benchmark (NFE=1 FD
-# 104.0 +- 3.8 vs 120.7 +- 2.8 over 3 seeds, docs/benchmark_quality_full/report.md): after the
-# projection an offset b is removed by the blocks' LayerNorms, before the text RMSNorm it is not.
+# generator, a fake flow under c_fake = -c, and a distribution-matching correction whose real
+# velocity comes from a frozen copy of the flow model taken when APEX starts; the DM term waits
+# 80 iterations for the fake flow to adapt, and its gradient is clamped to [-1, 1].
+# The shift stays the release's (after the text projection). `--shift-site input --shift-a -0.5
+# --shift-b 1` scores a lower one-step FD in the benchmark (104.0 +- 3.8 vs 120.7 +- 2.8 over 3
+# seeds) but with less diverse samples, and in this job it nearly collapsed each class to one
+# garment (diversity 5.7 vs 9.0, NFE=4 FD 83 vs 73): docs/apex_recipe.md.
 OBJECTIVE_ARGS=(
   --objective apex
   --apex-variant released
@@ -70,9 +70,6 @@ OBJECTIVE_ARGS=(
   --teacher frozen
   --apex-option w_dm=1.0
   --apex-option dm_warmup_steps=80
-  --shift-site input
-  --shift-a -0.5
-  --shift-b 1
 )
 CHECKPOINT_ARGS=(
   --save "$SAVE"
