@@ -470,3 +470,15 @@ def test_smoke_end_to_end_then_rerun(tmp_path):
     assert sorted(p.name for p in (out / "runs" / "released-ft").glob("iter_*")) == ckpts
     again = json.loads((out / "results" / "released-ft.json").read_text())
     assert [e["fd"] for e in again["evals"]] == [e["fd"] for e in rel["evals"]]
+
+
+def test_table7_section_shows_each_cells_diversity_beside_its_fd():
+    rows = _table7({(-1.0, 1.0): 115.0, (-0.5, 1.0): 104.0}, "table7_input")
+    rows[0]["evals"][0]["diversity"], rows[1]["evals"][0]["diversity"] = 9.3, 5.7
+    lines = rp.table7_section(rp.aggregate(rows), "table7_input")
+    start = next(i for i, line in enumerate(lines) if line.startswith("NFE=1 diversity"))
+    fd_rows = {line.split(" | ")[0]: line for line in lines[:start] if line.startswith("| a=")}
+    div_rows = {line.split(" | ")[0]: line for line in lines[start:] if line.startswith("| a=")}
+    assert "115.0" in fd_rows["| a=-1"] and "104.0 (paper best)" in fd_rows["| a=-0.5"]
+    assert "9.3" in div_rows["| a=-1"] and "5.7 (paper best)" in div_rows["| a=-0.5"]
+    assert "115.0" not in div_rows["| a=-1"]
