@@ -29,6 +29,7 @@ import torch
 
 from megatron_apex.conversion import hf_io, pipeline_io
 from megatron_apex.conversion.engine import EXTRA_STATE_SUFFIX, ParamRule, expand, iter_ours_to_hf, ours_to_hf
+from megatron_apex.untrusted import reading_checkpoint
 
 APEX_CONFIG_NAME = "megatron_apex_config.json"
 EXTRAS_MODES = ("inline", "separate", "drop")
@@ -435,7 +436,7 @@ class CheckpointTensors(Mapping[str, torch.Tensor]):
             request[sharded_key] = torch.empty(shape, dtype=dtype)
         if self.on_read is not None:
             self.on_read(list(group))
-        with warnings.catch_warnings():  # no_dist is the point: one process reads
+        with warnings.catch_warnings(), reading_checkpoint(self.ckpt):  # no_dist is the point: one process reads
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(request, storage_reader=self._reader, no_dist=True)
         return {key: request[self.entries[key][0]] for key in group}

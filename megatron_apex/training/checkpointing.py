@@ -20,6 +20,8 @@ from typing import Dict, Iterator, List, Optional
 
 import torch.distributed as dist
 
+from megatron_apex.untrusted import check_checkpoint_pickles, load_data_pickle, reading_checkpoint
+
 LATEST = "latest"
 TRAIN_STATE = "train_state.json"
 
@@ -190,28 +192,44 @@ def read_train_state(ckpt: str, required=()) -> Dict:
 
 
 def load_checkpoint(ckpt: str, sharded_state_dict: Dict) -> Dict:
+    """megatron-core's load of ``ckpt``, reading every byte of it as data (see
+    ``untrusted``): a planted pickle, a missing, truncated or corrupt file is one line naming
+    the file."""
     from megatron.core import dist_checkpointing
-
-    from megatron_apex.untrusted import check_checkpoint_pickles
 
     check_checkpoint_pickles(ckpt)
     check_checkpoint_files(ckpt)
-    return dist_checkpointing.load(sharded_state_dict, ckpt)
+    with reading_checkpoint(ckpt):
+        return dist_checkpointing.load(sharded_state_dict, ckpt)
 
 
 def check_checkpoint_files(ckpt: str) -> None:
-    """Every data file the checkpoint's metadata lists is there: a missing one otherwise
+    """Every data file the checkpoint's metadata lists is there and long enough for the items
+    it holds, and megatron's `metadata.json` parses: a missing or truncated file otherwise
     surfaces as torch's CheckpointException, a BaseException with a multi-line report."""
-    from megatron_apex.untrusted import load_data_pickle
-
+    megatron_json = os.path.join(ckpt, "metadata.json")
+    if os.path.isfile(megatron_json):
+        try:
+            with open(megatron_json) as f:
+                if not isinstance(json.load(f), dict):
+                    raise ValueError("not a JSON object")
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"{megatron_json}: not a readable megatron checkpoint description ({err})") from None
     metadata_path = os.path.join(ckpt, ".metadata")
     if not os.path.isfile(metadata_path):
         return
     storage = getattr(load_data_pickle(metadata_path), "storage_data", None) or {}
-    files = sorted({getattr(info, "relative_path", None) for info in storage.values()} - {None})
-    missing = [name for name in files if not os.path.isfile(os.path.join(ckpt, name))]
+    needed: Dict[str, int] = {}
+    for info in storage.values():
+        end = getattr(info, "offset", 0) + getattr(info, "length", 0)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    missing = [name for name in sorted(needed) if not os.path.isfile(os.path.join(ckpt, name))]
     if missing:
         raise FileNotFoundError(f"{ckpt}: checkpoint data file(s) missing: {', '.join(missing)}")
+    for name, end in sorted(needed.items()):
+        size = os.path.getsize(os.path.join(ckpt, name))
+        if size < end:
+            raise ValueError(f"{os.path.join(ckpt, name)}: truncated ({size} bytes, its items need {end})")
 
 
 
