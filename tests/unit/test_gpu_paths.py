@@ -437,7 +437,7 @@ def test_flash_attn_path_keeps_the_mask_semantics(monkeypatch, family):
         assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5), family
         assert torch.allclose(grads[0], grads[1], atol=1e-4, rtol=1e-5), family
     layers = config.num_layers
-    if family == "qwen":  # joint attention: text then image keys; sample 2 keeps 1 text token
+    if family == "qwen":  # joint attention: image then text keys; sample 2 keeps 1 text token
         n_img = (6 // config.patch_size) * (8 // config.patch_size)
         varlen = ("varlen", [5 + n_img, 3 + n_img, 1 + n_img])
         assert calls == ["func"] * layers + [varlen] * layers  # the backward runs through autograd

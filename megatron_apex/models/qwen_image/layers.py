@@ -20,6 +20,23 @@ from megatron_apex.models.common.modulation import AdaLNModulation, modulate
 from megatron_apex.models.common.rope import apply_rope
 
 
+def join_streams(image: torch.Tensor, text: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """The joint attention sequence along ``dim``: image tokens, then text tokens.
+
+    Image first so that text padding is TRAILING: Transformer Engine's cuDNN fused attention
+    turns a padding mask into per-sample lengths (its ``get_cu_seqlens`` counts the unmasked
+    tokens n) and attends over the FIRST n tokens of each sample. With text first, a padded
+    prompt would mask the last image tokens instead of its padding. Each token keeps its own
+    RoPE rotation (applied per stream before joining), and attention is equivariant to a
+    permutation of its tokens, so the order changes nothing else."""
+    return torch.cat([image, text], dim=dim)
+
+
+def split_streams(joint: torch.Tensor, num_image: int, dim: int = 0) -> tuple:
+    """(image, text): the inverse of :func:`join_streams`."""
+    return joint.narrow(dim, 0, num_image), joint.narrow(dim, num_image, joint.shape[dim] - num_image)
+
+
 def zeros_init(weight: torch.Tensor) -> torch.Tensor:
     """adaLN-Zero (DiT): modulation starts at shift = scale = gate = 0, so blocks start as identity."""
     return torch.nn.init.zeros_(weight)
@@ -67,7 +84,8 @@ class JointAttentionSubmodules:
 
 
 class JointAttention(MegatronModule):
-    """Joint attention over [text, image] with separate projections per stream.
+    """Joint attention over [image, text] (:func:`join_streams`) with separate projections
+    per stream.
 
     Fused QKV per stream (``ColumnParallelLinear``, ``gather_output=False``) in megatron's
     per-head layout: output channels are, for each head h, ``[q_h | k_h | v_h]`` of head_dim
@@ -127,14 +145,12 @@ class JointAttention(MegatronModule):
         iq, ik, iv = self._project(self.linear_qkv, self.q_layernorm, self.k_layernorm, img, img_angles)
         tq, tk, tv = self._project(self.linear_added_qkv, self.added_q_layernorm, self.added_k_layernorm,
                                    txt, txt_angles)
-        q = torch.cat([tq, iq], dim=0)
-        k = torch.cat([tk, ik], dim=0)
-        v = torch.cat([tv, iv], dim=0)
+        q, k, v = join_streams(iq, tq), join_streams(ik, tk), join_streams(iv, tv)
         mask_type = AttnMaskType.no_mask if attention_mask is None else AttnMaskType.padding
         out = self.core_attention(q, k, v, attention_mask, attn_mask_type=mask_type)
-        text_len = txt.shape[0]
-        img_out, _ = self.linear_proj(out[text_len:])
-        txt_out, _ = self.linear_added_proj(out[:text_len])
+        img_attn, txt_attn = split_streams(out, img.shape[0])
+        img_out, _ = self.linear_proj(img_attn)
+        txt_out, _ = self.linear_added_proj(txt_attn)
         return img_out, txt_out
 
 

@@ -8,7 +8,9 @@ With ``fake_condition`` False and ``t_target`` None it computes exactly diffuser
 
 Pipeline stages: ``pre_process`` owns the input embeddings (image, text, condition shift,
 time), ``post_process`` the final adaLN and projection. Between stages one tensor
-[L + N + 1, B, D] travels: text tokens, image tokens, then the time embedding as a last row.
+[L + N + 1, B, D] travels: text tokens, image tokens, then the time embedding as a last row
+(a transport layout only: inside each block the joint attention orders image before text,
+see ``layers.join_streams``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from megatron_apex.models.common.norms import RMSNorm
 from megatron_apex.models.common.rope import qwen_image_rope_angles
 from megatron_apex.models.common.timestep import TimestepEmbedder
 from megatron_apex.models.qwen_image.config import QwenImageConfig
-from megatron_apex.models.qwen_image.layers import zeros_init
+from megatron_apex.models.qwen_image.layers import SDPAttention, join_streams, zeros_init
 from megatron_apex.objectives.apex import ConditionShift, apply_condition_shift
 
 FakeCondition = Union[bool, torch.Tensor]
@@ -132,6 +134,11 @@ class QwenImageModel(MegatronModule):
             for i in range(self.num_local_layers)
         ])
 
+        # Transformer Engine's DotProductAttention may read the padding mask as per-sample
+        # lengths (its cuDNN kernel); our SDPAttention honours every mask by position.
+        self.padding_read_as_lengths = any(
+            not isinstance(layer.attention.core_attention, SDPAttention) for layer in self.layers)
+
         if post_process:
             self.final_modulation = AdaLNModulation(
                 transformer_config, spec.submodules.modulation_linear, hidden, 2, zeros_init, tp_group
@@ -217,12 +224,25 @@ class QwenImageModel(MegatronModule):
 
     @staticmethod
     def _attention_mask(context_mask, num_image_tokens):
-        """[B, 1, 1, L + N] bool, True = masked out (megatron / TE convention); None = no mask."""
+        """[B, 1, 1, N + L] bool in the joint order (image, then text: ``join_streams``),
+        True = masked out (megatron / TE convention); None = no mask."""
         if context_mask is None:
             return None
         keep_text = context_mask.bool() if context_mask.dtype != torch.bool else context_mask
         keep_image = keep_text.new_ones(keep_text.shape[0], num_image_tokens)
-        return ~torch.cat([keep_text, keep_image], dim=1)[:, None, None, :]
+        return ~join_streams(keep_image, keep_text, dim=1)[:, None, None, :]
+
+    def _check_text_padding_trails(self, context_mask):
+        """Length-based kernels are exact only when every caption's valid tokens come first
+        (right padding, what the loaders and text encoders produce); a hole would move the
+        mask onto valid tokens silently, so it is an error here."""
+        if context_mask is None or not self.padding_read_as_lengths:
+            return
+        keep = context_mask.bool()
+        if bool((keep[:, 1:] & ~keep[:, :-1]).any()):
+            raise ValueError("context_mask has a valid text token after a padded one; Transformer Engine's "
+                             "attention reads the mask as per-caption lengths, so captions must be right-padded "
+                             "(or use --attention-backend local)")
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 context_mask: Optional[torch.Tensor] = None, fake_condition: FakeCondition = False,
@@ -251,6 +271,7 @@ class QwenImageModel(MegatronModule):
                 raise ValueError(f"pipeline input tensor has shape {tuple(stage.shape)}, expected {expected}")
             txt, img, temb = stage[:text_len], stage[text_len:-1], stage[-1]
 
+        self._check_text_padding_trails(context_mask)
         attention_mask = self._attention_mask(context_mask, num_image)
         rope = qwen_image_rope_angles(grid_h, grid_w, text_len, cfg.axes_dims_rope, cfg.rope_theta, img.device)
         silu_temb = F.silu(temb)
