@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "in apex_extras.safetensors, or not at all")
     exp.add_argument("--base-pipeline", default=None,
                      help="a diffusers pipeline folder (model_index.json): --hf-path becomes a whole pipeline with "
-                          "its other components (hard-linked on the same filesystem, else copied) and our "
+                          "its other components (copied; links out of the base are refused) and our "
                           "transformer/")
     exp.add_argument("--report-memory", action="store_true", help="print peak RSS against the model size")
 
@@ -200,8 +200,8 @@ def run(a) -> int:
         if a.base_pipeline is not None:
             where = os.path.join(a.hf_path, "transformer")
             base = result["base_pipeline"]
-            print(f"convert_hf.py: pipeline {a.hf_path} from {a.base_pipeline}: {base['linked']} files hard-linked, "
-                  f"{base['copied']} copied, transformer/ exported")
+            print(f"convert_hf.py: pipeline {a.hf_path} from {a.base_pipeline}: {base['files']} files copied "
+                  f"({base['bytes'] / 2**20:.1f} MiB), transformer/ exported")
         print(f"convert_hf.py: wrote {where} ({len(result['files'])} files, {result['dtype']}, "
               f"{result['weights']} weights of {result['checkpoint']}; {len(result['extras'])} APEX extra keys "
               f"{a.extras}) in {time.time() - start:.1f}s")

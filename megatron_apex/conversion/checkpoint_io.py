@@ -540,8 +540,8 @@ def export_hf(family: ModelFamily, load: str, out: str, weights: str = "model",
               base_pipeline: Optional[str] = None, read_group_bytes: Optional[int] = None,
               on_read: Optional[Callable[[List[str]], None]] = None) -> Dict:
     """Our checkpoint (any TP/PP) -> a diffusers transformer folder, or with ``base_pipeline``
-    a pipeline folder: the base's other components (``pipeline_io.populate_from_base``: hard
-    links, copies across file systems) and our transformer in ``transformer/``. Streams: the
+    a pipeline folder: the base's other components (``pipeline_io.populate_from_base``:
+    copies, links out of the base refused) and our transformer in ``transformer/``. Streams: the
     checkpoint is read in groups of at most ``read_group_bytes`` (default: the largest
     tensor's size) and every converted tensor is written to its shard at once; ``on_read``
     (tests, measurements) sees each group read. Returns a summary."""
@@ -622,10 +622,10 @@ def export_hf(family: ModelFamily, load: str, out: str, weights: str = "model",
         return CheckpointTensors(ckpt, entries, [o for o, _, _ in rules], read_group_bytes, on_read)
 
     with hf_io.atomic_output_dir(out, "--hf-path") as tmp:
-        linked = None
+        copied = None
         folder = tmp
         if base_pipeline is not None:
-            linked = pipeline_io.populate_from_base(base_pipeline, tmp, family.diffusers_class)
+            copied = pipeline_io.populate_from_base(base_pipeline, tmp, family.diffusers_class)
             folder = os.path.join(tmp, pipeline_io.TRANSFORMER)
             os.makedirs(folder)
         files, written_extras = write_hf_transformer(folder, family, config, tensors, out_dtype, extras, shard_bytes,
@@ -642,7 +642,7 @@ def export_hf(family: ModelFamily, load: str, out: str, weights: str = "model",
                       f, indent=1, sort_keys=True)
             f.write("\n")
     return {"files": files, "extras": written_extras, "dtype": out_dtype, "checkpoint": ckpt, "weights": weights,
-            "base_pipeline": linked}
+            "base_pipeline": copied}
 
 
 # ============================================================================ verify

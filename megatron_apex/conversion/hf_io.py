@@ -24,6 +24,8 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 
 import torch
 
+from megatron_apex.untrusted import link_escape
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -73,6 +75,16 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def input_file(folder: str, name: str, flag: str = "--hf-path") -> str:
+    """``folder/name`` for reading, refused when it would lead outside ``folder`` (a name with
+    `..`, a symbolic link out of it, a hard link: ``untrusted.link_escape``)."""
+    path = os.path.join(folder, name)
+    escape = link_escape(path, folder)
+    if escape is not None:
+        raise ValueError(f"{flag} {path}: {escape}; the files of an input folder are read only from inside it")
+    return path
+
+
 def read_config(folder: str, flag: str = "--hf-path") -> Dict:
     """``folder/config.json`` as a dict; errors name ``flag``."""
     if not os.path.isdir(folder):
@@ -83,14 +95,14 @@ def read_config(folder: str, flag: str = "--hf-path") -> Dict:
         if os.path.isfile(os.path.join(folder, "model_index.json")):
             hint = " (this is a pipeline folder: pass its transformer/ subfolder)"
         raise FileNotFoundError(f"{flag} {folder}: no {CONFIG_NAME}{hint}")
-    return read_json(path, f"{flag}")
+    return read_json(input_file(folder, CONFIG_NAME, flag), f"{flag}")
 
 
 def weight_files(folder: str, flag: str = "--hf-path") -> List[str]:
     """The safetensors files of a diffusers folder: the index's shards, or the single file."""
     index_path = os.path.join(folder, INDEX_NAME)
     if os.path.isfile(index_path):
-        index = read_json(index_path, flag)
+        index = read_json(input_file(folder, INDEX_NAME, flag), flag)
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{flag} {index_path}: no 'weight_map'")
@@ -158,7 +170,7 @@ class SafetensorsFolder(Mapping[str, torch.Tensor]):
         self._files: Dict[str, object] = {}
         self._entries: Dict[str, Tuple[str, int, Tuple[int, ...], str, int]] = {}
         for name in files:
-            path = os.path.join(folder, name)
+            path = input_file(folder, name, flag)
             data_start, header = read_safetensors_header(path, flag)
             for key, info in header.items():
                 if key in self._entries:

@@ -3,20 +3,22 @@
 A pipeline folder is ``model_index.json`` plus one subfolder per component (scheduler/, vae/,
 text_encoder/, tokenizer/, transformer/ ...). The export takes every entry of a base pipeline
 except ``transformer/`` as it is and writes its own ``transformer/`` next to them. Files are
-hard-linked when the base lies on the same filesystem (no extra disk space: a multi-GB text
-encoder costs nothing) and copied otherwise; symbolic links (a Hugging Face cache snapshot is
-made of them) are followed, so the output never points back into the base.
+copied (the kernel's in-place copy), so the export is a folder of its own that can be handed
+on: no link points back into the base, and no file of the machine outside the base ends up in
+it. A base file that would lead outside the base folder (a symbolic link out of it, or a hard
+link, whose other names may be any file) is refused, naming it; symbolic links inside the base,
+or into a Hugging Face cache's own ``blobs/`` (a cache snapshot is made of them), are followed.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
-from typing import Dict
+from typing import Dict, Iterator
 
 from megatron_apex.conversion import hf_io
+from megatron_apex.untrusted import link_escape
 
 MODEL_INDEX = "model_index.json"
 TRANSFORMER = "transformer"
@@ -48,35 +50,40 @@ def check_base_pipeline(base: str, transformer_class: str) -> Dict:
     return index
 
 
-def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        os.link(os.path.realpath(src), dst)
-        return "linked"
-    except OSError as err:
-        if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
-            raise
-    shutil.copy2(src, dst)  # follows symlinks
-    return "copied"
+def _base_files(base: str) -> Iterator[str]:
+    """The base's files (relative paths) outside transformer/ and model_index.json, each
+    checked not to lead outside ``base``."""
+    for parent, dirs, files in os.walk(base, followlinks=True):
+        rel = os.path.relpath(parent, base)
+        if rel == ".":
+            dirs[:] = [d for d in dirs if d != TRANSFORMER]
+            files = [f for f in files if f != MODEL_INDEX]
+        for d in dirs:
+            escape = link_escape(os.path.join(parent, d), base)
+            if escape is not None:
+                raise ValueError(f"{FLAG} {os.path.join(parent, d)}: {escape}; an export copies only what lies "
+                                 "inside the base")
+        for name in sorted(files):
+            path = os.path.join(parent, name)
+            escape = link_escape(path, base)
+            if escape is not None:
+                raise ValueError(f"{FLAG} {path}: {escape}; an export copies only what lies inside the base "
+                                 "(make a plain copy of the pipeline)")
+            yield os.path.normpath(os.path.join(rel, name))
 
 
 def populate_from_base(base: str, dest: str, transformer_class: str) -> Dict[str, int]:
-    """Fill ``dest`` (an empty directory) with every entry of the pipeline ``base`` except its
-    transformer/; model_index.json names ``transformer_class`` for the transformer. Returns how
-    many files were hard-linked and copied."""
+    """Fill ``dest`` (an empty directory) with every file of the pipeline ``base`` except its
+    transformer/; model_index.json names ``transformer_class`` for the transformer. Every file
+    is checked before the first is copied. Returns how many files and bytes were copied."""
     index = check_base_pipeline(base, transformer_class)
-    counts = {"linked": 0, "copied": 0}
-    for name in sorted(os.listdir(base)):
-        if name in (TRANSFORMER, MODEL_INDEX):
-            continue
-        src = os.path.join(base, name)
-        if os.path.isdir(src):
-            def copy(s, d):
-                counts[_link_or_copy(s, d)] += 1
-                return d
-
-            shutil.copytree(src, os.path.join(dest, name), copy_function=copy)  # symlinks followed
-        else:
-            counts[_link_or_copy(src, os.path.join(dest, name))] += 1
+    files = list(_base_files(base))
+    counts = {"files": 0, "bytes": 0}
+    for rel in files:
+        os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+        shutil.copyfile(os.path.join(base, rel), os.path.join(dest, rel))
+        counts["files"] += 1
+        counts["bytes"] += os.path.getsize(os.path.join(dest, rel))
     index[TRANSFORMER] = ["diffusers", transformer_class]
     with open(os.path.join(dest, MODEL_INDEX), "w") as f:
         json.dump(index, f, indent=2)

@@ -1,5 +1,5 @@
 """`convert_hf.py export --base-pipeline`: a whole diffusers pipeline folder (the base's other
-components, hard-linked, and our transformer/) that diffusers' own ``from_pretrained`` loads and
+components, copied, and our transformer/) that diffusers' own ``from_pretrained`` loads and
 that takes the same NFE = 1 step as our sampler on the checkpoint; bad bases fail in one line
 and leave nothing behind."""
 
@@ -22,15 +22,16 @@ def _files(root):
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
 
-def _expect_base_untouched_and_linked(base, out):
-    """Every base file but transformer/ is in out as the same inode (tmp_path: one filesystem);
-    transformer/ is ours; model_index.json is the base's."""
+def _expect_base_untouched_and_copied(base, out):
+    """Every base file but transformer/ is in out with the same bytes, as a file of its own (no
+    shared inode, no link); transformer/ is ours; model_index.json is the base's."""
     base_files = [f for f in _files(base) if not f.startswith("transformer" + os.sep)]
     ours = _files(out)
     assert [f for f in ours if not f.startswith("transformer" + os.sep)] == base_files
     for f in base_files:
         if f != "model_index.json":
-            assert os.stat(base / f).st_ino == os.stat(out / f).st_ino, f
+            assert (base / f).read_bytes() == (out / f).read_bytes(), f
+            assert os.stat(base / f).st_ino != os.stat(out / f).st_ino and not os.path.islink(out / f), f
     assert json.loads((out / "model_index.json").read_text()) == json.loads((base / "model_index.json").read_text())
     assert "transformer/megatron_apex_config.json" in ours
     assert not (base / "transformer" / "megatron_apex_config.json").exists()
@@ -67,8 +68,8 @@ def test_qwen_image_pipeline_from_exported_folder_takes_our_one_step(qwen_import
 
     out = tmp_path / "pipeline"
     assert qwen_tests.convert("export", "--load", qwen_imported, "--hf-path", out, "--base-pipeline", qwen_base) == 0
-    assert "hard-linked" in capsys.readouterr().out
-    _expect_base_untouched_and_linked(qwen_base, out)
+    assert "files copied" in capsys.readouterr().out
+    _expect_base_untouched_and_copied(qwen_base, out)
 
     pipe = QwenImagePipeline.from_pretrained(out, vae=None, text_encoder=None, tokenizer=None)
     pipe.set_progress_bar_config(disable=True)
@@ -115,7 +116,7 @@ def test_sana_pipeline_with_text_encoder_and_vae_from_exported_folder(tmp_path, 
     out = tmp_path / "pipeline"
     assert sana_tests.convert("export", "--load", tmp_path / "ckpt", "--hf-path", out, "--base-pipeline", base) == 0
     capsys.readouterr()
-    _expect_base_untouched_and_linked(base, out)
+    _expect_base_untouched_and_copied(base, out)
 
     sana_tests.assert_pipeline_matches_our_one_step(SanaPipeline.from_pretrained(out), str(tmp_path / "ckpt"))
 
@@ -146,9 +147,9 @@ def test_bad_base_pipelines_fail_in_one_line_and_leave_nothing(qwen_imported, qw
 
 
 def test_a_symlinked_base_like_the_hub_cache_gives_real_files(qwen_imported, qwen_base, tmp_path, capsys):
-    """A Hugging Face cache snapshot is symlinks into blobs/: the output holds the blobs' data
-    (hard links to them), never links back into the cache."""
-    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    """A Hugging Face cache snapshot (`<repo>/snapshots/<rev>`) is symlinks into the repo's
+    blobs/: the output holds the blobs' data, never links back into the cache."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "0123abc"
     blobs.mkdir()
     for i, f in enumerate(_files(qwen_base)):
         (blobs / str(i)).write_bytes((qwen_base / f).read_bytes())
@@ -160,5 +161,48 @@ def test_a_symlinked_base_like_the_hub_cache_gives_real_files(qwen_imported, qwe
     for f in _files(out):
         assert not os.path.islink(out / f), f
     scheduler = "scheduler/scheduler_config.json"
-    assert os.stat(out / scheduler).st_ino == os.stat(os.path.realpath(snapshot / scheduler)).st_ino
+    assert os.stat(out / scheduler).st_ino != os.stat(os.path.realpath(snapshot / scheduler)).st_ino
     assert (out / scheduler).read_bytes() == (qwen_base / scheduler).read_bytes()
+
+
+@pytest.mark.parametrize("how", ["symlink out", "symlinked folder out", "hard link"])
+def test_a_base_that_leads_outside_itself_is_refused_naming_the_file(qwen_imported, qwen_base, tmp_path, capsys,
+                                                                     how):
+    """A crafted base cannot copy a file of the machine into an export: a link out of the base,
+    or a hard link (a second name of any file), is refused in one line naming it; nothing is
+    written."""
+    import shutil
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for export")
+    base = tmp_path / "base"
+    shutil.copytree(qwen_base, base)
+    if how == "symlink out":
+        victim = base / "scheduler" / "notes.txt"
+        victim.symlink_to(secret)
+    elif how == "symlinked folder out":
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (outside / "secret.txt").write_text("not for export")
+        victim = base / "extra"
+        victim.symlink_to(outside, target_is_directory=True)
+    else:
+        victim = base / "scheduler" / "notes.txt"
+        os.link(secret, victim)
+    out = tmp_path / "pipeline"
+    assert qwen_tests.convert("export", "--load", qwen_imported, "--hf-path", out, "--base-pipeline", base) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(victim) in err and "--base-pipeline" in err, err
+    assert not out.exists()
+
+
+def test_a_symlink_inside_the_base_is_followed(qwen_imported, qwen_base, tmp_path, capsys):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(qwen_base, base)
+    (base / "scheduler" / "alias.json").symlink_to(base / "scheduler" / "scheduler_config.json")
+    out = tmp_path / "pipeline"
+    assert qwen_tests.convert("export", "--load", qwen_imported, "--hf-path", out, "--base-pipeline", base) == 0
+    assert (out / "scheduler" / "alias.json").read_bytes() == (base / "scheduler" / "scheduler_config.json").read_bytes()
+    assert not os.path.islink(out / "scheduler" / "alias.json")

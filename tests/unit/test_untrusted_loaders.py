@@ -229,3 +229,33 @@ def _npy(array) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array)
     return buf.getvalue()
+
+
+@pytest.mark.parametrize("how", ["symlink out", "hard link", "index names a file outside"])
+def test_an_hf_folder_that_leads_outside_itself_is_refused_naming_the_file(assets, tmp_path, how):
+    import json
+
+    src = tmp_path / "transformer"
+    shutil.copytree(assets.hf_folder, src)
+    weights = src / "diffusion_pytorch_model.safetensors"
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.move(weights, outside)
+    if how == "symlink out":
+        weights.symlink_to(outside)
+        named = weights
+    elif how == "hard link":
+        os.link(outside, weights)
+        named = weights
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(outside), "pt") as f:
+            keys = list(f.keys())
+        (src / "diffusion_pytorch_model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": {k: "../elsewhere.safetensors" for k in keys}}))
+        named = src / "../elsewhere.safetensors"
+    for verb in ("import", "verify"):
+        argv = ["--save", tmp_path / "out"] if verb == "import" else ["--model", "qwen-image"]
+        out = bad_inputs.observe(lambda: bad_inputs.convert(verb, "--hf-path", src, *argv))
+        assert out.clear and str(named) in out.message and "\n" not in out.message.strip(), (verb, out)
+        assert not (tmp_path / "out").exists()
