@@ -108,25 +108,27 @@ def load_weights_only(source, where: str):
         raise ValueError(f"{where}: corrupt or truncated ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
-def check_checkpoint_pickles(ckpt: str) -> None:
+def check_checkpoint_pickles(ckpt: str):
     """Refuse a checkpoint directory whose pickled files would run code when loaded: the
-    `.metadata` torch unpickles with plain pickle, and `common.pt`."""
-    metadata = os.path.join(ckpt, ".metadata")
-    if os.path.isfile(metadata):
-        load_data_pickle(metadata)
+    `.metadata` torch unpickles with plain pickle, and `common.pt`. Returns the metadata (None
+    without a `.metadata`)."""
     common = os.path.join(ckpt, "common.pt")
     if os.path.isfile(common):
         load_weights_only(common, common)
+    metadata = os.path.join(ckpt, ".metadata")
+    return load_data_pickle(metadata) if os.path.isfile(metadata) else None
 
 
-def _storage(ckpt: str) -> Dict:
-    """Storage index -> where the item lies (file, offset, length), from the `.metadata`
-    (unpickled data-only)."""
-    return getattr(load_data_pickle(os.path.join(ckpt, ".metadata")), "storage_data", None) or {}
+def _storage(ckpt: str, metadata=None) -> Dict:
+    """Storage index -> where the item lies (file, offset, length), from ``metadata`` or else
+    the `.metadata` file (unpickled data-only)."""
+    if metadata is None:
+        metadata = load_data_pickle(os.path.join(ckpt, ".metadata"))
+    return getattr(metadata, "storage_data", None) or {}
 
 
 @contextlib.contextmanager
-def reading_checkpoint(ckpt: str) -> Iterator[None]:
+def reading_checkpoint(ckpt: str, metadata=None) -> Iterator[None]:
     """Wrap every torch DCP / megatron-core read of ``ckpt`` in this. Within it torch DCP reads
     the non-tensor items of the `.distcp` files (megatron's ShardedObjects, every
     `_extra_state`) weights-only, and a failed read leaves as one line
@@ -136,14 +138,15 @@ def reading_checkpoint(ckpt: str) -> Iterator[None]:
     with ``torch.load(weights_only=False)``: a pickle written over such an item runs its payload.
     Here the same placement is done on what ``load_weights_only`` returns, and a refused or
     unreadable item is one line naming its file and key. Tensor items are read weights-only by
-    torch already."""
+    torch already. ``metadata``: the checkpoint's, where the caller has it already."""
     from torch.distributed.checkpoint._traverse import set_element
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    files = {index: info.relative_path for index, info in _storage(ckpt).items()}
+    storage = _storage(ckpt, metadata)
 
     def load_bytes(planner, read_item, value):
-        where = f"{os.path.join(ckpt, files.get(read_item.storage_index, '?'))} (item {read_item.dest_index.fqn})"
+        info = storage.get(read_item.storage_index)
+        where = f"{os.path.join(ckpt, info.relative_path if info else '?')} (item {read_item.dest_index.fqn})"
         obj = load_weights_only(value, where)
         if planner.flatten_state_dict:  # the placement of torch's DefaultLoadPlanner.load_bytes
             set_element(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], obj)
@@ -157,12 +160,12 @@ def reading_checkpoint(ckpt: str) -> Iterator[None]:
     try:
         yield
     except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
-        raise checkpoint_read_error(ckpt, exc) from None
+        raise checkpoint_read_error(ckpt, exc, storage) from None
     finally:
         DefaultLoadPlanner.load_bytes = original
 
 
-def checkpoint_read_error(ckpt: str, exc: BaseException) -> Exception:
+def checkpoint_read_error(ckpt: str, exc: BaseException, storage: Dict) -> Exception:
     """The one-line error for a failed read of ``ckpt``. An error raised by this module inside
     torch's reader is unwrapped from torch's multi-line CheckpointException; a failure to
     decode data (a corrupt file) is traced to the first item that does not load, named with its
@@ -176,7 +179,7 @@ def checkpoint_read_error(ckpt: str, exc: BaseException) -> Exception:
     if isinstance(inner, ValueError) and not isinstance(inner, pickle.UnpicklingError):
         return inner
     if isinstance(inner, (pickle.UnpicklingError, EOFError, RuntimeError, OSError, zipfile.BadZipFile)):
-        for index, info in _storage(ckpt).items():
+        for index, info in storage.items():
             path = os.path.join(ckpt, info.relative_path)
             with open(path, "rb") as f:
                 f.seek(info.offset)

@@ -436,7 +436,8 @@ class CheckpointTensors(Mapping[str, torch.Tensor]):
             request[sharded_key] = torch.empty(shape, dtype=dtype)
         if self.on_read is not None:
             self.on_read(list(group))
-        with warnings.catch_warnings(), reading_checkpoint(self.ckpt):  # no_dist is the point: one process reads
+        # no_dist is the point: one process reads
+        with warnings.catch_warnings(), reading_checkpoint(self.ckpt, self._reader.read_metadata()):
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(request, storage_reader=self._reader, no_dist=True)
         return {key: request[self.entries[key][0]] for key in group}
@@ -586,8 +587,7 @@ def export_hf(family: ModelFamily, load: str, out: str, weights: str = "model",
     else:
         out_dtype = DTYPES[dtype]
 
-    check_checkpoint_pickles(ckpt)
-    checkpointing.check_checkpoint_files(ckpt)
+    checkpointing.check_checkpoint_files(ckpt, check_checkpoint_pickles(ckpt))
     _init_single_process()
     layers = family.num_layers(config)
     table = family.mapping_table(config)

@@ -197,16 +197,17 @@ def load_checkpoint(ckpt: str, sharded_state_dict: Dict) -> Dict:
     the file."""
     from megatron.core import dist_checkpointing
 
-    check_checkpoint_pickles(ckpt)
-    check_checkpoint_files(ckpt)
-    with reading_checkpoint(ckpt):
+    metadata = check_checkpoint_pickles(ckpt)
+    check_checkpoint_files(ckpt, metadata)
+    with reading_checkpoint(ckpt, metadata):
         return dist_checkpointing.load(sharded_state_dict, ckpt)
 
 
-def check_checkpoint_files(ckpt: str) -> None:
+def check_checkpoint_files(ckpt: str, metadata=None) -> None:
     """Every data file the checkpoint's metadata lists is there and long enough for the items
     it holds, and megatron's `metadata.json` parses: a missing or truncated file otherwise
-    surfaces as torch's CheckpointException, a BaseException with a multi-line report."""
+    surfaces as torch's CheckpointException, a BaseException with a multi-line report.
+    ``metadata``: the checkpoint's `.metadata`, where the caller has read it already."""
     megatron_json = os.path.join(ckpt, "metadata.json")
     if os.path.isfile(megatron_json):
         try:
@@ -216,9 +217,9 @@ def check_checkpoint_files(ckpt: str) -> None:
         except (OSError, UnicodeDecodeError, ValueError) as err:
             raise ValueError(f"{megatron_json}: not a readable megatron checkpoint description ({err})") from None
     metadata_path = os.path.join(ckpt, ".metadata")
-    if not os.path.isfile(metadata_path):
+    if metadata is None and not os.path.isfile(metadata_path):
         return
-    storage = getattr(load_data_pickle(metadata_path), "storage_data", None) or {}
+    storage = getattr(metadata or load_data_pickle(metadata_path), "storage_data", None) or {}
     needed: Dict[str, int] = {}
     for info in storage.values():
         end = getattr(info, "offset", 0) + getattr(info, "length", 0)
