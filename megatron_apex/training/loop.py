@@ -2,9 +2,10 @@
 driving the APEX (or flow-matching) objective.
 
 Randomness that decides the numbers (noise, times, the objective's fresh samples) is drawn from
-generators seeded by (seed, iteration), for the whole global batch, and then sliced per
-data-parallel rank and micro-batch: a resumed run therefore needs no RNG state, and the numbers
-do not depend on how the global batch is split.
+counter-based generators keyed by (seed, iteration, purpose, micro-batch) (random_streams.py):
+the global batch's draws once for the whole global batch, then sliced per data-parallel rank
+and micro-batch, the objective's per micro-batch of the global batch. A resumed run therefore
+needs no RNG state, and the numbers do not depend on how the global batch is split.
 
 Two ways to run the APEX objective per global batch: "direct" (apex_loss inside megatron's
 forward step, the single-stage path) and "two-phase" (no-grad pipeline passes, then one
@@ -36,11 +37,7 @@ from megatron_apex.training import checkpointing
 from megatron_apex.training.arguments import RunConfig
 from megatron_apex.training.ema import frozen_copy, update_ema
 from megatron_apex.training.metrics_log import MetricsLogger
-
-
-def _iteration_generator(seed: int, iteration: int, stream: int = 0) -> torch.Generator:
-    # Distinct, reproducible streams per (seed, iteration, purpose).
-    return torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 7 + stream)
+from megatron_apex.training.random_streams import RandomPurpose, stream_generator
 
 
 def code_version() -> str:
@@ -547,7 +544,7 @@ class Trainer:
         contiguous slice, cut into micro-batches in order."""
         from megatron_apex.objectives.flow import sample_time
 
-        gen = _iteration_generator(self.cfg.train.seed, self.iteration)
+        gen = stream_generator(self.cfg.train.seed, self.iteration, RandomPurpose.GLOBAL_BATCH)
         g = len(global_indices)
         # a latent dataset's global batch has one latent shape (its bucket), the built-in one image shape
         shape = (self.dataset.sample_shape(global_indices[0]) if hasattr(self.dataset, "sample_shape")
@@ -569,9 +566,10 @@ class Trainer:
                      for k, v in batch.items()}
             if dropped is not None:
                 self._drop_captions(batch, dropped[start:start + mbs].to(self.info.device))
-            # the objective's own fresh draws: one stream per micro-batch of the global batch
-            batch["generator"] = _iteration_generator(self.cfg.train.seed, self.iteration,
-                                                      stream=1 + start // mbs)
+            # the objective's own fresh draws: one stream per micro-batch of the global batch, keyed
+            # by its index there (so any data-parallel split draws the same numbers)
+            batch["generator"] = stream_generator(self.cfg.train.seed, self.iteration, RandomPurpose.OBJECTIVE,
+                                                  micro_batch=start // mbs)
             out.append(batch)
         return out
 

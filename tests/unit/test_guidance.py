@@ -51,7 +51,7 @@ def test_a_dataset_file_wins_and_a_dataset_without_one_is_refused(tmp_path):
 # ---- caption dropout -------------------------------------------------------------------------
 def test_caption_dropout_replaces_the_drawn_rows_and_nothing_else(tmp_path):
     from megatron_apex.objectives.flow import sample_time
-    from megatron_apex.training.loop import _iteration_generator
+    from megatron_apex.training.random_streams import RandomPurpose, stream_generator
 
     p = 0.5
     plain, dropping = _trainer(tmp_path / "a"), _trainer(tmp_path / "b", "--caption-dropout", str(p))
@@ -60,7 +60,7 @@ def test_caption_dropout_replaces_the_drawn_rows_and_nothing_else(tmp_path):
         plain.iteration = dropping.iteration = iteration
         ref, got = plain._micro_batches(indices), dropping._micro_batches(indices)
         # the draw the flag adds, after the noise and times: independent re-computation
-        gen = _iteration_generator(plain.cfg.train.seed, iteration)
+        gen = stream_generator(plain.cfg.train.seed, iteration, RandomPurpose.GLOBAL_BATCH)
         torch.randn((8, *plain.dataset.images.shape[1:]), generator=gen)
         sample_time(8, plain.time_config, generator=gen)
         drawn = (torch.rand(8, generator=gen) < p).view(2, 4)
