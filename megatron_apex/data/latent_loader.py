@@ -4,10 +4,11 @@ One scan at start-up reads every tar header and the small headers of each sample
 (the .npy headers and the json), never the payloads, and builds the index of valid samples
 (shard, key, bucket, member offsets). A sample whose members are damaged (an unreadable .npy,
 a payload shorter than its header says, a latent whose shape is not its bucket's, a missing
-member) is left out, counted in `skipped` and named in one log line. Batches then read only
-their own samples' bytes (`os.pread` at the recorded offsets), so a data-parallel rank reads
-only its slice. Gzipped shards cannot be read at an offset: they are decompressed into memory
-once at the scan (fine for small datasets; write plain tars for large ones).
+member, a symbolic or hard link member, which is never followed) is left out, counted in
+`skipped` and named in one log line. Batches then read only their own samples' bytes
+(`os.pread` at the recorded offsets), so a data-parallel rank reads only its slice. Gzipped
+shards cannot be read at an offset: they are decompressed into memory once at the scan (fine
+for small datasets; write plain tars for large ones).
 
 Order (`BucketBatchSampler`): epoch e permutes each bucket's samples with a torch.Generator
 seeded `seed + e`, cuts each into whole global batches (a bucket's tail that does not fill one
@@ -200,9 +201,11 @@ class LatentShardDataset:
         self.shards[-1] = shard
         groups: dict[str, dict] = {}
         order: list[str] = []
+        links: dict[str, list[str]] = {}  # key -> its link members, which leave the sample out
         try:
             for m in shard.members():
-                if not m.isfile():
+                is_link = m.issym() or m.islnk()
+                if not (m.isfile() or is_link):
                     continue
                 try:
                     name = safe_member_name(m.name, str(path))
@@ -210,21 +213,28 @@ class LatentShardDataset:
                     self._skip(f"{path}:{m.name}", "member name points outside the archive")
                     continue
                 key, _, suffix = os.path.basename(name).partition(".")
+                if key not in groups:
+                    groups[key] = {}
+                    order.append(key)
+                if is_link:
+                    kind = "symbolic" if m.issym() else "hard"
+                    links.setdefault(key, []).append(f"member {m.name} is a {kind} link to {m.linkname}")
+                    continue
                 if m.offset_data + m.size > shard.size:  # a truncated file: tarfile seeks past the end
                     self._skip(f"{path}:{key}", f"member {suffix} runs past the end of the shard (truncated file)")
                     groups.pop(key, None)
                     if key in order:
                         order.remove(key)
                     break
-                if key not in groups:
-                    groups[key] = {}
-                    order.append(key)
                 groups[key][suffix] = (m.offset_data, m.size)
         except (tarfile.TarError, OSError, EOFError) as exc:
             self._skip(str(path), f"damaged tar after {len(order)} samples ({type(exc).__name__}); "
                                   "the samples before the damage are kept")
         for key in order:
             where = f"{path}:{key}"
+            if key in links:
+                self._skip(where, "; ".join(links[key]) + " (links are never followed)")
+                continue
             try:
                 grid, offs = self._check_sample(shard, groups[key])
             except ValueError as exc:

@@ -4,6 +4,11 @@ Inputs (any mix, each `--input`): a folder (PNG/JPEG files, captions in a sideca
 tar files inside it are read too), a tar file of such pairs, or a jsonl of
 {"path", "caption"} lines (paths relative to the jsonl's folder).
 
+Inputs never lead outside their folder (the folder given, or the jsonl's folder): an image,
+caption or tar file there that is a symbolic link to a place outside it, or a hard link (its
+other names may lie anywhere), is skipped and listed with the reason, as is a jsonl path outside
+the jsonl's folder; link members of a tar are never followed, and are skipped and listed too.
+
 Output folder: `manifest.json` + `shard-NNNNNN.tar` (+ `.tar.gz` with compress) + one
 `shard-NNNNNN.json` per shard (its manifest entry, with the inputs it skipped). Per sample
 (webdataset key = the input's index in the sorted input list, 8 digits): `latent.npy` float16
@@ -96,6 +101,8 @@ def _tar_items(tar_path: Path) -> tuple[list[InputItem], list[dict]]:
         safe_member_name(m.name, str(tar_path))  # a hostile name refuses the whole archive
         if m.isfile():
             files[m.name] = m
+        elif m.issym() or m.islnk():  # reading it would read another member, or a file outside
+            skipped.append(dict(input=f"{tar_path}:{m.name}", reason=_link_member_reason(m)))
     items = []
     for name in sorted(files):
         stem, ext = os.path.splitext(name)
@@ -106,18 +113,51 @@ def _tar_items(tar_path: Path) -> tuple[list[InputItem], list[dict]]:
     return items, skipped
 
 
+def _link_member_reason(member: tarfile.TarInfo) -> str:
+    kind = "symbolic" if member.issym() else "hard"
+    return f"link member not followed (a {kind} link to {member.linkname})"
+
+
+def _outside_reason(path: Path, root: Path, what: str = "") -> Optional[str]:
+    """The skip reason when the file `path` of the input folder `root` leads outside it, else None."""
+    from megatron_apex.untrusted import link_escape
+
+    why = link_escape(str(path), str(root))
+    return f"{what}leads outside its input folder ({why})" if why else None
+
+
 def _folder_items(folder: Path) -> tuple[list[InputItem], list[dict]]:
     items, skipped = [], []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         ext = path.suffix.lower()
-        if ext in IMAGE_EXTS:
-            side = next((path.with_suffix(s) for s in CAPTION_EXTS if path.with_suffix(s).is_file()), None)
-            items.append(InputItem(name=str(path), path=str(path), caption_path=str(side) if side else None))
-        elif path.name.endswith((".tar", ".tar.gz", ".tgz")):
+        is_tar = path.name.endswith((".tar", ".tar.gz", ".tgz"))
+        if ext not in IMAGE_EXTS and not is_tar:
+            continue
+        reason = _outside_reason(path, folder)
+        if reason:
+            skipped.append(dict(input=str(path), reason=reason))
+        elif is_tar:
             got, bad = _tar_items(path)
             items.extend(got)
             skipped.extend(bad)
+        else:
+            side = next((path.with_suffix(s) for s in CAPTION_EXTS if path.with_suffix(s).is_file()), None)
+            reason = _outside_reason(side, folder, "caption ") if side else None
+            if reason:
+                skipped.append(dict(input=str(path), reason=reason))
+            else:
+                items.append(InputItem(name=str(path), path=str(path), caption_path=str(side) if side else None))
     return items, skipped
+
+
+def _jsonl_path_reason(path: Path, root: Path) -> Optional[str]:
+    """Why a jsonl's image path may not be read: it names a place outside the jsonl's folder
+    (an absolute path elsewhere, or `..`), or a link there leads outside. A missing file is left
+    to the read, which skips it as not found."""
+    lexical, top = os.path.normpath(os.path.abspath(path)), os.path.abspath(root)
+    if os.path.commonpath([lexical, top]) != top:
+        return f"outside the jsonl's folder ({top})"
+    return _outside_reason(path, root) if os.path.lexists(path) else None
 
 
 def _jsonl_items(jsonl: Path) -> tuple[list[InputItem], list[dict]]:
@@ -135,6 +175,10 @@ def _jsonl_items(jsonl: Path) -> tuple[list[InputItem], list[dict]]:
             skipped.append(dict(input=where, reason="no 'path' string"))
             continue
         path = Path(row["path"]) if os.path.isabs(row["path"]) else jsonl.parent / row["path"]
+        reason = _jsonl_path_reason(path, jsonl.parent)
+        if reason:
+            skipped.append(dict(input=str(path), reason=reason))
+            continue
         caption = row.get("caption")
         items.append(InputItem(name=str(path), path=str(path),
                                caption=caption if isinstance(caption, str) else None))
@@ -142,7 +186,8 @@ def _jsonl_items(jsonl: Path) -> tuple[list[InputItem], list[dict]]:
 
 
 def list_inputs(inputs) -> tuple[list[InputItem], list[dict]]:
-    """Every input image, sorted by name; plus what could not be listed (bad jsonl lines, damaged tars)."""
+    """Every input image, sorted by name; plus what could not be listed (bad jsonl lines, damaged tars,
+    files and tar members that would lead outside their input folder)."""
     if not inputs:
         raise ValueError("--input: give at least one image folder, tar file or jsonl file")
     items, skipped = [], []

@@ -11,6 +11,9 @@ next to each other and gzip's 32 KiB window removes the repeats (the built-in tr
 ~720 MB as plain tar, 35 MB gzipped). Sample order inside shards does not matter for
 training: the global batch sampler permutes indices over the whole in-memory dataset.
 
+A symbolic or hard link member of a shard is never followed: the sample it belongs to is left
+out, and each shard's link members are named in one log line (`ShardDataset.link_members`).
+
 Reading 60k samples through tarfile costs ~13 s (pure-Python tar parsing, 5 members per
 sample), so the first read of a split is memoised as one torch file keyed by the manifest's
 content hash (`<cache>/memo/`); later loads take well under a second.
@@ -23,6 +26,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import tarfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -276,38 +281,64 @@ def _decode_sample(s: dict, where: str) -> dict:
                 label=label)
 
 
-def _safe_names(files: Iterable[dict], archive: str) -> Iterable[dict]:
+_WDS_META = re.compile(r"__[^/]*__($|/)")  # webdataset's own metadata members, which it skips
+
+
+def _regular_files(stream, archive: str, links: list) -> Iterable[dict]:
+    """{fname, data, __url__} of each regular member, as webdataset's tar_file_iterator yields
+    them (which drops link members without a word); every member's name must stay inside the
+    archive. A symbolic or hard link member is never read: it goes to `links`."""
     from megatron_apex.untrusted import safe_member_name
 
-    for f in files:
-        if "fname" in f:
-            safe_member_name(f["fname"], archive)
-        yield f
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for m in tar:
+            safe_member_name(m.name, archive)
+            if m.issym() or m.islnk():
+                links.append(m)
+            elif m.isreg() and not _WDS_META.match(m.name):
+                yield dict(fname=m.name, data=tar.extractfile(m).read(), __url__=archive)
+            tar.members = []  # read as a stream: keep no index of the (many, small) members
 
 
-def read_shard(path) -> list[dict]:
-    """Decode every sample of one shard through webdataset's tar iterators."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+def _read_shard(path: Path) -> tuple[list[dict], list[str], int]:
+    """(decoded samples, the shard's link members, how many samples they left out)."""
+    from webdataset.tariterators import base_plus_ext, group_by_keys
 
-    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"shard not found: {path}")
     if path.stat().st_size == 0:
         raise ValueError(f"shard is empty (0 bytes): {path}")
-    out = []
+    links: list[tarfile.TarInfo] = []
     try:
         with open(path, "rb") as f:
-            files = tar_file_expander([dict(url=str(path), stream=f)])
-            for s in group_by_keys(_safe_names(files, str(path))):
-                out.append(_decode_sample(s, f"shard {path}, sample {s.get('__key__')}"))
+            raw = list(group_by_keys(_regular_files(f, str(path), links)))
+        # a sample with a link member is left out whole: the link may stand for any of its parts
+        linked = {base_plus_ext(m.name)[0] for m in links}
+        kept = [s for s in raw if s["__key__"] not in linked]
+        out = [_decode_sample(s, f"shard {path}, sample {s.get('__key__')}") for s in kept]
     except (ValueError, FileNotFoundError) as exc:
         if str(path) in _first_line(exc):
             raise ValueError(_first_line(exc)) from None
         raise ValueError(f"corrupt shard {path}: {_first_line(exc)}") from None
     except Exception as exc:  # tarfile/gzip/zlib/EOF errors of a damaged file
         raise ValueError(f"corrupt shard {path}: {type(exc).__name__}: {_first_line(exc)}") from None
-    if not out:
+    if not raw and not links:
         raise ValueError(f"corrupt shard {path}: no samples in it (an empty or zeroed tar archive)")
+    named = [f"{m.name} ({'symbolic' if m.issym() else 'hard'} link to {m.linkname})" for m in links]
+    return out, named, len(raw) - len(kept)
+
+
+def _log_links(log: Callable[[str], None], path, links: list[str], left_out: int) -> None:
+    log(f"[megatron_apex] data: {path}: {len(links)} link members not followed, {left_out} samples left "
+        f"out: {', '.join(links)}")
+
+
+def read_shard(path, log: Callable[[str], None] = print) -> list[dict]:
+    """Decode every sample of one shard (webdataset's grouping of members into samples); samples
+    with link members are left out, and named in one `log` line."""
+    out, links, left_out = _read_shard(Path(path))
+    if links:
+        _log_links(log, path, links, left_out)
     return out
 
 
@@ -355,6 +386,7 @@ class ShardDataset:
         self.keys = keys                    # webdataset sample keys (the builtin: source index)
         self.manifest = manifest or {}
         self.split = split
+        self.link_members: list[str] = []  # "SHARD:MEMBER (KIND link to TARGET)", never followed
 
     @classmethod
     def from_samples(cls, samples: list[dict], max_text_len: int, context_dim: int,
@@ -440,11 +472,13 @@ def _write_memo(path: Path | None, ds: ShardDataset) -> None:
 
 
 def load_dataset(data_path=None, split: str = "train", cache_dir=None, name: str | None = None,
-                 max_text_len: int = 16, memo: bool = True) -> ShardDataset:
+                 max_text_len: int = 16, memo: bool = True, log: Callable[[str], None] = print) -> ShardDataset:
     """`data_path=None`: the built-in dataset (built on first use); else a folder with a manifest.
 
     Every shard must exist with the size the manifest records; its samples are decoded through
     webdataset on the first load, and (memo=True) from the content-hash-keyed memo afterwards.
+    Samples with link members are left out, and each shard's link members named in one `log`
+    line; such a split is never memoised, so every load names them again.
     """
     if data_path is None:
         from .builtin import build_builtin_shards
@@ -471,16 +505,24 @@ def load_dataset(data_path=None, split: str = "train", cache_dir=None, name: str
     ds = _read_memo(memo_path, manifest, split)
     if ds is not None:
         return ds
-    samples, reference = [], None
+    samples, reference, link_members = [], None, []
     for entry in entries:
         shard = data_path / entry["name"]
-        got = read_shard(shard)
-        if "count" in entry and len(got) != entry["count"]:
-            raise ValueError(f"shard {shard} holds {len(got)} samples, its {MANIFEST_NAME} entry says count "
-                             f"{entry['count']}")
+        got, links, left_out = _read_shard(shard)
+        if links:
+            _log_links(log, shard, links, left_out)
+            link_members.extend(f"{shard}:{link}" for link in links)
+        if "count" in entry and len(got) + left_out != entry["count"]:
+            raise ValueError(f"shard {shard} holds {len(got) + left_out} samples, its {MANIFEST_NAME} entry says "
+                             f"count {entry['count']}")
         reference = check_samples_fit(got, manifest, shard, reference)
         samples.extend(got)
+    if not samples:
+        raise ValueError(f"split {split!r} of {data_path / MANIFEST_NAME} has no sample left: every one has a "
+                         f"link member ({len(link_members)} not followed)")
     ds = ShardDataset.from_samples(samples, int(manifest["max_text_len"]), int(manifest["context_dim"]),
                                    manifest=manifest, split=split)
-    _write_memo(memo_path, ds)
+    ds.link_members = link_members
+    if not link_members:
+        _write_memo(memo_path, ds)
     return ds
