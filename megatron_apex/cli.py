@@ -5,7 +5,12 @@ import argparse
 
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse without the usage dump: a bad flag is one line naming it, exit code 2
-    (argparse's convention)."""
+    (argparse's convention). Abbreviated flags are refused: `--save-int` would otherwise mean
+    `--save-interval` silently, and something else once a flag with that prefix is added."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -25,7 +25,8 @@ SIZES = [(28, 28), (24, 32), (32, 24), (30, 30), (21, 28)]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--data-path", default=None, help="latent_shards.v1 folder (default: prepare Fashion-MNIST PNGs)")
     p.add_argument("--images", type=int, default=2000, help="PNGs to write and prepare without --data-path")
     p.add_argument("--workers", type=int, default=1, help="prepare_data worker processes")

@@ -40,7 +40,8 @@ MODES = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--out", default="runs/benchmark_parallel", help="working folder (runs are written there)")
     p.add_argument("--iters", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2, help="first iterations left out of the median")

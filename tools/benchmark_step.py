@@ -38,7 +38,8 @@ SECTIONS = ("step", "forward", "tp")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of: " + ", ".join(SECTIONS))
     p.add_argument("--model", default="qwen-image-tiny", help="registry name")
     p.add_argument("--batch-size", type=int, default=64, help="global batch of a step, batch of a forward")

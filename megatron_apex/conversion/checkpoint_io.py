@@ -281,6 +281,15 @@ def config_for_folder(family: ModelFamily, folder: str, overrides: Optional[Mapp
     return config, diffusers_config
 
 
+def _saved_shape(state: Mapping) -> str:
+    """'N layers, hidden size H' of a checkpoint's model, from its train_state.json (for messages)."""
+    saved = state.get("model_config")
+    saved = saved if isinstance(saved, dict) else {}
+    heads, dim = saved.get("num_attention_heads"), saved.get("attention_head_dim")
+    hidden = heads * dim if isinstance(heads, int) and isinstance(dim, int) else "?"
+    return f"{saved.get('num_layers', '?')} layers, hidden size {hidden}"
+
+
 def _registry_name(family: ModelFamily, config) -> Tuple[str, str]:
     """(registry name to rebuild ``config`` from, how it matches: "exact" | "architecture" |
     "none"). All fields are saved, so any name rebuilds the model; the match tells the user
@@ -567,7 +576,9 @@ def export_hf(family: ModelFamily, load: str, out: str, weights: str = "model",
     if name not in family.model_names():
         other = [n for n, make in FAMILIES.items() if n != family.name and name in make().model_names()]
         hint = f" (use --model {other[0]})" if other else ""
-        raise ValueError(f"--load {ckpt}: holds model {name!r}, not a --model {family.name} model{hint}")
+        # the registry name alone misleads: an imported model of no registry shape is saved under its family's default
+        raise ValueError(f"--load {ckpt}: holds a {other[0] if other else 'non-' + family.name} model "
+                         f"({_saved_shape(state)}; registry name {name!r}), not a --model {family.name} model{hint}")
     try:
         config = family.config_from_saved(state)
     except (KeyError, TypeError, ValueError) as err:

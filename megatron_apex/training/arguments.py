@@ -7,7 +7,7 @@ explicitly. Flag names follow Megatron-LM wherever Megatron-LM has the flag.
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 from megatron_apex.cli import OneLineErrorParser
 from megatron_apex.gpu import GpuOptions, add_gpu_arguments, gpu_options_from_args
@@ -313,6 +313,86 @@ def _validate_objective(apex: Dict[str, Any], time_sampler: Dict[str, Any], obje
             raise ValueError(f"{option}: {message}") from None
 
 
+# What only the APEX objective reads: refused with --objective fm, where it would do nothing.
+_APEX_ONLY_DESTS = ("apex_variant", "apex_start_iter", "teacher", "apex_option", "lam", "lambda_p", "lambda_e",
+                    "weighting", "fake_grad")
+# The fixed scalar condition shift c_fake = a c + b holds no weights: only APEX's fake-condition
+# queries read it (a learnable --shift-kind initialises weights from it, which flow matching keeps).
+_SHIFT_DESTS = ("shift_a", "shift_b", "shift_site")
+# APEXConfig fields each variant alone reads (tests/unit/test_flag_validation.py checks that
+# these and _SHARED_APEX_FIELDS cover every field, so a new one has to be placed).
+PAPER_ONLY_FIELDS = ("lam", "lambda_p", "lambda_e", "weighting", "fake_grad")
+RELEASED_ONLY_FIELDS = ("w_base", "w_fake", "w_dm", "dm_clamp", "dm_normalize", "dm_warmup_steps", "fresh_t_min",
+                        "fresh_t_max", "cfg_scale", "w_consistency", "consistency_step", "consistency_clamp",
+                        "batch_split", "fuse_forwards")
+_SHARED_APEX_FIELDS = ("variant", "shift_a", "shift_b")
+
+
+def _flag_of(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def given_dests(argv: Optional[List[str]] = None) -> Set[str]:
+    """The destinations of the flags the command line sets, defaults aside. A launcher's own
+    flags are on its command line too, so examples/pretrain_apex_dit.sh leaves out what a user's
+    --objective or --apex-variant contradicts."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def _where(field: str, apex_option_fields: Set[str]) -> str:
+    """How the command line set an APEXConfig field, for messages."""
+    return f"--apex-option {field}" if field in apex_option_fields else _flag_of(field)
+
+
+def check_contradictions(a: argparse.Namespace, given: Set[str], apex: Dict[str, Any],
+                         apex_option_fields: Set[str]) -> None:
+    """Flags the run's other flags make meaningless, refused in one line naming both; only
+    flags on the command line count (``given``), never defaults."""
+    if a.objective == "fm":
+        for dest in _APEX_ONLY_DESTS:
+            if dest in given:
+                shown = f"--apex-option {a.apex_option[0]}" if dest == "apex_option" else _flag_of(dest)
+                raise ValueError(f"{shown} is an APEX option, but --objective fm trains flow matching alone; drop "
+                                 f"{_flag_of(dest)} or use --objective apex")
+        if a.shift_kind in (None, "scalar"):
+            for dest in _SHIFT_DESTS:
+                if dest in given:
+                    raise ValueError(f"{_flag_of(dest)} sets the fixed condition shift, which only APEX's fake-"
+                                     f"condition queries read, but --objective fm trains flow matching alone; drop "
+                                     f"{_flag_of(dest)} or use --objective apex")
+        return
+    if "shift_a" in apex_option_fields or "shift_b" in apex_option_fields:
+        name = "shift_a" if "shift_a" in apex_option_fields else "shift_b"
+        raise ValueError(f"--apex-option {name}: the trainer takes the condition shift from the model, set it with "
+                         f"{_flag_of(name)}")
+    if a.apex_start_iter < 0:
+        raise ValueError(f"--apex-start-iter must be >= 0 (0 = APEX from the first iteration), got "
+                         f"{a.apex_start_iter}")
+    if a.apex_start_iter >= a.train_iters:
+        raise ValueError(f"--apex-start-iter {a.apex_start_iter} is at or past --train-iters {a.train_iters}: APEX "
+                         "would never run; lower --apex-start-iter, raise --train-iters, or train flow matching "
+                         "alone with --objective fm")
+    from megatron_apex.objectives.apex import APEXConfig
+
+    variant = apex.get("variant", APEXConfig.variant)
+    chosen = f"--apex-variant {variant}" + ("" if "variant" in apex else " (the default)")
+    if variant == "released":
+        for field in PAPER_ONLY_FIELDS:
+            if field in apex:
+                raise ValueError(f"{_where(field, apex_option_fields)} acts only in --apex-variant paper, but this "
+                                 f"run uses {chosen}")
+    elif variant == "paper":
+        if "teacher" in given:
+            raise ValueError(f"--teacher acts only in --apex-variant released, but this run uses {chosen}")
+        for field in RELEASED_ONLY_FIELDS:
+            if field in apex:
+                raise ValueError(f"--apex-option {field} acts only in --apex-variant released, but this run uses "
+                                 f"{chosen}")
+
+
 def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
     a = build_parser().parse_args(argv)
     if a.objective not in OBJECTIVES:
@@ -334,11 +414,13 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
     model_overrides.update(gpu_model_overrides(gpu))
 
     apex = _options(a.apex_option, "--apex-option")
+    apex_option_fields = set(apex)
     for flag, key in (("apex_variant", "variant"), ("lam", "lam"), ("lambda_p", "lambda_p"),
                       ("lambda_e", "lambda_e"), ("weighting", "weighting"), ("fake_grad", "fake_grad")):
         value = getattr(a, flag)
         if value is not None:
             apex[key] = value
+            apex_option_fields.discard(key)  # its own flag wins
     time_sampler = _options(a.time_option, "--time-option")
     if a.time_sampler is not None:
         time_sampler["kind"] = a.time_sampler
@@ -362,6 +444,7 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
     if not 0.0 <= a.ema_decay < 1.0:
         raise ValueError(f"--ema-decay must be in [0, 1), got {a.ema_decay}")
 
+    check_contradictions(a, given_dests(argv), apex, apex_option_fields)
     _validate_objective(apex, time_sampler, a.objective)
     if a.finetune and not a.load:
         raise ValueError("--finetune needs --load (the checkpoint to fine-tune from)")

@@ -131,12 +131,53 @@ def share_frozen_(copy: torch.nn.Module, model: torch.nn.Module) -> None:
                 mine._buffers[key] = buf
 
 
+def check_data_fits_model(data_path: Optional[str], model_config, model_name: str) -> bool:
+    """--data-path against --model before anything is built: its manifest is read (format and
+    structure) and its text width, and the image channels and sides when it records them, are
+    compared with the model's, in one line naming both flags. Returns whether it holds pre-encoded
+    latents (tools/prepare_data.py). The built-in dataset (None) is made for the CPU models."""
+    from megatron_apex.data.latent_loader import check_model_fits_data, is_latent_dataset, read_latent_manifest
+    from megatron_apex.data.shards import read_manifest
+
+    if data_path is None:
+        return False
+    if is_latent_dataset(data_path):
+        check_model_fits_data(read_latent_manifest(data_path), model_config, data_path, model_name)
+        return True
+    manifest = read_manifest(data_path)
+    problems = []
+    if manifest["context_dim"] != model_config.context_dim:
+        problems.append(f"text states width {manifest['context_dim']} vs the model's {model_config.context_dim}")
+    shape = manifest.get("image_shape")
+    if isinstance(shape, list) and len(shape) == 3:
+        channels, height, width = shape
+        if channels != model_config.latent_channels:
+            problems.append(f"image channels {channels} vs the model's {model_config.latent_channels}")
+        p = model_config.patch_size
+        if height % p or width % p:
+            problems.append(f"images of {height}x{width} not multiples of the patch size {p}")
+    if problems:
+        raise ValueError(f"--data-path {data_path} does not fit --model {model_name}: {'; '.join(problems)}")
+    return False
+
+
+@dataclasses.dataclass
+class StartingCheckpoints:
+    """What --load and --pretrained-checkpoint name, resolved to complete checkpoints and checked
+    against the run's flags before any dataset, model, optimizer, EMA or teacher is built."""
+
+    load: Optional[str] = None  # the checkpoint directory --load resolves to
+    load_state: Optional[Dict] = None  # its train_state.json
+    pretrained: Optional[str] = None  # the checkpoint directory --pretrained-checkpoint resolves to
+    pretrained_state: Optional[Dict] = None
+    lora_base: Optional[str] = None  # a LoRA run's base weights; None = random initialisation
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         from megatron.core import parallel_state as ps
 
-        from megatron_apex.data.latent_loader import (LatentShardDataset, check_model_fits_data, is_latent_dataset,
-                                                      read_latent_manifest)
+        from megatron_apex.data.latent_loader import LatentShardDataset
         from megatron_apex.data.sampler import GlobalBatchSampler
         from megatron_apex.data.shards import load_dataset
         from megatron_apex.models.registry import get_model_config
@@ -148,15 +189,17 @@ class Trainer:
 
         self.start_time = time.time()  # --exit-duration-in-mins counts from here
         self.cfg = cfg
+        self.info = None  # the process group's, from init_distributed below
+        # Everything that can be checked without building anything is, first: a bad flag, data set
+        # or checkpoint fails in seconds, not after the model, optimizer and dataset are built.
         self.model_config = get_model_config(cfg.model, **cfg.model_overrides)
-        latent_data = is_latent_dataset(cfg.data.data_path)  # pre-encoded latents: tools/prepare_data.py
-        if latent_data:  # before anything is built: a mismatch is a one-line error naming both flags
-            check_model_fits_data(read_latent_manifest(cfg.data.data_path), self.model_config,
-                                  cfg.data.data_path, cfg.model)
+        latent_data = check_data_fits_model(cfg.data.data_path, self.model_config, cfg.model)
         obj = cfg.objective
         self.apex_config = APEXConfig(**obj.apex) if obj.objective == "apex" else None
         self.two_phase = check_parallel_config(cfg, self.model_config, self.apex_config)
         check_lora_config(cfg, self.two_phase, self.apex_config)
+        self.lora_config = cfg.lora.lora_config() if cfg.lora.enabled else None
+        self.starting = self._check_starting_checkpoints()
         self.info = init_distributed(cfg.parallel.tensor_model_parallel_size,
                                      cfg.parallel.pipeline_model_parallel_size)
         self.dp_size = ps.get_data_parallel_world_size()
@@ -181,7 +224,6 @@ class Trainer:
         spec = gpu.layer_spec(self.model_config, cfg.gpu)
         self._build_model = lambda: build_stage_model(self.model_config, spec)
         self.model = self._build_model()
-        self.lora_config = cfg.lora.lora_config() if cfg.lora.enabled else None
         if self.lora_config is not None:
             self._setup_lora()
         if cfg.parallel.recompute_granularity:
@@ -247,13 +289,8 @@ class Trainer:
         """Base weights, then adapters (before DDP / optimizer), then the base's fingerprint."""
         from megatron_apex.lora import apply_lora, base_fingerprint, filter_trainable
 
-        base, flag = self._lora_base_checkpoint()
+        base = self.starting.lora_base  # checked in _check_starting_checkpoints
         if base is not None:
-            state = checkpointing.read_train_state(base)
-            if state.get("lora") is not None:
-                raise ValueError(f"{flag} {base}: a LoRA checkpoint (adapters only), not base weights; give the full "
-                                 f"checkpoint it was trained on ({state['lora'].get('base')})")
-            self._check_model_config(base, state, flag, weights_only=True)
             loaded = checkpointing.load_checkpoint(base, {"model": _sharded(self.model, "model.")})
             self.model.load_state_dict(checkpointing.module_state_dict(loaded["model"], "model.", self.model))
         self.lora_base = os.path.abspath(base) if base is not None else None
@@ -267,17 +304,15 @@ class Trainer:
             print(f"[megatron_apex] LoRA rank {self.lora_config.rank} on {self.lora_config.targets} over the frozen "
                   f"base {where}", flush=True)
 
-    def _lora_base_checkpoint(self):
+    def _lora_base_checkpoint(self, found: StartingCheckpoints):
         """(the checkpoint directory of this LoRA run's base weights, None = random init from
         --seed; where it comes from, for messages)."""
         ck = self.cfg.checkpoint
         flag = "--pretrained-checkpoint"
-        pretrained = checkpointing.resolve_checkpoint(ck.pretrained_checkpoint, flag) if ck.pretrained_checkpoint \
-            else None
-        if not ck.load:
+        pretrained, ckpt = found.pretrained, found.load
+        if ckpt is None:
             return pretrained, flag
-        ckpt = checkpointing.resolve_checkpoint(ck.load)
-        saved = checkpointing.read_train_state(ckpt).get("lora")
+        saved = found.load_state.get("lora")
         if saved is None:  # a full checkpoint: the base of a new LoRA run
             if not ck.finetune:
                 raise ValueError(f"--load {ckpt}: a full checkpoint (no LoRA adapters), which a LoRA run cannot "
@@ -341,15 +376,18 @@ class Trainer:
         return {"config": self.lora_config.to_dict(), "base": self.lora_base, "seed": self.cfg.train.seed,
                 "base_fingerprint": self.base_fingerprint}
 
-    def _check_lora_checkpoint(self, ckpt: str, saved: Dict) -> None:
-        """The adapters of ``ckpt`` fit this run's, and they were trained on this run's base."""
-        from megatron_apex.lora import check_base_fingerprint
-
+    def _check_lora_structure(self, ckpt: str, saved: Dict) -> None:
+        """The adapters of ``ckpt`` fit this run's."""
         theirs, ours = _lora_structure(saved["config"]), _lora_structure(self.lora_config.to_dict())
         diff = [k for k in _LORA_STRUCTURE if theirs[k] != ours[k]]
         if diff:
             shown = ", ".join(f"{_LORA_STRUCTURE[k] or k}: checkpoint {theirs[k]!r} vs run {ours[k]!r}" for k in diff)
             raise ValueError(f"--load {ckpt}: LoRA settings differ from this run's flags ({shown})")
+
+    def _check_lora_base_fingerprint(self, ckpt: str, saved: Dict) -> None:
+        """The adapters of ``ckpt`` were trained on this run's base (needs the base loaded)."""
+        from megatron_apex.lora import check_base_fingerprint
+
         try:
             check_base_fingerprint(saved["base_fingerprint"], self.base_fingerprint, source=f"--load {ckpt}")
         except ValueError as err:
@@ -435,43 +473,82 @@ class Trainer:
                                       self._sharded_state_dict(False, self.teacher is not None),
                                       self._train_state(), keep_last=ck.keep_last)
 
-    def _maybe_load(self) -> None:
+    def _check_starting_checkpoints(self) -> StartingCheckpoints:
+        """Resolve --load and --pretrained-checkpoint and check them against the flags (model
+        config, LoRA or full, EMA, optimizer state): everything but the LoRA base's fingerprint,
+        which needs the base's weights."""
         ck = self.cfg.checkpoint
-        load = ck.load
-        if not load:
-            if ck.pretrained_checkpoint and self.lora_config is None:  # (a LoRA run loaded its base already)
-                ckpt = checkpointing.resolve_checkpoint(ck.pretrained_checkpoint, "--pretrained-checkpoint")
-                state = checkpointing.read_train_state(ckpt)
-                self._check_model_config(ckpt, state, "--pretrained-checkpoint", weights_only=True)
-                if state.get("lora") is not None:
-                    raise ValueError(f"--pretrained-checkpoint {ckpt}: a LoRA checkpoint (adapters only); give "
-                                     f"--lora-rank {state['lora']['config']['rank']} and the LoRA flags to train it "
-                                     "further, or export a merged model with tools/export_lora.py --merged")
-                self._load_weights_only(ckpt, state)
+        found = StartingCheckpoints()
+        if ck.pretrained_checkpoint:
+            found.pretrained = checkpointing.resolve_checkpoint(ck.pretrained_checkpoint, "--pretrained-checkpoint",
+                                                                log=self._print0)
+            found.pretrained_state = checkpointing.read_train_state(found.pretrained)
+        if ck.load:
+            found.load = checkpointing.resolve_checkpoint(ck.load, log=self._print0)
+            found.load_state = checkpointing.read_train_state(found.load, required=("model_config",))
+        if self.lora_config is not None:
+            self._check_lora_base(found)
+        elif found.pretrained is not None:
+            state = found.pretrained_state
+            if state.get("lora") is not None:
+                raise ValueError(f"--pretrained-checkpoint {found.pretrained}: a LoRA checkpoint (adapters only); "
+                                 f"give --lora-rank {state['lora']['config']['rank']} and the LoRA flags to train it "
+                                 "further, or export a merged model with tools/export_lora.py --merged")
+            self._check_model_config(found.pretrained, state, "--pretrained-checkpoint", weights_only=True)
+        if found.load is not None:
+            self._check_load(found.load, found.load_state)
+        return found
+
+    def _check_lora_base(self, found: StartingCheckpoints) -> None:
+        base, flag = self._lora_base_checkpoint(found)
+        found.lora_base = base
+        if base is None:
             return
-        ckpt = checkpointing.resolve_checkpoint(load, log=self._print0)
-        state = checkpointing.read_train_state(ckpt, required=("model_config",))
+        state = (found.pretrained_state if base == found.pretrained else found.load_state if base == found.load
+                 else checkpointing.read_train_state(base))
+        if state.get("lora") is not None:
+            raise ValueError(f"{flag} {base}: a LoRA checkpoint (adapters only), not base weights; give the full "
+                             f"checkpoint it was trained on ({state['lora'].get('base')})")
+        self._check_model_config(base, state, flag, weights_only=True)
+
+    def _check_load(self, ckpt: str, state: Dict) -> None:
+        ck = self.cfg.checkpoint
         self._check_model_config(ckpt, state, "--load", weights_only=ck.finetune)
         saved_lora = state.get("lora")
         if self.lora_config is not None:
             if saved_lora is None:
-                return  # a full checkpoint given with --finetune: this run's base, loaded in _setup_lora
-            self._check_lora_checkpoint(ckpt, saved_lora)
+                return  # a full checkpoint given with --finetune: this run's base (_check_lora_base)
+            self._check_lora_structure(ckpt, saved_lora)
         elif saved_lora is not None:
             rank = saved_lora["config"]["rank"]
             raise ValueError(f"--load {ckpt}: a LoRA checkpoint (rank {rank}, adapters only); resume it with its "
                              f"--lora-* flags (--lora-rank {rank} ...), or export a merged model with "
                              "tools/export_lora.py --merged")
         if ck.finetune:
-            self._load_weights_only(ckpt, state)
             return
-        if state.get("has_teacher"):
-            self.teacher = self._frozen_copy()
-        if state.get("has_ema") and self.ema is None:
+        if state.get("has_ema") and not self.cfg.train.ema_decay > 0:
             raise ValueError(f"--load {ckpt}: checkpoint holds EMA weights but --ema-decay is 0")
         if "scheduler" not in state:
             raise ValueError(f"--load {ckpt}: holds weights only (no optimizer state); add --finetune")
         checkpointing.read_train_state(ckpt, required=("iteration", "consumed_samples"))
+
+    def _maybe_load(self) -> None:
+        """Load what _check_starting_checkpoints found (and checked) into the built run."""
+        ck = self.cfg.checkpoint
+        ckpt, state = self.starting.load, self.starting.load_state
+        if ckpt is None:
+            if self.starting.pretrained is not None and self.lora_config is None:  # (a LoRA run loaded its base)
+                self._load_weights_only(self.starting.pretrained, self.starting.pretrained_state)
+            return
+        if self.lora_config is not None:
+            if state.get("lora") is None:
+                return  # a full checkpoint given with --finetune: this run's base, loaded in _setup_lora
+            self._check_lora_base_fingerprint(ckpt, state["lora"])
+        if ck.finetune:
+            self._load_weights_only(ckpt, state)
+            return
+        if state.get("has_teacher"):
+            self.teacher = self._frozen_copy()
         loaded = checkpointing.load_checkpoint(ckpt, self._sharded_state_dict(True, state.get("has_teacher")))
         self._load_module(self.model, loaded["model"], "model.")
         checkpointing.load_optimizer_state(self.optimizer, loaded["optimizer"])
@@ -491,7 +568,9 @@ class Trainer:
             print(f"[megatron_apex] resumed from {ckpt} (iteration {self.iteration})", flush=True)
 
     def _print0(self, message: str) -> None:
-        if self.info.rank == 0:
+        # before the process group exists (checks at start): the launcher's RANK
+        rank = self.info.rank if self.info is not None else int(os.environ.get("RANK", "0"))
+        if rank == 0:
             print(message, flush=True)
 
     # Flags whose change makes a resumed run differ from the run that wrote the checkpoint

@@ -11,9 +11,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = REPO / "examples" / "pretrain_apex_dit.py"
-TINY = ["--model", "qwen-image-tiny", "--num-layers", "1", "--micro-batch-size", "4", "--global-batch-size", "8",
-        "--lr-warmup-iters", "0", "--log-interval", "1", "--no-progress", "--objective", "apex",
-        "--apex-variant", "released", "--apex-start-iter", "2", "--ema-decay", "0.9"]
+TINY_MODEL = ["--model", "qwen-image-tiny", "--num-layers", "1", "--micro-batch-size", "4", "--global-batch-size", "8",
+              "--lr-warmup-iters", "0", "--log-interval", "1", "--no-progress", "--ema-decay", "0.9"]
+# flow matching for 2 iterations, then the released APEX (a run needs --train-iters 3 or more)
+APEX = ["--objective", "apex", "--apex-variant", "released", "--apex-start-iter", "2"]
+TINY = TINY_MODEL + APEX
 
 # Rendezvous variables left in this process's environment by in-process tests (their port is
 # still bound here) must not reach a child that starts its own single-process group.
@@ -25,8 +27,16 @@ def child_env() -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
+def flags(args) -> list:
+    """TINY, then ``args``; a flow-matching run (``--objective fm`` among them) without the APEX
+    flags, which the trainer refuses with it (as examples/pretrain_apex_dit.sh leaves its own out)."""
+    args = [str(a) for a in args]
+    flow_matching = any(a == "--objective" and b == "fm" for a, b in zip(args, args[1:]))
+    return [*(TINY_MODEL if flow_matching else TINY), *args]
+
+
 def command(args) -> list:
-    return [sys.executable, str(ENTRY), *TINY, *map(str, args)]
+    return [sys.executable, str(ENTRY), *flags(args)]
 
 
 def train(args, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:

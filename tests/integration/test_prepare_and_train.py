@@ -129,11 +129,11 @@ def test_two_data_parallel_ranks_match_one_process(prepared, full_run, tmp_path)
     # each rank reads its half of the bucketed global batch; the losses are the single process's
     from dist_utils import run_torchrun
 
-    from cli_run import ENTRY, TINY
+    from cli_run import ENTRY, flags
 
     args = ["--model", "qwen-image-tiny", "--data-path", str(prepared), *COMMON, "--train-iters", "4",
             "--exit-interval", "2"]
-    run_torchrun(ENTRY, 2, [*TINY, *args, "--save", str(tmp_path / "two")], timeout=600, env=child_env())
+    run_torchrun(ENTRY, 2, flags([*args, "--save", str(tmp_path / "two")]), timeout=600, env=child_env())
     two = metrics(tmp_path / "two")
     assert [r["consumed_samples"] for r in two] == [8, 16]
     for a, b in zip(full_run, two):

@@ -47,7 +47,7 @@ def test_bad_input_fails_with_one_line_naming_it(tmp_path):
     # The real process: exit code 2, one line, no traceback. Every other bad input goes through
     # the same entry point in process: tests/unit/test_bad_inputs.py.
     args, needle = ["--load", "/nonexistent/checkpoint"], "--load /nonexistent/checkpoint"
-    proc = _train(["--train-iters", "1", "--save", str(tmp_path / "x"), *args], check=False)
+    proc = _train(["--train-iters", "3", "--save", str(tmp_path / "x"), *args], check=False)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
@@ -56,7 +56,7 @@ def test_bad_input_fails_with_one_line_naming_it(tmp_path):
 
 def test_heads_not_divisible_by_tp_fails_on_every_rank(tmp_path):
     proc = run_torchrun(ENTRY, 2, [*TINY, "--num-attention-heads", "3", "--tensor-model-parallel-size", "2",
-                                   "--train-iters", "1"], check=False, timeout=300)
+                                   "--train-iters", "3"], check=False, timeout=300)
     assert proc.returncode != 0
     assert "--num-attention-heads (3) must be divisible by --tensor-model-parallel-size (2)" in proc.stderr
     assert not (tmp_path / "x").exists()

@@ -9,16 +9,19 @@ from megatron_apex.training.arguments import parse_args
 def test_megatron_flags_map_to_configs():
     cfg = parse_args(["--tensor-model-parallel-size", "2", "--micro-batch-size", "8", "--global-batch-size", "32",
                       "--train-iters", "7", "--lr", "3e-4", "--seed", "5", "--save", "/tmp/x",
-                      "--objective", "fm", "--shift-a", "-0.5", "--shift-b", "1", "--shift-site", "input",
-                      "--apex-variant", "paper", "--lam", "0.3", "--apex-option", "dm_clamp=none",
-                      "--apex-option", "dm_weight=0.5", "--time-sampler", "logit_normal"])
+                      "--objective", "apex", "--shift-a", "-0.5", "--shift-b", "1", "--shift-site", "input",
+                      "--apex-variant", "released", "--apex-option", "dm_clamp=none",
+                      "--apex-option", "w_dm=0.5", "--time-sampler", "logit_normal"])
     assert cfg.parallel.tensor_model_parallel_size == 2
     assert (cfg.train.micro_batch_size, cfg.train.global_batch_size, cfg.train.train_iters) == (8, 32, 7)
     assert cfg.optim.lr == pytest.approx(3e-4) and cfg.train.seed == 5
-    assert cfg.checkpoint.save == "/tmp/x" and cfg.objective.objective == "fm"
+    assert cfg.checkpoint.save == "/tmp/x" and cfg.objective.objective == "apex"
     assert cfg.model_overrides == {"shift_a": -0.5, "shift_b": 1.0, "shift_site": "input"}
-    assert cfg.objective.apex == {"variant": "paper", "lam": 0.3, "dm_clamp": None, "dm_weight": 0.5}
+    assert cfg.objective.apex == {"variant": "released", "dm_clamp": None, "w_dm": 0.5}
     assert cfg.objective.time_sampler == {"kind": "logit_normal"}
+    paper = parse_args(["--apex-variant", "paper", "--lam", "0.3", "--lambda-e", "2", "--weighting", "endpoint"])
+    assert paper.objective.apex == {"variant": "paper", "lam": 0.3, "lambda_e": 2.0, "weighting": "endpoint"}
+    assert parse_args(["--objective", "fm"]).objective.objective == "fm"
 
 
 def test_later_flag_overrides_earlier():

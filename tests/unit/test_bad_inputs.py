@@ -277,7 +277,7 @@ for _id, _argv, _needle, _what in [
     ("flag-apex-option-no-value", ["--apex-option", "dm_clamp"], "--apex-option", "--apex-option without =VALUE"),
     ("flag-apex-option-unknown-key", ["--apex-option", "no_such_field=1"], "no_such_field",
      "--apex-option with an unknown APEXConfig field"),
-    ("flag-apex-option-bad-value", ["--apex-option", "dm_clamp=abc"], "dm_clamp",
+    ("flag-apex-option-bad-value", ["--apex-variant", "released", "--apex-option", "dm_clamp=abc"], "dm_clamp",
      "--apex-option with a word for a number"),
     ("flag-time-option-bad-value", ["--time-option", "t_min=2"], "--time-option", "--time-option t_min=2 (> 1)"),
     ("flag-keep-last-without-save", ["--keep-last", "2"], "--keep-last", "--keep-last without --save"),
@@ -307,6 +307,23 @@ for _id, _argv, _needle, _what in [
      "a global batch larger than the dataset"),
     ("flag-data-path-missing", ["--data-path", "/nonexistent/shards"], "--data-path", "a --data-path that does not exist"),
     ("flag-load-missing", ["--load", "/nonexistent/checkpoint"], "--load", "a --load that does not exist"),
+    ("flag-abbreviated", ["--train-it", "2"], "--train-it", "an abbreviated flag (--train-it for --train-iters)"),
+    ("flag-apex-start-past-end", ["--apex-start-iter", "5", "--train-iters", "2"],
+     ("--apex-start-iter", "--train-iters"), "APEX starting at or past the last iteration"),
+    ("flag-apex-start-negative", ["--apex-start-iter", "-1"], "--apex-start-iter", "a negative APEX start"),
+    ("flag-apex-option-with-fm", ["--objective", "fm", "--apex-option", "w_dm=1"],
+     ("--apex-option w_dm", "--objective fm"), "an --apex-option with flow matching"),
+    ("flag-lam-with-fm", ["--objective", "fm", "--lam", "0.3"], ("--lam", "--objective fm"), "--lam with flow matching"),
+    ("flag-shift-a-with-fm", ["--objective", "fm", "--shift-a", "-0.5"], ("--shift-a", "--objective fm"),
+     "a fixed condition shift with flow matching"),
+    ("flag-paper-option-with-released", ["--apex-variant", "released", "--lam", "0.3"],
+     ("--lam", "--apex-variant released"), "a paper-variant flag with the released variant"),
+    ("flag-teacher-with-paper", ["--apex-variant", "paper", "--teacher", "online"],
+     ("--teacher", "--apex-variant paper"), "--teacher with the paper variant"),
+    ("flag-released-option-with-paper", ["--apex-option", "w_dm=1.0"],
+     ("--apex-option w_dm", "--apex-variant paper"), "a released-variant option with the paper variant (the default)"),
+    ("flag-apex-option-shift", ["--apex-option", "shift_a=-0.5"], ("--apex-option shift_a", "--shift-a"),
+     "the condition shift as an --apex-option"),
 ]:
     case(_id, _what, TRAIN, _needle)(lambda a, tmp, argv=tuple(_argv): train(a, *argv))
 
@@ -434,6 +451,11 @@ case("ckpt-lora-as-base", "a LoRA checkpoint as --pretrained-checkpoint", "`pret
 case("ckpt-full-as-lora-resume", "a full checkpoint resumed as a LoRA run", "`pretrain_apex_dit.py --load`",
      ("--load", "full checkpoint"))(
     lambda a, tmp: train(a, *LORA_FLAGS, "--load", a.base))
+case("ckpt-load-empty-dir", "a --load directory with no checkpoint in it", "`pretrain_apex_dit.py --load`",
+     ("--load", "latest"))(lambda a, tmp: train(a, "--load", _mkdir(tmp / "empty")))
+case("data-other-text-width", "shards of 24-wide text states for --model qwen-image-tiny (384)",
+     "`pretrain_apex_dit.py --data-path`", ("--data-path", "--model qwen-image-tiny", "text states width 24"))(
+    lambda a, tmp: train(a, "--model", "qwen-image-tiny"))
 
 
 class _Payload:
@@ -717,6 +739,9 @@ case("hf-save-not-empty", "--save naming a non-empty directory", CONVERT, ("--sa
 case("hf-export-load-missing", "export --load that does not exist", "`tools/convert_hf.py export --load`", "--load",
      absent="out")(lambda a, tmp: convert("export", "--model", "qwen-image", "--load", tmp / "nowhere",
                                           "--hf-path", tmp / "out"))
+case("hf-export-other-family", "export --model sana of a 2-layer Qwen-Image checkpoint", "`tools/convert_hf.py "
+     "export --model`", ("--model sana", "qwen-image model (2 layers, hidden size 32"), absent="out")(
+    lambda a, tmp: convert("export", "--model", "sana", "--load", a.base, "--hf-path", tmp / "out"))
 case("hf-export-weights-ema-absent", "export --weights ema of a run without EMA", "`tools/convert_hf.py export "
      "--weights`", "--weights ema", absent="out")(
     lambda a, tmp: convert("export", "--load", a.base, "--hf-path", tmp / "out", "--weights", "ema"))
