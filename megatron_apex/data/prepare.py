@@ -150,14 +150,13 @@ def _folder_items(folder: Path) -> tuple[list[InputItem], list[dict]]:
     return items, skipped
 
 
-def _jsonl_path_reason(path: Path, root: Path) -> Optional[str]:
-    """Why a jsonl's image path may not be read: it names a place outside the jsonl's folder
-    (an absolute path elsewhere, or `..`), or a link there leads outside. A missing file is left
-    to the read, which skips it as not found."""
-    lexical, top = os.path.normpath(os.path.abspath(path)), os.path.abspath(root)
-    if os.path.commonpath([lexical, top]) != top:
-        return f"outside the jsonl's folder ({top})"
-    return _outside_reason(path, root) if os.path.lexists(path) else None
+def _jsonl_path_reason(path: Path) -> Optional[str]:
+    """Why a jsonl's image path may not be read. The jsonl is the user's own list, like paths
+    on a command line, so it may name files anywhere (absolute, or with `..`: image stores
+    usually live apart from their lists); but the file it names must be that file, not a link
+    leading out of its own folder or a hard link. A missing file is left to the read, which
+    skips it as not found."""
+    return _outside_reason(path, path.parent) if os.path.lexists(path) else None
 
 
 def _jsonl_items(jsonl: Path) -> tuple[list[InputItem], list[dict]]:
@@ -175,7 +174,7 @@ def _jsonl_items(jsonl: Path) -> tuple[list[InputItem], list[dict]]:
             skipped.append(dict(input=where, reason="no 'path' string"))
             continue
         path = Path(row["path"]) if os.path.isabs(row["path"]) else jsonl.parent / row["path"]
-        reason = _jsonl_path_reason(path, jsonl.parent)
+        reason = _jsonl_path_reason(path)
         if reason:
             skipped.append(dict(input=str(path), reason=reason))
             continue
