@@ -319,7 +319,8 @@ def markdown(rows, device_name, peak, torch) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="fewer layers and iterations")
     parser.add_argument("--smoke", action="store_true", help="tiny widths; runs on a CPU (checks the script)")
     parser.add_argument("--no-diffusers", action="store_true", help="skip the diffusers reference row")
