@@ -4,6 +4,9 @@
 `flowmap` : any-step jumps F(x_t, t, c, tt = next t): x_tt = x_t - (t - tt) * F. For a model
             without a target-time input it is identical to `euler`.
 `renoise` : predict the endpoint x = x_t - t*F, then re-noise it to the next t with fresh noise.
+`release` : the APEX authors' few-step sampler: jump straight to the data, x = x_t - t*F(x_t, t, c, tt = 0),
+            then re-noise with fresh noise, on the grid `release_time_grid` (t = 0.999 first, then
+            evenly down to 0.6 for 2 steps, to 0.5 otherwise, then 0).
 A one-step generator trained with a target-time input (the `released` APEX variant) is sampled
 with `flowmap`: at NFE = 1 that is x = z - F(z, 1, c, tt = 0).
 Classifier-free guidance (guidance_scale s != 1) replaces every query F(., c) with
@@ -14,13 +17,25 @@ from typing import Optional
 
 import torch
 
-METHODS = ("euler", "flowmap", "renoise")
+METHODS = ("euler", "flowmap", "renoise", "release")
 
 
 def time_grid(nfe: int, device=None) -> torch.Tensor:
     if nfe < 1:
         raise ValueError(f"--nfe must be >= 1, got {nfe}")
     return torch.linspace(1.0, 0.0, nfe + 1, device=device)
+
+
+def release_time_grid(nfe: int, last: Optional[float] = None, device=None) -> torch.Tensor:
+    """The released sampler's times: 0.999 (the first query never sits at t = 1), evenly down to
+    ``last`` (0.6 for 2 steps, 0.5 otherwise: the authors' 2- and 4-NFE settings), then 0.
+    2 steps: [0.999, 0.6, 0]; 4 steps: [0.999, 0.833, 0.667, 0.5, 0]."""
+    if nfe < 1:
+        raise ValueError(f"--nfe must be >= 1, got {nfe}")
+    if last is None:
+        last = 0.6 if nfe == 2 else 0.5
+    head = torch.linspace(0.999, last, nfe, dtype=torch.float64) if nfe > 1 else torch.tensor([0.999], dtype=torch.float64)
+    return torch.cat([head, torch.zeros(1, dtype=torch.float64)]).to(dtype=torch.float32, device=device)
 
 
 @torch.no_grad()
@@ -34,15 +49,14 @@ def sample(model, noise: torch.Tensor, context: torch.Tensor, context_mask: Opti
         if uncond_context is None:
             raise ValueError(f"guidance scale {guidance_scale} needs the empty prompt's states (uncond_context)")
         model = _guided(model, guidance_scale, context, context_mask, uncond_context, uncond_mask)
-    grid = time_grid(nfe, device=noise.device)
+    grid = release_time_grid(nfe, device=noise.device) if method == "release" else time_grid(nfe, device=noise.device)
     batch = noise.shape[0]
     x = noise
     for i in range(nfe):
         t, t_next = grid[i], grid[i + 1]
         t_vec = t.expand(batch)
-        tt_vec = t_next.expand(batch) if method == "flowmap" else None
-        velocity = model(x, t_vec, context, context_mask, t_target=tt_vec)
-        if method == "renoise":
+        velocity = model(x, t_vec, context, context_mask, t_target=_target_time(method, t_next, batch))
+        if method in ("renoise", "release"):
             x0 = x - t * velocity
             if i == nfe - 1:
                 x = x0
@@ -52,6 +66,15 @@ def sample(model, noise: torch.Tensor, context: torch.Tensor, context_mask: Opti
         else:
             x = x - (t - t_next) * velocity
     return x
+
+
+def _target_time(method: str, t_next: torch.Tensor, batch: int) -> Optional[torch.Tensor]:
+    """tt of each query: the next grid time (flowmap), the data end (release), none = tt = t (euler, renoise)."""
+    if method == "flowmap":
+        return t_next.expand(batch)
+    if method == "release":
+        return torch.zeros_like(t_next).expand(batch)
+    return None
 
 
 def _guided(model, scale: float, context: torch.Tensor, context_mask: Optional[torch.Tensor],

@@ -55,3 +55,20 @@ def test_sample_seeded_draws_all_noise_first_and_batching_does_not_change_it():
     torch.testing.assert_close(sample_seeded(model, c, m, SHAPE, nfe=2, method="euler", seed=11, batch_size=3), whole)
     torch.testing.assert_close(sample_seeded(model, c, m, SHAPE, nfe=2, method="euler", seed=11), whole)
     assert not torch.allclose(sample_seeded(model, c, m, SHAPE, nfe=2, method="euler", seed=12), whole)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("nfe, times", [(2, (0.999, 0.6, 0.0)), (4, (0.999, 0.999 - 0.499 / 3, 0.999 - 0.998 / 3, 0.5, 0.0))])
+def test_release_jumps_to_the_data_then_renoises_on_the_authors_grid(nfe, times):
+    model = _model()
+    _, z, _, c, m = make_batch(4, SHAPE)
+    gen, x, zeros = torch.Generator().manual_seed(7), z.clone(), torch.zeros(4, dtype=z.dtype)
+    for i in range(nfe):
+        t, t_next = times[i], times[i + 1]
+        x0 = x - t * model(x, torch.full((4,), t, dtype=z.dtype), c, m, t_target=zeros)
+        x = x0 if t_next == 0 else t_next * torch.randn(x.shape, generator=gen, dtype=x.dtype) + (1 - t_next) * x0
+    got = sample(model, z, c, m, nfe=nfe, method="release", generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(got, x)
+    # the jump is the trained one (tt = 0), not the velocity head's (tt = t): renoise on the same grid differs
+    assert not torch.allclose(got, sample(model, z, c, m, nfe=nfe, method="renoise",
+                                          generator=torch.Generator().manual_seed(7)))
