@@ -331,12 +331,13 @@ def _write_checkpoint(save_dir: str, sharded: Dict, index: Mapping, source, trai
 
 def import_hf(family: ModelFamily, hf_path: str, save: str, tensor_model_parallel_size: int = 1,
               pipeline_model_parallel_size: int = 1, overrides: Optional[Mapping] = None,
-              model_name: Optional[str] = None, on_convert: Optional[Callable] = None) -> Dict:
+              model_name: Optional[str] = None, on_convert: Optional[Callable] = None,
+              progress: bool = False) -> Dict:
     """diffusers folder -> ``save/iter_0000000`` (+ ``latest``); returns the train state written.
 
     Streams: each of our tensors is read from the safetensors file(s), converted and written
     when the checkpoint writer reaches it (``streaming_save``). ``on_convert(key, tensor)``
-    (tests, measurements) sees every converted tensor."""
+    (tests, measurements) sees every converted tensor; ``progress``: a bar of them on stderr."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
     from megatron_apex.conversion.streaming_save import PieceSource, lazy_sharded_state_dict
@@ -377,7 +378,14 @@ def import_hf(family: ModelFamily, hf_path: str, save: str, tensor_model_paralle
             raise ValueError(f"converted keys and model disagree: only converted "
                              f"{_listing(sorted(set(tensors) - wanted))}; only in the model "
                              f"{_listing(sorted(wanted - set(tensors)))}")
-        pieces = PieceSource(tensors, shapes, split_dims, tp, config.torch_dtype, on_convert)
+        bar = progress_bar(len(tensors), "import", progress)
+
+        def converted(key: str, tensor: torch.Tensor) -> None:
+            bar.update(1)
+            if on_convert is not None:
+                on_convert(key, tensor)
+
+        pieces = PieceSource(tensors, shapes, split_dims, tp, config.torch_dtype, converted)
         sharded, index = lazy_sharded_state_dict(template, pieces, prefix)
         source_dtype = source.dominant_dtype()
 
@@ -400,7 +408,7 @@ def import_hf(family: ModelFamily, hf_path: str, save: str, tensor_model_paralle
                 "registry_match": match,
             },
         }
-        with hf_io.atomic_output_dir(save, "--save") as tmp:
+        with bar, hf_io.atomic_output_dir(save, "--save") as tmp:
             _write_checkpoint(tmp, sharded, index, pieces, train_state)
     return train_state
 
@@ -517,16 +525,34 @@ def hf_items(family: ModelFamily, config, tensors: Mapping[str, torch.Tensor], o
 
 def write_hf_transformer(folder: str, family: ModelFamily, config, make_tensors: Callable[[bool], Mapping],
                          out_dtype: torch.dtype, extras: str, max_shard_size: int,
-                         source: str) -> Tuple[List[str], List[str]]:
+                         source: str, progress: bool = False) -> Tuple[List[str], List[str]]:
     """A diffusers transformer folder's weights (``folder`` exists), streamed: the layout is
     computed from ``make_tensors(True)`` (meta tensors), then ``make_tensors(False)`` is read
-    one tensor at a time and each result written to disk at once. Returns (files, extra keys)."""
-    def items(meta: bool):
-        return hf_items(family, config, make_tensors(meta), out_dtype, extras, source)
+    one tensor at a time and each result written to disk at once (``progress``: a bar of them
+    on stderr). Returns (files, extra keys)."""
+    layout = [(key, extra) for key, _, extra in hf_items(family, config, make_tensors(True), out_dtype, extras,
+                                                         source)]
+    extra_keys = [key for key, extra in layout if extra]
+    with progress_bar(len(layout), "export", progress) as bar:
+        def items(meta: bool):
+            stream = hf_items(family, config, make_tensors(meta), out_dtype, extras, source)
+            return stream if meta else _counted(stream, bar)
 
-    extra_keys = [key for key, _, extra in items(True) if extra]
-    files = hf_io.write_tensor_stream(folder, items, max_shard_size, separate_extras=extras == "separate")
+        files = hf_io.write_tensor_stream(folder, items, max_shard_size, separate_extras=extras == "separate")
     return files, extra_keys
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A per-tensor tqdm bar on stderr, silent unless ``enabled``."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, dynamic_ncols=True)
+
+
+def _counted(items: Iterator, bar) -> Iterator:
+    for item in items:
+        yield item
+        bar.update(1)
 
 
 def check_pipeline_interface(family: ModelFamily, config, base: str, flag: str = "--base-pipeline") -> None:
@@ -548,13 +574,14 @@ def check_pipeline_interface(family: ModelFamily, config, base: str, flag: str =
 def export_hf(family: ModelFamily, load: str, out: str, weights: str = "model",
               max_shard_size="5GB", dtype: str = "auto", extras: str = "inline",
               base_pipeline: Optional[str] = None, read_group_bytes: Optional[int] = None,
-              on_read: Optional[Callable[[List[str]], None]] = None) -> Dict:
+              on_read: Optional[Callable[[List[str]], None]] = None, progress: bool = False) -> Dict:
     """Our checkpoint (any TP/PP) -> a diffusers transformer folder, or with ``base_pipeline``
     a pipeline folder: the base's other components (``pipeline_io.populate_from_base``:
     copies, links out of the base refused) and our transformer in ``transformer/``. Streams: the
     checkpoint is read in groups of at most ``read_group_bytes`` (default: the largest
     tensor's size) and every converted tensor is written to its shard at once; ``on_read``
-    (tests, measurements) sees each group read. Returns a summary."""
+    (tests, measurements) sees each group read; ``progress``: a bar of the tensors written on
+    stderr. Returns a summary."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
     from megatron_apex.training import checkpointing
@@ -640,7 +667,7 @@ def export_hf(family: ModelFamily, load: str, out: str, weights: str = "model",
             folder = os.path.join(tmp, pipeline_io.TRANSFORMER)
             os.makedirs(folder)
         files, written_extras = write_hf_transformer(folder, family, config, tensors, out_dtype, extras, shard_bytes,
-                                                     source=f"--load {ckpt}")
+                                                     source=f"--load {ckpt}", progress=progress)
         with open(os.path.join(folder, hf_io.CONFIG_NAME), "w") as f:
             json.dump(diffusers_config, f, indent=2, sort_keys=True)
             f.write("\n")
