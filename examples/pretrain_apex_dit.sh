@@ -66,7 +66,7 @@ TRAIN_ARGS=(
   --seed 1234
   --ema-decay 0.99
 )
-# The `released` variant (../shared/reference/APEX_SPEC.md): one-step samples from the any-step
+# The `released` variant (docs/apex_method.md): one-step samples from the any-step
 # generator, a fake flow under c_fake = -c, and a distribution-matching correction whose real
 # velocity comes from a frozen copy of the flow model taken when APEX starts; the DM term waits
 # 80 iterations for the fake flow to adapt, and its gradient is clamped to [-1, 1].

@@ -123,7 +123,7 @@ RUNS: Tuple[Run, ...] = (
     # on the fine-tuned rows above)
     Run("released-scratch", None, "scratch", RELEASED_SCRATCH, cells={"headline": "APEX released, from scratch"}),
     Run("paper-scratch", None, "scratch", PAPER, cells={"headline": "APEX paper, from scratch"}),
-    # ---- released variant: its options (APEX_SPEC.md points 4-5)
+    # ---- released variant: its options (docs/apex_method.md, points 4-5)
     Run("released-noclamp", "fm", "ft", RELEASED + opt("dm_clamp=None"), cells={"options": "no DM clamp"}),
     Run("released-normalize", "fm", "ft", RELEASED + opt("dm_normalize=true", "dm_clamp=None", "w_dm=0.5"),
         cells={"options": "normalised DM gradient, w_dm 0.5"}),

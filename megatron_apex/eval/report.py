@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-# Paper Table 6 (GenEval, 0.6B): lambda_p:lambda_e -> score (APEX_SPEC.md).
+# Paper Table 6 (GenEval, 0.6B): lambda_p:lambda_e -> score, as the paper reports it.
 TABLE6_PAPER = {"1:0": 0.32, "0:1": 0.63, "1:0.5": 0.72, "1:1": 0.77, "1:2": 0.74}
-# Paper Table 7 grid and what APEX_SPEC.md states about it (the cell values are not in the spec).
+# Paper Table 7 grid and the paper's best cell (its other cell values are not reproduced here).
 TABLE7_A = (-1.0, -0.5, 0.5)
 TABLE7_B = (0.0, 0.1, 1.0, 10.0)
 TABLE7_PAPER_BEST = (-0.5, 1.0)
@@ -216,7 +216,7 @@ def table7_ordering(entries: Dict[str, Entry], noise_source: Optional[Entry] = N
             f"the paper's best shift {name(best)} {rank(best)}; the released code's default "
             f"{name(TABLE7_RELEASED_CODE)} {rank(TABLE7_RELEASED_CODE)}; best here {name(ours[0])} "
             f"(FD {measured[ours[0]]:.1f}), worst {name(ours[-1])} (FD {measured[ours[-1]]:.1f}). "
-            "APEX_SPEC.md gives only the paper's best cell, not its other Table 7 values, so only the best "
+            "We have only the paper's best cell, not its other Table 7 values, so only the best "
             "cell is compared.")
     return grid, text + _noise_sentence([measured[k] for k in ours], seed_noise(noise_source),
                                         noise_source.name if noise_source else "")

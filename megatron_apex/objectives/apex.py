@@ -1,14 +1,14 @@
 """APEX: self-adversarial one-step generation via condition shifting (arXiv 2604.12322).
 
-The math is the project specification APEX_SPEC.md; function names follow the paper's equations.
+The math is docs/apex_method.md; function names follow the paper's equations.
 Read top to bottom:
   1. Condition shift (Eq. 9): the module a model owns and applies when ``fake_condition``.
   2. APEXConfig.
   3. Variant "paper": Eqs. 11, 12, 14, 20-25.
-  4. Variant "released": the authors' released mechanism, points 1-6 of APEX_SPEC.md.
+  4. Variant "released": the authors' released mechanism (docs/apex_method.md).
   5. apex_loss: the entry point.
 
-Model contract (DESIGN.md): ``model(x_t, t, context, context_mask=None,
+Model contract (docs/apex_method.md): ``model(x_t, t, context, context_mask=None,
 fake_condition=False, t_target=None)`` -> velocity shaped like x_t; t in [0, 1], 1 = noise;
 ``fake_condition`` a python bool or a (B,) bool tensor; ``t_target`` the any-step target time
 (None = t, a plain velocity query). Any callable with that signature works.
@@ -124,7 +124,7 @@ class APEXConfig:
 
     Shared
       variant:   "paper" (the paper's Eqs. 11-25) or "released" (the authors' released
-                 mechanism, APEX_SPEC.md points 1-6).
+                 mechanism, docs/apex_method.md).
       shift_a, shift_b: c_fake = shift_a*c + shift_b. Read by whoever builds the model's
                  ConditionShift; apex_loss itself only passes fake_condition=True.
     Variant "paper"
@@ -339,7 +339,7 @@ def paper_apex_loss(model: Callable, x0: torch.Tensor, noise: torch.Tensor, t: t
 
 
 # ============================================================================================
-# 4. Variant "released": the authors' released mechanism (APEX_SPEC.md points 1-6)
+# 4. Variant "released": the authors' released mechanism (docs/apex_method.md)
 # ============================================================================================
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The optimal-transport flow path shared by every objective (APEX_SPEC.md, "Pieces").
+"""The optimal-transport flow path shared by every objective (docs/apex_method.md).
 
 Convention: ``t`` in [0, 1] with t = 1 pure noise and t = 0 data,
 ``x_t = t*z + (1-t)*x``, target velocity ``z - x``. Every function is shape-agnostic:
@@ -76,7 +76,7 @@ def mix_weight(t: torch.Tensor, kind: str, t_eps: float = WEIGHT_T_EPS) -> torch
 
 @dataclass
 class TimeSamplerConfig:
-    """How training times are drawn (not fixed by the paper; APEX_SPEC.md "Time sampling").
+    """How training times are drawn (not fixed by the paper; docs/apex_method.md).
 
     kind: "uniform" on [t_min, 1], or "logit_normal" (SD3 style: sigmoid(N(logit_mean,
           logit_std^2)), clamped to [t_min, 1]).

@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("objective")
     g.add_argument("--objective", default="apex", help=f"one of {OBJECTIVES}")
-    g.add_argument("--apex-variant", default=None, help="paper | released (see APEX_SPEC.md)")
+    g.add_argument("--apex-variant", default=None, help="paper | released (docs/apex_method.md)")
     g.add_argument("--apex-start-iter", type=int, default=0,
                    help="plain flow matching before this iteration, APEX after it (fine-tuning from FM)")
     g.add_argument("--apex-schedule", choices=APEX_SCHEDULES, default="auto",

@@ -256,7 +256,7 @@ def module_state_dict(loaded: Dict, prefix: str, module) -> Dict:
 # ---------------------------------------------------------------------------------------------
 # Optimizer state. megatron-core 0.16's distributed optimizer with plain torch Adam (the path
 # without Transformer Engine / Apex) cannot round-trip its state as it is
-# (../shared/reference/MEGATRON_CPU.md): its default format fails on save; "fully_reshardable"
+# (measured on 0.15.3 and 0.16.1): its default format fails on save; "fully_reshardable"
 # (the format used here: model-space tensors, so it also reshards across TP/PP/DP) asserts on a
 # fresh optimizer and raises KeyError 'step' on load; and, silently, its load gives every
 # parameter THE SAME `step` tensor, which Adam then increments once per parameter per step, so

@@ -1,4 +1,4 @@
-"""Small models with the DESIGN.md model contract, shared by the objective tests."""
+"""Small models with the model contract (docs/apex_method.md), shared by the objective tests."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from megatron_apex.objectives.apex import APEXConfig, apex_loss, consistency_los
 from megatron_apex.objectives.fm import fm_loss
 
 
-# ---- the reference, from APEX_SPEC.md ----------------------------------------------------
+# ---- the reference, from the paper's equations ---------------------------------------------------
 
 def bt(t, x):
     return t.reshape(-1, *([1] * (x.dim() - 1)))

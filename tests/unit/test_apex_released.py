@@ -1,4 +1,4 @@
-"""Variant "released" of the APEX objective (APEX_SPEC.md points 1-6) against a reference
+"""Variant "released" of the APEX objective (docs/apex_method.md, points 1-5) against a reference
 written straight from the spec, plus the direction of the distribution-matching update."""
 
 import pytest
@@ -11,7 +11,7 @@ from megatron_apex.objectives.apex import APEXConfig, apex_loss
 SEED = 123
 
 
-# ---- the reference, from APEX_SPEC.md ----------------------------------------------------
+# ---- the reference, from docs/apex_method.md-------------------------------------------------
 
 def bt(t, x):
     return t.reshape(-1, *([1] * (x.dim() - 1)))

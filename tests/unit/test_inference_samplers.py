@@ -1,4 +1,4 @@
-"""megatron_apex.inference.samplers against hand-written loops of APEX_SPEC.md's Sampling section."""
+"""megatron_apex.inference.samplers against hand-written loops of the samplers in docs/apex_method.md (Sampling)."""
 
 import pytest
 import torch

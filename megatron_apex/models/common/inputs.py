@@ -1,5 +1,5 @@
 """What every model's forward does the same way before its own layers: validate the inputs of
-the model contract (DESIGN.md) with errors naming the flag, and embed the any-step time pair."""
+the model contract (docs/apex_method.md) with errors naming the flag, and embed the any-step time pair."""
 
 from __future__ import annotations
 
