@@ -153,14 +153,16 @@ def get_model_config(name: str, **overrides) -> ModelConfig:
 
 
 def build_model(config: Union[ModelConfig, str], pre_process: bool = True, post_process: bool = True,
-                spec=None, backend: str = "auto"):
-    """Build the model for this rank's tensor/pipeline position (megatron's parallel_state)."""
+                spec=None, backend: str = "auto", sequence_parallel: bool = False):
+    """Build the model for this rank's tensor/pipeline position (megatron's parallel_state);
+    ``sequence_parallel``: Megatron-LM's --sequence-parallel (TP > 1, Qwen-Image)."""
     if isinstance(config, str):
         config = get_model_config(config)
     family = _family_of(config)
     if spec is None:
         spec = family.layer_spec(backend)
-    return family.model_class()(config, spec=spec, pre_process=pre_process, post_process=post_process)
+    extra = {"sequence_parallel": True} if sequence_parallel else {}
+    return family.model_class()(config, spec=spec, pre_process=pre_process, post_process=post_process, **extra)
 
 
 def count_parameters(config: Union[ModelConfig, str], backend: str = "local") -> int:

@@ -27,6 +27,9 @@ class ParallelArgs:
     # Activation recompute: None = off, "full" = each transformer layer, "selective" = core
     # attention only (megatron's names); the numbers do not change.
     recompute_granularity: Optional[str] = None
+    # Megatron-LM's --sequence-parallel: with TP > 1, each TP rank holds 1/TP of the tokens
+    # between the tensor-parallel linears (norms, modulation, residuals); the numbers do not change.
+    sequence_parallel: bool = False
 
 
 @dataclass
@@ -178,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--recompute-granularity", choices=RECOMPUTE_GRANULARITIES, default=None,
                    help="activation recompute: each layer (full) or core attention only (selective)")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="with --tensor-model-parallel-size > 1: split the activations between the tensor-parallel "
+                        "linears along the sequence over the TP ranks (1/TP of their memory; Qwen-Image)")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=64)
@@ -437,6 +443,9 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         raise ValueError(f"--exit-duration-in-mins must be > 0, got {a.exit_duration_in_mins}")
     if a.max_skipped_iters < 0:
         raise ValueError(f"--max-skipped-iters must be >= 0 (0 = never stop), got {a.max_skipped_iters}")
+    if a.sequence_parallel and a.tensor_model_parallel_size < 2:
+        raise ValueError(f"--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits the sequence over "
+                         f"the tensor-parallel ranks), got --tensor-model-parallel-size {a.tensor_model_parallel_size}")
     if a.keep_last is not None and not a.save:
         raise ValueError("--keep-last needs --save (the directory whose checkpoints it prunes)")
     if not 0.0 <= a.caption_dropout < 1.0:
@@ -456,7 +465,8 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         model=a.model,
         model_overrides=model_overrides,
         parallel=ParallelArgs(a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
-                              a.use_distributed_optimizer, a.recompute_granularity),
+                              a.use_distributed_optimizer, a.recompute_granularity,
+                              sequence_parallel=a.sequence_parallel),
         optim=OptimArgs(a.lr, a.min_lr, a.lr_warmup_iters, a.lr_decay_style, a.weight_decay,
                         a.adam_beta1, a.adam_beta2, a.adam_eps, a.clip_grad, a.bf16, a.lr_decay_iters),
         train=TrainArgs(a.micro_batch_size, a.global_batch_size, a.train_iters, a.seed, a.ema_decay,

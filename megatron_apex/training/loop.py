@@ -55,6 +55,10 @@ def check_parallel_config(cfg: RunConfig, model_config, apex_config) -> bool:
     par = cfg.parallel
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     model_config.validate(tp)  # --num-attention-heads divisible by --tensor-model-parallel-size
+    if par.sequence_parallel:
+        from megatron_apex.models.common.sequence_parallel import check_sequence_parallel
+
+        check_sequence_parallel(model_config, tp, lora=cfg.lora.enabled)
     if model_config.num_layers % pp:
         raise ValueError(f"--num-layers ({model_config.num_layers}) must be divisible by "
                          f"--pipeline-model-parallel-size ({pp})")
@@ -222,7 +226,7 @@ class Trainer:
             raise ValueError("--fp8-format with the two-phase APEX step (pipeline parallelism or "
                              "--apex-schedule two-phase) is not supported yet")
         spec = gpu.layer_spec(self.model_config, cfg.gpu)
-        self._build_model = lambda: build_stage_model(self.model_config, spec)
+        self._build_model = lambda: build_stage_model(self.model_config, spec, cfg.parallel.sequence_parallel)
         self.model = self._build_model()
         if self.lora_config is not None:
             self._setup_lora()

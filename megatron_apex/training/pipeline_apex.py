@@ -33,7 +33,7 @@ from megatron_apex.objectives.flow import interpolate, per_sample_mse, velocity_
 # ---------------------------------------------------------------------------------------------
 # Stage models
 
-def build_stage_model(config, spec=None):
+def build_stage_model(config, spec=None, sequence_parallel: bool = False):
     """This rank's pipeline stage: the input embeddings on the first, the output head on the
     last, megatron's even split of the layers in between."""
     from megatron.core import parallel_state as ps
@@ -41,7 +41,7 @@ def build_stage_model(config, spec=None):
     from megatron_apex.models.registry import build_model
 
     return build_model(config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                       spec=spec)
+                       spec=spec, sequence_parallel=sequence_parallel)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -75,12 +75,16 @@ def _pass_shape(model, per_micro_batch: List[List[ModelQuery]]) -> tuple:
     """(seq_length, rows) of the tensor between stages: every micro-batch's queries batched
     into one call, the same shape for every micro-batch of a pass (megatron's schedule sends
     one fixed shape)."""
+    stage = unwrap(model)
+    # under sequence parallelism megatron's schedule divides the sequence length it is given by
+    # TP to get what each rank sends: give it TP times this rank's share
+    sp = stage.config.tensor_model_parallel_size if stage.config.sequence_parallel else 1
     shapes = set()
     for queries in per_micro_batch:
         _, _, height, width = queries[0].x_t.shape
-        seq, rows, _ = unwrap(model).stage_tensor_shape(sum(q.rows for q in queries), queries[0].context.shape[1],
-                                                        height, width)
-        shapes.add((seq, rows))
+        seq, rows, _ = stage.stage_tensor_shape(sum(q.rows for q in queries), queries[0].context.shape[1],
+                                                height, width)
+        shapes.add((seq * sp, rows))
     if len(shapes) != 1:
         raise ValueError(f"every micro-batch of a pipeline pass must have the same shape, got {sorted(shapes)}")
     return shapes.pop()

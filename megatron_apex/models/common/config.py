@@ -104,8 +104,10 @@ class DiTConfig:
         """The architecture's own TransformerConfig arguments (ffn size, norm type, ...)."""
         raise NotImplementedError
 
-    def to_transformer_config(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1):
-        """The megatron-core ``TransformerConfig`` the layers are built with."""
+    def to_transformer_config(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                              sequence_parallel: bool = False):
+        """The megatron-core ``TransformerConfig`` the layers are built with. ``sequence_parallel``
+        is a property of the run, not of the model (checkpoints do not record it)."""
         from megatron.core.transformer.transformer_config import TransformerConfig
 
         self.validate(tensor_model_parallel_size)
@@ -117,6 +119,7 @@ class DiTConfig:
             kv_channels=self.attention_head_dim,
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
+            sequence_parallel=sequence_parallel,
             # megatron-core refuses PP > 1 without the dtype of the tensors sent between stages.
             pipeline_dtype=dtype if pipeline_model_parallel_size > 1 else None,
             use_cpu_initialization=self.use_cpu_initialization,

@@ -6,6 +6,8 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 
+from megatron_apex.models.common.sequence_parallel import replicated_input_config, to_sequence_shards
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
@@ -17,17 +19,20 @@ class AdaLNModulation(MegatronModule):
     ``linear`` is built from the spec; the default is a ``ColumnParallelLinear`` with
     ``gather_output=True``: the 6*D x D weights (a third of Qwen-Image's parameters) are
     sharded over tensor-parallel ranks while every rank receives the full modulation.
-    Chunks come back shaped (1, B, D) to broadcast over megatron's [s, b, h] layout.
+    Chunks come back shaped (1, B, D) to broadcast over megatron's [s, b, h] layout. Under
+    sequence parallelism they modulate this rank's share of the tokens: the linear does not
+    gather its (per-sample) input, and the chunks' gradient is summed over TP.
     """
 
     def __init__(self, config, linear_spec, hidden_size: int, num_chunks: int, init_method, tp_group=None):
         super().__init__(config=config)
         self.num_chunks = num_chunks
+        self.tp_group = tp_group
         self.linear = build_module(
             linear_spec,
             hidden_size,
             num_chunks * hidden_size,
-            config=config,
+            config=replicated_input_config(config),
             init_method=init_method,
             bias=True,
             gather_output=True,
@@ -37,4 +42,5 @@ class AdaLNModulation(MegatronModule):
 
     def forward(self, silu_temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out, _ = self.linear(silu_temb)
+        out = to_sequence_shards(out, self.config, self.tp_group)
         return tuple(c.unsqueeze(0) for c in out.chunk(self.num_chunks, dim=-1))

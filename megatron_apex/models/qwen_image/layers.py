@@ -148,7 +148,9 @@ class JointAttention(MegatronModule):
         q, k, v = join_streams(iq, tq), join_streams(ik, tk), join_streams(iv, tv)
         mask_type = AttnMaskType.no_mask if attention_mask is None else AttnMaskType.padding
         out = self.core_attention(q, k, v, attention_mask, attn_mask_type=mask_type)
-        img_attn, txt_attn = split_streams(out, img.shape[0])
+        # the joint sequence's image tokens: all of them even when ``img`` holds one
+        # sequence-parallel rank's share (the QKV linear gathered the rest)
+        img_attn, txt_attn = split_streams(out, iq.shape[0])
         img_out, _ = self.linear_proj(img_attn)
         txt_out, _ = self.linear_added_proj(txt_attn)
         return img_out, txt_out

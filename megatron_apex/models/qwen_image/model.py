@@ -11,6 +11,13 @@ time), ``post_process`` the final adaLN and projection. Between stages one tenso
 [L + N + 1, B, D] travels: text tokens, image tokens, then the time embedding as a last row
 (a transport layout only: inside each block the joint attention orders image before text,
 see ``layers.join_streams``).
+
+Sequence parallelism (``sequence_parallel=True``, TP > 1; models/common/sequence_parallel.py):
+each stream is split over the TP ranks on its own, so every rank holds N / TP image and
+L' / TP text tokens between the blocks' parallel linears (and sends those, with the time row,
+between pipeline stages). The image token count must divide by TP; the text is padded with
+masked trailing tokens to L' (a multiple of TP), which changes no real token's result (a
+masked key gets exactly zero attention). The velocity is gathered after ``proj_out``.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from megatron_apex.models.common.inputs import check_model_inputs, embed_any_ste
 from megatron_apex.models.common.modulation import AdaLNModulation, modulate
 from megatron_apex.models.common.norms import RMSNorm
 from megatron_apex.models.common.rope import qwen_image_rope_angles
+from megatron_apex.models.common.sequence_parallel import (check_image_tokens, check_sequence_parallel, gather_sequence,
+                                                           mark_sequence_parallel, padded_length, scatter_sequence)
 from megatron_apex.models.common.timestep import TimestepEmbedder
 from megatron_apex.models.qwen_image.config import QwenImageConfig
 from megatron_apex.models.qwen_image.layers import SDPAttention, join_streams, zeros_init
@@ -85,10 +94,12 @@ class QwenImageModel(MegatronModule):
 
     def __init__(self, config: QwenImageConfig, spec: Optional[ModuleSpec] = None,
                  pre_process: bool = True, post_process: bool = True,
-                 layer_range: Optional[tuple] = None):
+                 layer_range: Optional[tuple] = None, sequence_parallel: bool = False):
         tp_size, pp_size, tp_group, cp_group = _parallel_groups()
         config.validate(tp_size)
-        transformer_config = config.to_transformer_config(tp_size, pp_size)
+        if sequence_parallel:
+            check_sequence_parallel(config, tp_size)
+        transformer_config = config.to_transformer_config(tp_size, pp_size, sequence_parallel)
         super().__init__(config=transformer_config)
         # megatron-core's schedules read this off the model
         self.model_type = ModelType.encoder_or_decoder
@@ -105,6 +116,9 @@ class QwenImageModel(MegatronModule):
         self.post_process = post_process
         self.input_tensor = None
         self.cp_group = cp_group
+        self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel
+        self.sp_size = tp_size if sequence_parallel else 1  # ranks each stream's tokens are split over
         hidden = config.hidden_size
         dtype = config.torch_dtype
 
@@ -146,6 +160,8 @@ class QwenImageModel(MegatronModule):
             self.final_norm = build_module(spec.submodules.adaln_norm, config=transformer_config,
                                            hidden_size=hidden, eps=config.norm_eps)
             self.proj_out = nn.Linear(hidden, config.patch_size ** 2 * config.out_channels, dtype=dtype)
+            if sequence_parallel:  # applied to this rank's tokens, gathered after
+                mark_sequence_parallel(self.proj_out)
 
         if config.perform_initialization:
             self._init_replicated_weights()
@@ -198,9 +214,12 @@ class QwenImageModel(MegatronModule):
         self.input_tensor = input_tensor
 
     def stage_tensor_shape(self, batch_size: int, text_len: int, height: int, width: int) -> tuple:
-        """Shape of the tensor sent between pipeline stages, for the p2p schedule."""
+        """Shape of the tensor this rank sends between pipeline stages (under sequence
+        parallelism its share of each stream, and the time row)."""
         p = self.model_config.patch_size
-        return (text_len + (height // p) * (width // p) + 1, batch_size, self.model_config.hidden_size)
+        sp = self.sp_size
+        tokens = padded_length(text_len, sp) // sp + (height // p) * (width // p) // sp
+        return (tokens + 1, batch_size, self.model_config.hidden_size)
 
     # ------------------------------------------------------------------ forward pieces
     def _check_inputs(self, x_t, t, context, context_mask, t_target):
@@ -232,6 +251,15 @@ class QwenImageModel(MegatronModule):
         keep_image = keep_text.new_ones(keep_text.shape[0], num_image_tokens)
         return ~join_streams(keep_image, keep_text, dim=1)[:, None, None, :]
 
+    @staticmethod
+    def _pad_text_mask(context_mask, batch: int, text_len: int, text_rows: int, device):
+        """The caption mask over ``text_rows`` >= L tokens: the padding past L masked out."""
+        if text_rows == text_len:
+            return context_mask
+        keep = (torch.ones(batch, text_len, dtype=torch.bool, device=device) if context_mask is None
+                else context_mask.bool())
+        return F.pad(keep, (0, text_rows - text_len), value=False)
+
     def _check_text_padding_trails(self, context_mask):
         """Length-based kernels are exact only when every caption's valid tokens come first
         (right padding, what the loaders and text encoders produce); a hole would move the
@@ -255,6 +283,10 @@ class QwenImageModel(MegatronModule):
         text_len = context.shape[1]
         num_image = grid_h * grid_w
         dtype = self.config.params_dtype
+        sp = self.sp_size
+        if self.sequence_parallel:
+            check_image_tokens(num_image, grid_h, grid_w, sp)
+        text_rows = padded_length(text_len, sp)  # L' (= L without sequence parallelism)
 
         if self.pre_process:
             img = self.img_in(pack_latents(x_t.to(dtype), p))
@@ -262,18 +294,23 @@ class QwenImageModel(MegatronModule):
             temb = self._embed_time(t, t_target)
             img = img.transpose(0, 1).contiguous()
             txt = txt.transpose(0, 1).contiguous()
+            if self.sequence_parallel:
+                txt = F.pad(txt, (0, 0, 0, 0, 0, text_rows - text_len))
+                img, txt = scatter_sequence(img, self.tp_group), scatter_sequence(txt, self.tp_group)
         else:
             if self.input_tensor is None:
                 raise RuntimeError("a non-first pipeline stage needs set_input_tensor() before forward")
             stage = self.input_tensor
-            expected = (text_len + num_image + 1, x_t.shape[0], cfg.hidden_size)
+            expected = self.stage_tensor_shape(x_t.shape[0], text_len, height, width)
             if tuple(stage.shape) != expected:
                 raise ValueError(f"pipeline input tensor has shape {tuple(stage.shape)}, expected {expected}")
-            txt, img, temb = stage[:text_len], stage[text_len:-1], stage[-1]
+            local_text = text_rows // sp
+            txt, img, temb = stage[:local_text], stage[local_text:-1], stage[-1]
 
         self._check_text_padding_trails(context_mask)
-        attention_mask = self._attention_mask(context_mask, num_image)
-        rope = qwen_image_rope_angles(grid_h, grid_w, text_len, cfg.axes_dims_rope, cfg.rope_theta, img.device)
+        text_mask = self._pad_text_mask(context_mask, x_t.shape[0], text_len, text_rows, x_t.device)
+        attention_mask = self._attention_mask(text_mask, num_image)
+        rope = qwen_image_rope_angles(grid_h, grid_w, text_rows, cfg.axes_dims_rope, cfg.rope_theta, img.device)
         silu_temb = F.silu(temb)
         for layer in self.layers:
             img, txt = layer(img, txt, silu_temb, rope, attention_mask)
@@ -283,8 +320,10 @@ class QwenImageModel(MegatronModule):
 
         scale, shift = self.final_modulation(silu_temb)  # diffusers' AdaLayerNormContinuous order
         img = modulate(self.final_norm(img), shift, scale)
-        out = self.proj_out(img).transpose(0, 1)
-        return unpack_latents(out, height, width, p).to(x_t.dtype)
+        out = self.proj_out(img)
+        if self.sequence_parallel:
+            out = gather_sequence(out, self.tp_group)
+        return unpack_latents(out.transpose(0, 1), height, width, p).to(x_t.dtype)
 
     # ------------------------------------------------------------------ checkpoints
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):

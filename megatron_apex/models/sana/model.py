@@ -95,9 +95,13 @@ class SanaModel(MegatronModule):
 
     def __init__(self, config: SanaConfig, spec: Optional[ModuleSpec] = None,
                  pre_process: bool = True, post_process: bool = True,
-                 layer_range: Optional[tuple] = None):
+                 layer_range: Optional[tuple] = None, sequence_parallel: bool = False):
         tp_size, pp_size, tp_group = _parallel_groups()
         config.validate(tp_size)
+        if sequence_parallel:  # refused for Sana, in one line saying why
+            from megatron_apex.models.common.sequence_parallel import check_sequence_parallel
+
+            check_sequence_parallel(config, tp_size)
         transformer_config = config.to_transformer_config(tp_size, pp_size)
         super().__init__(config=transformer_config)
         # megatron-core's schedules read this off the model
