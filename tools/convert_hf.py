@@ -173,6 +173,13 @@ def _family(a):
     return checkpoint_io.family_of_folder(a.hf_path)
 
 
+def _loading_hint(pipeline_class: str) -> str:
+    if not pipeline_class.startswith("Apex"):
+        return ""
+    return (f" (load with megatron_apex.inference.diffusers_apex.{pipeline_class}.from_pretrained, or "
+            "DiffusionPipeline.from_pretrained after importing that module; docs/conversion.md)")
+
+
 def run(a) -> int:
     from megatron_apex.conversion import checkpoint_io
 
@@ -213,7 +220,8 @@ def run(a) -> int:
             where = os.path.join(a.hf_path, "transformer")
             base = result["base_pipeline"]
             print(f"convert_hf.py: pipeline {a.hf_path} from {a.base_pipeline}: {base['files']} files copied "
-                  f"({base['bytes'] / 2**20:.1f} MiB), transformer/ exported")
+                  f"({base['bytes'] / 2**20:.1f} MiB), transformer/ exported; model_index.json names "
+                  f"{base['pipeline_class']}{_loading_hint(base['pipeline_class'])}")
         print(f"convert_hf.py: wrote {where} ({len(result['files'])} files, {result['dtype']}, "
               f"{result['weights']} weights of {result['checkpoint']}; {len(result['extras'])} APEX extra keys "
               f"{a.extras}) in {time.time() - start:.1f}s")

@@ -663,7 +663,9 @@ def export_hf(family: ModelFamily, load: str, out: str, weights: str = "model",
         copied = None
         folder = tmp
         if base_pipeline is not None:
-            copied = pipeline_io.populate_from_base(base_pipeline, tmp, family.diffusers_class)
+            copied = pipeline_io.populate_from_base(base_pipeline, tmp, family.diffusers_class,
+                                                    target_time_embedder=config.target_time_embedder
+                                                    and extras != "drop")
             folder = os.path.join(tmp, pipeline_io.TRANSFORMER)
             os.makedirs(folder)
         files, written_extras = write_hf_transformer(folder, family, config, tensors, out_dtype, extras, shard_bytes,

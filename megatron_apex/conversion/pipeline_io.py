@@ -23,6 +23,9 @@ from megatron_apex.untrusted import link_escape
 MODEL_INDEX = "model_index.json"
 TRANSFORMER = "transformer"
 FLAG = "--base-pipeline"
+# Stock text-to-image pipeline -> the APEX pipeline that samples with the target-time embedder
+# (megatron_apex.inference.diffusers_apex.PIPELINES; names only, conversion needs no diffusers).
+APEX_PIPELINES = {"QwenImagePipeline": "ApexQwenImagePipeline", "SanaPipeline": "ApexSanaPipeline"}
 
 
 def read_model_index(base: str) -> Dict:
@@ -45,7 +48,7 @@ def check_base_pipeline(base: str, transformer_class: str) -> Dict:
         raise ValueError(f"{FLAG} {base}: {MODEL_INDEX} has no {TRANSFORMER!r} component "
                          f"({index.get('_class_name')!r} takes no transformer)")
     found = entry[1] if isinstance(entry, list) and len(entry) == 2 else entry
-    if found is not None and found != transformer_class:
+    if found is not None and found not in (transformer_class, f"Apex{transformer_class}"):
         raise ValueError(f"{FLAG} {base}: its {TRANSFORMER} is {found!r}, the exported model a {transformer_class!r}")
     return index
 
@@ -72,10 +75,23 @@ def _base_files(base: str) -> Iterator[str]:
             yield os.path.normpath(os.path.join(rel, name))
 
 
-def populate_from_base(base: str, dest: str, transformer_class: str) -> Dict[str, int]:
+def pipeline_class_for(base_class, target_time_embedder: bool):
+    """The pipeline ``_class_name`` an export writes: the APEX pipeline when the exported
+    transformer carries a target-time embedder (the stock pipeline never uses it), the stock one
+    when it does not; a class this module does not know stays as the base has it."""
+    stock = {apex: stock for stock, apex in APEX_PIPELINES.items()}.get(base_class, base_class)
+    if stock not in APEX_PIPELINES:
+        return base_class
+    return APEX_PIPELINES[stock] if target_time_embedder else stock
+
+
+def populate_from_base(base: str, dest: str, transformer_class: str,
+                       target_time_embedder: bool = False) -> Dict[str, object]:
     """Fill ``dest`` (an empty directory) with every file of the pipeline ``base`` except its
-    transformer/; model_index.json names ``transformer_class`` for the transformer. Every file
-    is checked before the first is copied. Returns how many files and bytes were copied."""
+    transformer/; model_index.json names the stock ``transformer_class`` for the transformer
+    (stock pipelines load it without us) and, for a transformer with a target-time embedder,
+    the APEX pipeline class (``pipeline_class_for``). Every file is checked before the first is
+    copied. Returns how many files and bytes were copied, and the pipeline class written."""
     index = check_base_pipeline(base, transformer_class)
     files = list(_base_files(base))
     counts = {"files": 0, "bytes": 0}
@@ -85,7 +101,8 @@ def populate_from_base(base: str, dest: str, transformer_class: str) -> Dict[str
         counts["files"] += 1
         counts["bytes"] += os.path.getsize(os.path.join(dest, rel))
     index[TRANSFORMER] = ["diffusers", transformer_class]
+    index["_class_name"] = pipeline_class_for(index.get("_class_name"), target_time_embedder)
     with open(os.path.join(dest, MODEL_INDEX), "w") as f:
         json.dump(index, f, indent=2)
         f.write("\n")
-    return counts
+    return {**counts, "pipeline_class": index["_class_name"]}
