@@ -3,6 +3,7 @@
     python tools/estimate_memory.py --model qwen-image-20b --tp 4 --pp 2 --dp 2
     python tools/estimate_memory.py --model qwen-image-20b --lora-rank 64 --search --gpus 8
     python tools/estimate_memory.py --model qwen-image-20b --search --gpus 16 --gpu-memory 80
+    python tools/estimate_memory.py --model qwen-image-20b --search --gpus 16 --sequence-parallel
 
 Weights, fp32 main grads, Adam state (+ fp32 master weights) and the frozen teacher / EMA
 copies are exact byte counts of the stage models megatron builds (on the meta device, in a fake
@@ -37,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--lora-rank", type=int, default=0, help="0 = full-parameter")
     p.add_argument("--lora-targets", default="attn")
     p.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="Megatron-LM's --sequence-parallel (needs --tp > 1; with --search: every layout with TP > 1)")
     p.add_argument("--use-distributed-optimizer", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--params-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--search", action="store_true", help="list the smallest layouts of --gpus that fit")
@@ -55,7 +58,8 @@ def parse_args(argv=None):
         text_len=a.text_len, objective=a.objective, apex_variant=a.apex_variant, teacher=a.teacher, ema=a.ema,
         lora_rank=a.lora_rank, lora_targets=a.lora_targets,
         recompute=None if a.recompute == "none" else a.recompute,
-        distributed_optimizer=a.use_distributed_optimizer, params_dtype=a.params_dtype)
+        distributed_optimizer=a.use_distributed_optimizer, params_dtype=a.params_dtype,
+        sequence_parallel=a.sequence_parallel)
     return a, plan
 
 
@@ -67,11 +71,11 @@ def main(argv=None) -> int:
             fits = search(plan, a.gpus, budget)
             print(f"{a.model} on {a.gpus} GPUs of {a.gpu_memory:g} GB ({budget:.1f} GiB usable each): "
                   f"{len(fits)} layout(s) fit, smallest model parallelism first\n")
-            print("| TP | PP | DP | recompute | peak stage GiB | activations GiB |\n|---|---|---|---|---|---|")
+            print("| TP | PP | DP | SP | recompute | peak stage GiB | activations GiB |\n|---|---|---|---|---|---|---|")
             for trial, top in fits:
                 print(f"| {trial.tensor_model_parallel_size} | {trial.pipeline_model_parallel_size} | "
-                      f"{trial.data_parallel_size} | {trial.recompute or 'none'} | {top.total / GIB:.1f} | "
-                      f"{top.activations / GIB:.1f} |")
+                      f"{trial.data_parallel_size} | {'yes' if trial.sequence_parallel else 'no'} | "
+                      f"{trial.recompute or 'none'} | {top.total / GIB:.1f} | {top.activations / GIB:.1f} |")
             if fits:
                 print("\n" + format_table(fits[0][0], estimate(fits[0][0])))
             return 0 if fits else 1

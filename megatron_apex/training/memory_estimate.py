@@ -14,6 +14,10 @@ path and its S x S probabilities). A stage holds the activations of as many micr
 1F1B keeps in flight there (min(PP - stage, micro-batches)), plus, with full activation
 recompute, the activations of the one layer being recomputed. On the CPU this matches the allocator's
 measured peak of a real training step within a few percent (tests/unit/test_memory_estimate.py).
+
+Sequence parallelism (``sequence_parallel``, TP > 1) is traced as it runs: the model is built
+with it, so each rank's saved activations between the tensor-parallel linears are its 1/TP of
+the tokens. Not counted: megatron's one reused all-gather buffer (one layer input's worth).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class MemoryPlanConfig:
     lora_rank: int = 0
     lora_targets: str = "attn"
     recompute: Optional[str] = None  # None | selective | full
+    sequence_parallel: bool = False  # Megatron-LM's --sequence-parallel (TP > 1; --search: its TP > 1 layouts)
     distributed_optimizer: bool = True
     params_dtype: str = "bfloat16"
     model_overrides: Dict = field(default_factory=dict)
@@ -62,6 +67,10 @@ class MemoryPlanConfig:
             raise ValueError(f"--params-dtype {self.params_dtype!r}: choose bfloat16 or float32")
         if self.lora_rank < 0:
             raise ValueError(f"--lora-rank must be >= 0, got {self.lora_rank}")
+        if self.sequence_parallel:
+            from megatron_apex.models.common.sequence_parallel import check_sequence_parallel
+
+            check_sequence_parallel(_model_config(self), self.tensor_model_parallel_size, lora=self.lora_rank > 0)
         return self
 
 
@@ -151,7 +160,8 @@ def _build_stage(plan: MemoryPlanConfig, config):
 
     with torch.device("meta"):
         model = build_model(config, pre_process=ps.is_pipeline_first_stage(),
-                            post_process=ps.is_pipeline_last_stage(), backend="local")
+                            post_process=ps.is_pipeline_last_stage(), backend="local",
+                            sequence_parallel=plan.sequence_parallel)
         _apply_lora(model, plan)
     return model
 
@@ -312,7 +322,8 @@ def format_table(plan: MemoryPlanConfig, stages: List[StageMemory]) -> str:
              f"latent grid {plan.latent_grid[0]}x{plan.latent_grid[1]}, text {plan.text_len}, {plan.objective}"
              + (f" ({plan.apex_variant}, teacher {plan.teacher})" if plan.objective == "apex" else "")
              + (f", LoRA r={plan.lora_rank} ({plan.lora_targets})" if plan.lora_rank else ", full-parameter")
-             + f", recompute {plan.recompute or 'none'}, "
+             + f", recompute {plan.recompute or 'none'}"
+             + (", sequence parallel" if plan.sequence_parallel else "") + ", "
              + ("distributed optimizer" if plan.distributed_optimizer else "replicated optimizer")
              + f", {plan.params_dtype} params", "",
              "| stage | layers | params / GPU | trainable | weights GiB | grads GiB | optimizer GiB | teacher+EMA GiB "
@@ -340,14 +351,19 @@ def candidate_layouts(gpus: int, config, max_tp: int = 8) -> List[Tuple[int, int
 
 def search(plan: MemoryPlanConfig, gpus: int, budget_gib: float, recomputes=(None, "selective", "full")):
     """Every layout of ``gpus`` GPUs (with the least recompute that fits) whose peak stage fits
-    the budget, best first."""
+    the budget, best first. ``plan.sequence_parallel``: the layouts with TP > 1 use it."""
     config = _model_config(plan)
+    if plan.sequence_parallel:  # what else refuses it (the model family, LoRA), before any layout is traced
+        from megatron_apex.models.common.sequence_parallel import check_sequence_parallel
+
+        check_sequence_parallel(config, 2, lora=plan.lora_rank > 0)
     fits = []
     for tp, pp, dp in candidate_layouts(gpus, config):
         for recompute in recomputes:
             trial = dataclasses.replace(plan, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                         data_parallel_size=dp, recompute=recompute,
-                                        num_microbatches=max(plan.num_microbatches, pp))
+                                        num_microbatches=max(plan.num_microbatches, pp),
+                                        sequence_parallel=plan.sequence_parallel and tp > 1)
             top = peak(estimate(trial))
             if top.total <= budget_gib * GIB:
                 fits.append(((tp * pp, (None, "selective", "full").index(recompute), pp), trial, top))

@@ -105,3 +105,41 @@ def test_tensor_parallel_rank_holds_its_shards():
     split = sum(p.numel() for p in model.parameters() if getattr(p, "tensor_model_parallel", False))
     whole = sum(p.numel() for p in model.parameters())
     assert stage["parameters"] == whole - split // 2
+
+
+LAYER_TRACES = """
+import json
+from megatron_apex.training.memory_estimate import MemoryPlanConfig, layer_activation_bytes
+out = {}
+for name, tp, sp in (("tp1", 1, False), ("tp2", 2, False), ("tp2_sp", 2, True)):
+    plan = MemoryPlanConfig(model="qwen-image-tiny", tensor_model_parallel_size=tp, sequence_parallel=sp,
+                            micro_batch_size=4, latent_grid=(8, 8), text_len=16, params_dtype="float32").validate()
+    out[name] = layer_activation_bytes(plan)[0]
+print(json.dumps(out))
+"""
+
+
+def test_sequence_parallel_divides_a_layers_activations_by_tp():
+    """Megatron's accounting: TP alone splits only what lies between a layer's parallel linears
+    (heads, MLP channels); sequence parallelism splits the rest along the tokens, so a TP=2 + SP
+    rank keeps half of what one process keeps per layer (traced on the model built with it)."""
+    proc = subprocess.run([sys.executable, "-c", LAYER_TRACES], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    per_layer = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert per_layer["tp2"] > 0.6 * per_layer["tp1"]
+    assert abs(2 * per_layer["tp2_sp"] - per_layer["tp1"]) <= 0.02 * per_layer["tp1"], per_layer
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--sequence-parallel"], ["--sequence-parallel", "--tensor-model-parallel-size > 1"]),
+    (["--model", "sana-tiny", "--tp", "2", "--sequence-parallel"], ["--sequence-parallel", "Sana"]),
+    (["--lora-rank", "4", "--search", "--gpus", "2", "--sequence-parallel"], ["--sequence-parallel", "--lora-rank"]),
+])
+def test_sequence_parallel_refusals_name_the_flags(args, needles):
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "estimate_memory.py"), "--model", "qwen-image-tiny",
+                           *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert all(needle in errors[0] for needle in needles), errors[0]
