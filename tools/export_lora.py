@@ -4,8 +4,12 @@
     python tools/export_lora.py --load LORA_RUN --out DIR --merged      # a full diffusers transformer folder
         [--pretrained-checkpoint BASE] [--weights auto|model|ema] [--extras ...] [--dtype ...]
 
-The LoRA file loads on the stock base pipeline with ``pipe.load_lora_weights(DIR)`` (or
-``transformer.load_lora_adapter(DIR/pytorch_lora_weights.safetensors, prefix="transformer")``);
+The LoRA file loads on the base pipeline with ``pipe.load_lora_weights(DIR)`` (or
+``transformer.load_lora_adapter(DIR/pytorch_lora_weights.safetensors, prefix="transformer")``).
+The trained target-time embedder (and any other trainable extra) is written beside it, in
+DIR/apex_extras.safetensors: the APEX pipelines' ``load_lora_weights``
+(megatron_apex.inference.diffusers_apex) load it too and take the trained one-step jump; a
+stock pipeline ignores it and takes the velocity head's Euler step (docs/lora.md);
 the merged folder (adapters folded into the weights, W + alpha/r B A) is what
 ``tools/convert_hf.py export`` writes for a full run, merged and written one tensor at a time
 (memory: the loaded model plus a tensor). The base comes from the checkpoint's record, or
@@ -26,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_apex.cli import OneLineErrorParser  # noqa: E402
 
-LORA_EXTRAS = ("drop", "error")
+LORA_EXTRAS = ("separate", "drop", "error")
 MERGED_EXTRAS = ("inline", "separate", "drop")
 LORA_INFO_NAME = "megatron_apex_lora.json"
 
@@ -43,10 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("auto", "model", "ema"), default="auto",
                    help="adapters of the model or of its EMA (auto: EMA when the run kept one)")
     p.add_argument("--extras", default=None,
-                   help="trainable parameters besides the adapters (e.g. the target-time embedder). LoRA file: drop "
-                        "(default; diffusers has no place for them, plain velocity queries do not use them) or "
-                        "error. --merged: inline (default), separate (apex_extras.safetensors) or drop, as "
-                        "tools/convert_hf.py export")
+                   help="trainable parameters besides the adapters (e.g. the target-time embedder). LoRA file: "
+                        "separate (default; beside it in apex_extras.safetensors, which the APEX pipelines load), "
+                        "drop (then only plain velocity queries, t_target = t, match) or error. --merged: inline "
+                        "(default), separate (apex_extras.safetensors) or drop, as tools/convert_hf.py export")
     p.add_argument("--dtype", default="auto",
                    help="auto (the base's source dtype, else the model's), float32, bfloat16, float16")
     p.add_argument("--max-shard-size", default="5GB", help="--merged: largest safetensors shard, e.g. 5GB, 500MB")
@@ -86,14 +90,18 @@ def export_lora_file(model, state, out: str, extras: str, dtype) -> dict:
     from megatron_apex.lora import LORA_WEIGHT_NAME, export_diffusers_lora
     from megatron_apex.lora.diffusers_io import _unexportable_extras
 
-    dropped = _unexportable_extras(model)
+    extra = _unexportable_extras(model)
+    dropped = [] if extras == "separate" else extra
+    beside = [hf_io.EXTRAS_NAME] if extras == "separate" and extra else []
     with hf_io.atomic_output_dir(out, "--out") as tmp:
         export_diffusers_lora(model, tmp, extras=extras, dtype=dtype)
         with open(os.path.join(tmp, LORA_INFO_NAME), "w") as f:
-            json.dump({**_info(state, state["weights"], extras), "dropped_extras": dropped}, f, indent=1,
-                      sort_keys=True)
+            json.dump({**_info(state, state["weights"], extras), "dropped_extras": dropped,
+                       "extras_file": beside[0] if beside else None, "extras_beside": extra if beside else []},
+                      f, indent=1, sort_keys=True)
             f.write("\n")
-    return {"files": [LORA_WEIGHT_NAME, LORA_INFO_NAME], "dropped": dropped}
+    return {"files": [LORA_WEIGHT_NAME, *beside, LORA_INFO_NAME], "dropped": dropped,
+            "beside": extra if beside else []}
 
 
 def merged_tensors(model):
@@ -186,8 +194,10 @@ def run(a) -> int:
     else:
         result = export_lora_file(model, state, a.out, extras, dtype)
         dropped = f"; left out (no place in a LoRA file): {', '.join(result['dropped'])}" if result["dropped"] else ""
+        beside = (f"; beside it in {result['files'][1]} (the APEX pipelines' load_lora_weights loads them): "
+                  f"{', '.join(result['beside'])}") if result["beside"] else ""
         print(f"export_lora.py: wrote {os.path.join(a.out, result['files'][0])} from the {what} in "
-              f"{time.time() - start:.1f}s{dropped}")
+              f"{time.time() - start:.1f}s{dropped}{beside}")
     return 0
 
 

@@ -164,9 +164,15 @@ def get_family(name: str) -> ModelFamily:
     return FAMILIES[name]()
 
 
+def _stock_class(name):
+    """A folder saved by one of our APEX transformer classes (megatron_apex.inference.diffusers_apex:
+    ``Apex<stock class>``) converts as its stock class: same keys, plus the extras the table knows."""
+    return name[len("Apex"):] if isinstance(name, str) and name.startswith("Apex") else name
+
+
 def family_of_folder(folder: str, flag: str = "--hf-path") -> ModelFamily:
     """The family whose diffusers class a folder's ``config.json`` names (``--model auto``)."""
-    found = hf_io.read_config(folder, flag).get("_class_name")
+    found = _stock_class(hf_io.read_config(folder, flag).get("_class_name"))
     for make in FAMILIES.values():
         family = make()
         if family.diffusers_class == found:
@@ -199,7 +205,7 @@ def _listing(items: Sequence[str]) -> str:
 
 
 def check_family(family: ModelFamily, diffusers_config: Mapping, flag: str, path: str) -> None:
-    found = diffusers_config.get("_class_name")
+    found = _stock_class(diffusers_config.get("_class_name"))
     if found == family.diffusers_class:
         return
     other = [name for name, make in FAMILIES.items() if name != family.name and make().diffusers_class == found]

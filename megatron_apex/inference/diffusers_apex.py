@@ -124,6 +124,27 @@ class _AnyStepTimeMixin:
                                     for k, v in state_dict.items()}, assign=True)
         return sorted(state_dict)
 
+    @torch.no_grad()
+    def load_apex_extras(self, state_dict: Mapping[str, torch.Tensor], source: str) -> List[str]:
+        """A LoRA export's side file: the target-time embedder (``load_target_time_embedder``)
+        and any other trained full weight, by its diffusers name (under a PEFT-wrapped module,
+        its ``base_layer``). Every key must fit; returns the keys loaded."""
+        prefix = f"{self._TARGET}."
+        target = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+        loaded = self.load_target_time_embedder(target, source) if target else []
+        params = dict(self.named_parameters())
+        for key in sorted(set(state_dict) - set(target)):
+            module, _, leaf = key.rpartition(".")
+            param = params.get(key, params.get(f"{module}.base_layer.{leaf}"))
+            if param is None:
+                raise ValueError(f"{source}: key {key!r} is no parameter of {type(self).__name__}")
+            if tuple(param.shape) != tuple(state_dict[key].shape):
+                raise ValueError(f"{source}: {key} has shape {list(state_dict[key].shape)}, the model "
+                                 f"{list(param.shape)}")
+            param.copy_(state_dict[key].to(param.device, param.dtype))
+            loaded.append(key)
+        return loaded
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """The stock loader, with the target-time embedder when the folder has one: in the weights
@@ -344,18 +365,20 @@ class _ApexPipelineMixin:
         return self.transformer
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
-        """The stock LoRA loader, then the trained target-time embedder from ``apex_extras.safetensors``
-        beside the LoRA file (tools/export_lora.py writes it there; a stock pipeline ignores it).
-        The embedder replaces the transformer's own (it is a full weight, not a low-rank delta:
-        unloading or scaling the adapter leaves it in place)."""
+        """The stock LoRA loader, then the trained target-time embedder (and other trained full
+        weights) from ``apex_extras.safetensors`` beside the LoRA file (tools/export_lora.py writes
+        it there; a stock pipeline ignores it). They replace the transformer's own: full weights,
+        not low-rank deltas, so unloading, fusing or scaling the adapter leaves them in place."""
+        transformer = self._apex_transformer()
         super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
         source = pretrained_model_name_or_path_or_dict
-        if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-            side = os.path.join(str(source), EXTRAS_NAME)
+        if isinstance(source, (str, os.PathLike)):
+            folder = str(source) if os.path.isdir(source) else os.path.dirname(str(source))
+            side = os.path.join(folder, EXTRAS_NAME)
             if os.path.isfile(side):
                 from safetensors.torch import load_file
 
-                self._apex_transformer().load_target_time_embedder(load_file(side), side)
+                transformer.load_apex_extras(load_file(side), side)
 
 
 class ApexQwenImagePipeline(_ApexPipelineMixin, QwenImagePipeline):
@@ -363,15 +386,25 @@ class ApexQwenImagePipeline(_ApexPipelineMixin, QwenImagePipeline):
     trained jump z - F(z, 1, c, tt = 0)), ``method`` one of flowmap (default), euler, renoise,
     release, ``guidance_scale`` classifier-free guidance as tools/sample.py applies it (1 = off;
     the unconditional states come from ``negative_prompt``, default the empty prompt). The
-    scheduler is not used. ``latents`` are packed, as the stock pipeline takes and returns them."""
+    scheduler is not used. ``latents`` are packed, as the stock pipeline takes and returns them
+    (p x p patches of the transformer's ``patch_size``; the stock pipeline knows only 2)."""
 
     _STOCK_TRANSFORMER = QwenImageTransformer2DModel
     _APEX_TRANSFORMER = ApexQwenImageTransformer2DModel
 
-    def _unpack(self, packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        b, _, width = packed.shape
-        x = packed.view(b, h // 2, w // 2, width // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(b, width // 4, h, w)
+    @staticmethod
+    def _pack(x: torch.Tensor, p: int) -> torch.Tensor:
+        """(B, C, H, W) -> (B, (H/p)(W/p), C p p): the stock ``_pack_latents`` for any patch size
+        (the stock pipeline's is 2x2 only; our small models use others)."""
+        b, c, h, w = x.shape
+        x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+    @staticmethod
+    def _unpack(tokens: torch.Tensor, h: int, w: int, p: int) -> torch.Tensor:
+        b, _, d = tokens.shape
+        x = tokens.reshape(b, h // p, w // p, d // (p * p), p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, d // (p * p), h, w)
 
     @torch.no_grad()
     def __call__(self, prompt=None, negative_prompt=None, height: Optional[int] = None, width: Optional[int] = None,
@@ -404,37 +437,36 @@ class ApexQwenImagePipeline(_ApexPipelineMixin, QwenImagePipeline):
                                                      num_images_per_prompt=num_images_per_prompt,
                                                      max_sequence_length=max_sequence_length)
 
-        h = 2 * (int(height) // (self.vae_scale_factor * 2))
-        w = 2 * (int(width) // (self.vae_scale_factor * 2))
-        channels = transformer.config.in_channels // 4
+        p = transformer.config.patch_size
+        h = p * (int(height) // (self.vae_scale_factor * p))
+        w = p * (int(width) // (self.vae_scale_factor * p))
+        channels = transformer.config.in_channels // (p * p)
         if latents is None:
             noise = _host_noise((embeds.shape[0], channels, h, w), generator)
         else:
-            noise = self._unpack(latents.float().cpu(), h, w)
+            noise = self._unpack(latents.float().cpu(), h, w, p)
         dtype = transformer.dtype
 
         def velocity(x, t, context, context_mask, t_target=None):
-            b = x.shape[0]
-            out = transformer(hidden_states=self._pack_latents(x.to(dtype), b, channels, h, w),
-                              timestep=t.to(dtype), target_timestep=None if t_target is None else t_target.to(dtype),
+            out = transformer(hidden_states=self._pack(x.to(dtype), p), timestep=t.to(dtype),
+                              target_timestep=None if t_target is None else t_target.to(dtype),
                               encoder_hidden_states=context.to(dtype), encoder_hidden_states_mask=context_mask,
-                              img_shapes=[[(1, h // 2, w // 2)]] * b, attention_kwargs=attention_kwargs or {},
+                              img_shapes=[[(1, h // p, w // p)]] * x.shape[0], attention_kwargs=attention_kwargs or {},
                               return_dict=False)[0]
-            return self._unpack(out.float(), h, w)
+            return self._unpack(out.float(), h, w, p)
 
         x = _run_samplers(velocity, noise.to(device), embeds, mask, uncond, uncond_mask, num_inference_steps,
                           method, generator, guidance_scale)
-        packed = self._pack_latents(x, x.shape[0], channels, h, w)
         if output_type == "latent":
-            image = packed
+            image = self._pack(x, p)
         else:
-            image = self._decode(packed, height, width, output_type)
+            image = self._decode(x, output_type)
         self.maybe_free_model_hooks()
         return QwenImagePipelineOutput(images=image) if return_dict else (image,)
 
-    def _decode(self, packed: torch.Tensor, height: int, width: int, output_type: str):
+    def _decode(self, x: torch.Tensor, output_type: str):
         """The stock pipeline's decoding: un-normalise with the VAE's latent statistics, decode frame 0."""
-        latents = self._unpack_latents(packed, height, width, self.vae_scale_factor).to(self.vae.dtype)
+        latents = x[:, :, None].to(self.vae.dtype)  # (B, C, 1, H, W): one video frame
         shape = (1, self.vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
         inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(shape).to(latents.device, latents.dtype)

@@ -10,6 +10,12 @@ PEFT). A new family (Sana) needs no code here, only its table.
 
 Scale: diffusers loads a file without alphas at scale 1 (PEFT lora_alpha = r), so the export
 folds ``alpha / r`` into lora_B; the import divides it out again.
+
+Trainable parameters other than adapters (the target-time embedder above all: APEX trains it
+with the adapters, and the one-step jump depends on it) are full weights a LoRA file has no
+place for. ``extras="separate"`` writes them beside the LoRA file, under diffusers names, in
+``apex_extras.safetensors``, which the APEX pipelines' ``load_lora_weights`` load
+(megatron_apex.inference.diffusers_apex); stock pipelines ignore the file.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from megatron_apex.lora.merge import merged_state_dict
 from megatron_apex.lora.state import METADATA_KEY
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+EXTRAS_NAME = "apex_extras.safetensors"  # conversion.hf_io.EXTRAS_NAME: the side file of every export
 DIFFUSERS_PREFIX = "transformer"
-EXTRAS_MODES = ("error", "drop")
+EXTRAS_MODES = ("error", "drop", "separate")
 # Table transforms that act on output rows (and the weight's shape) only, so B can go through
 # them: {transform: the transform A takes (None = unchanged)}.
 LORA_TRANSFORMS = {"copy": None, "qkv_per_head": None, "glu_interleave": None,
@@ -131,7 +138,8 @@ def diffusers_lora_state_dict(model: nn.Module, family=None, prefix: str = DIFFU
     """The adapters under diffusers' names, scale folded into lora_B (TP=1, one stage).
 
     ``extras``: trainable parameters other than adapters (e.g. the target-time embedder)
-    have no place in a LoRA file: "error" refuses, "drop" leaves them out."""
+    have no place in a LoRA file: "error" refuses, "drop" and "separate" leave them out (the
+    latter for :func:`diffusers_extras_state_dict` to write beside the file)."""
     if extras not in EXTRAS_MODES:
         raise ValueError(f"extras={extras!r}: choose one of {EXTRAS_MODES}")
     root = unwrap(model)
@@ -140,8 +148,9 @@ def diffusers_lora_state_dict(model: nn.Module, family=None, prefix: str = DIFFU
     dropped = _unexportable_extras(root)
     if dropped and extras == "error":
         raise ValueError(f"trainable {_listing(dropped)} cannot go into a diffusers LoRA file (it holds lora_A/lora_B "
-                         "of existing linears only); pass extras='drop' (then only queries that do not use them "
-                         "match, e.g. t_target = t for the target-time embedder) or export the merged model")
+                         "of existing linears only); pass extras='separate' (written beside it, for the APEX "
+                         "pipelines), extras='drop' (then only queries that do not use them match, e.g. "
+                         "t_target = t for the target-time embedder) or export the merged model")
     ctx = fam.transform_context(root.model_config)
     modules = lora_modules(root)
     lead = f"{prefix}." if prefix else ""
@@ -156,34 +165,68 @@ def diffusers_lora_state_dict(model: nn.Module, family=None, prefix: str = DIFFU
     return out
 
 
+@torch.no_grad()
+def diffusers_extras_state_dict(model: nn.Module, family=None, dtype: Optional[torch.dtype] = None
+                                ) -> Dict[str, torch.Tensor]:
+    """The trainable non-adapter parameters (``_unexportable_extras``: the target-time embedder,
+    ``extra_trainable`` ones) under diffusers' transformer names, through the family's table
+    (TP=1, one stage); empty when there are none."""
+    root = unwrap(model)
+    _check_whole_model(root, "diffusers extras export", allow_tp=False)
+    fam = resolve_family(root, family)
+    config = root.model_config
+    rules = {ours: (hf, rule) for ours, hf, rule in expand(fam.mapping_table(config), fam.num_layers(config))}
+    ctx = fam.transform_context(config)
+    params = dict(global_named_parameters(root))
+    out = {}
+    for name in _unexportable_extras(root):
+        if name not in rules:
+            raise ValueError(f"trainable {name}: the {fam.name} mapping table has no rule for it, so it has no "
+                             "diffusers name")
+        hf_keys, rule = rules[name]
+        for hf_key, part in zip(hf_keys, TRANSFORMS[rule.transform][1](params[name].detach().float(), ctx)):
+            out[hf_key] = part.to(dtype or params[name].dtype).contiguous().cpu().clone()
+    return out
+
+
+def _save_atomically(tensors: Dict[str, torch.Tensor], path: str, metadata: Dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def export_diffusers_lora(model: nn.Module, out_dir: str, family=None, extras: str = "error",
                           dtype: Optional[torch.dtype] = None, weight_name: str = LORA_WEIGHT_NAME) -> str:
     """Write ``out_dir/pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(out_dir)``
-    (or ``transformer.load_lora_adapter``); returns the file's path. The file is written under a
-    temporary name and renamed, so it is either complete or absent."""
-    from safetensors.torch import save_file
-
+    (or ``transformer.load_lora_adapter``); returns the file's path. ``extras="separate"`` also
+    writes the trainable extras to ``out_dir/apex_extras.safetensors`` (when there are any).
+    Each file is written under a temporary name and renamed, so it is either complete or absent."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"LoRA export directory {out_dir} is a file")
     root = unwrap(model)
     fam = resolve_family(root, family)
     tensors = diffusers_lora_state_dict(root, fam, extras=extras, dtype=dtype)
+    side = diffusers_extras_state_dict(root, fam, dtype=dtype) if extras == "separate" else {}
     meta = {
         "family": fam.name,
         "scale_folded_into_lora_B": True,
         "adapters": {n: {"kind": m.lora_kind, "rank": m.lora_rank, "alpha": m.lora_alpha}
                      for n, m in lora_modules(root).items()},
-        "dropped_extras": _unexportable_extras(root),
+        "dropped_extras": [] if extras == "separate" else _unexportable_extras(root),
+        "extras_file": EXTRAS_NAME if side else None,
     }
     os.makedirs(out_dir, exist_ok=True)
+    if side:
+        _save_atomically(side, os.path.join(out_dir, EXTRAS_NAME), {"format": "pt", METADATA_KEY: json.dumps(
+            {"family": fam.name, "extras_of": weight_name})})
     path = os.path.join(out_dir, weight_name)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _save_atomically(tensors, path, {"format": "pt", METADATA_KEY: json.dumps(meta)})
     return path
 
 

@@ -135,9 +135,16 @@ def test_export_lora_file_reads_back_and_refuses_another_rank(runs, tmp_path, ca
     tool = _export_tool()
     out = tmp_path / "lora_out"
     assert tool.main(["--load", str(root / "lora"), "--weights", "model", "--out", str(out)]) == 0
-    assert "left out (no place in a LoRA file): target_time_embedder" in capsys.readouterr().out
+    # the trained target-time embedder goes beside the LoRA file by default
+    assert "beside it in apex_extras.safetensors" in capsys.readouterr().out
     info = json.loads((out / "megatron_apex_lora.json").read_text())
     assert info["base"] == str(root / "base" / "iter_0000002") and info["iteration"] == 3
+    assert info["extras_beside"] == [n for n, p in trainer.model.named_parameters()
+                                     if n.startswith("target_time_embedder")] and info["dropped_extras"] == []
+    assert tool.main(["--load", str(root / "lora"), "--weights", "model", "--out", str(tmp_path / "drop"),
+                      "--extras", "drop"]) == 0
+    assert "left out (no place in a LoRA file): target_time_embedder" in capsys.readouterr().out
+    assert not (tmp_path / "drop" / "apex_extras.safetensors").exists()
 
     state = json.loads((root / "lora" / "iter_0000003" / "train_state.json").read_text())
     model, _ = load_lora_base(str(root / "lora"), state)
@@ -153,6 +160,42 @@ def test_export_lora_file_reads_back_and_refuses_another_rank(runs, tmp_path, ca
     with pytest.raises(ValueError, match=r"has shape \[4, \d+\], the adapter on .* expects \[8, \d+\] \(model "
                                          r"adapter rank 8; a different rank or another model\?\)"):
         load_diffusers_lora(other_rank, str(out / LORA_WEIGHT_NAME))
+
+
+def test_exported_lora_in_the_apex_pipeline_takes_the_lora_runs_steps(runs, tmp_path, capsys):
+    """tools/export_lora.py's default export, loaded with load_lora_weights into the APEX
+    pipeline around the base's export, samples as tools/sample.py's sampler on the LoRA run."""
+    pytest.importorskip("peft")
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from megatron_apex.inference.diffusers_apex import ApexQwenImagePipeline, ApexQwenImageTransformer2DModel
+    from megatron_apex.inference.loading import load_model_for_inference
+    from megatron_apex.inference.samplers import sample
+    from megatron_apex.models.qwen_image.model import pack_latents, unpack_latents
+
+    root, _, _ = runs
+    convert = importlib.util.spec_from_file_location("convert_hf", REPO / "tools" / "convert_hf.py")
+    convert_tool = importlib.util.module_from_spec(convert)
+    convert.loader.exec_module(convert_tool)
+    assert convert_tool.main(["export", "--load", str(root / "base"), "--hf-path", str(tmp_path / "base")]) == 0
+    assert _export_tool().main(["--load", str(root / "lora"), "--weights", "model", "--out", str(tmp_path / "lora")]) == 0
+    capsys.readouterr()
+    pipe = ApexQwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                                 tokenizer=None,
+                                 transformer=ApexQwenImageTransformer2DModel.from_pretrained(tmp_path / "base"))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    model, _ = load_model_for_inference(str(root / "lora"), "model")
+    gen = torch.Generator().manual_seed(3)
+    noise, ctx = torch.randn(2, 1, 8, 8, generator=gen), torch.randn(2, 4, 384, generator=gen)
+    mask = torch.ones(2, 4)
+    mask[1, 2:] = 0
+    for steps in (1, 4):
+        with torch.no_grad():
+            theirs = pipe(prompt_embeds=ctx, prompt_embeds_mask=mask, latents=pack_latents(noise, 4), height=64,
+                          width=64, num_inference_steps=steps, output_type="latent", return_dict=False)[0]
+        ours = sample(model, noise, ctx, mask, nfe=steps)
+        assert (unpack_latents(theirs, 8, 8, 4) - ours).abs().max().item() <= 1e-4
 
 
 # ---------------------------------------------------------------------------- fake reference
