@@ -51,6 +51,10 @@ def embed_any_step_time(time_embedder, target_time_embedder: Optional[torch.nn.M
             raise ValueError("t_target differs from t but the model has no target-time embedder "
                              "(--target-time-embedder is off)")
         return temb
+    if t_target is None and not torch.is_grad_enabled():
+        # tt = t: the second term is exactly zero and no backward needs its graph (no-grad
+        # queries, sampling), so the second embedder is not run
+        return temb
     tt = t if t_target is None else t_target
     # tt = t makes the second term exactly zero: plain velocity queries are unchanged.
     step = (t.float() - tt.float()).to(temb.dtype)[:, None]

@@ -1,7 +1,7 @@
 """Multi-axis rotary position embedding (Qwen-Image's ``QwenEmbedRope``).
 
 Each token's rotation is a complex unit number per pair of consecutive head channels, built
-once per forward; applying it is one complex multiply, as diffusers does. (megatron-core's
+once per shape and device; applying it is one complex multiply, as diffusers does. (megatron-core's
 ``apply_rotary_pos_emb`` with ``rotary_interleaved=True`` computes the same rotation but
 recomputes cos/sin and re-interleaves the channels in every call: ~10 ops instead of ~3, which
 made the tiny model's forward several percent slower than diffusers'.)
@@ -9,6 +9,7 @@ made the tiny model's forward several percent slower than diffusers'.)
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -44,9 +45,29 @@ def qwen_image_rope_angles(
     Image token (i, j) in raster order has positions (frame 0, centred row, centred column);
     text token k has position ``max(h//2, w//2) + k`` on all three axes, so text sits just past
     the largest image coordinate.
+
+    Built once per shape and device and then shared (as diffusers caches its RoPE table): the
+    ~80 small ops that build them cost a few percent of a small model's forward. Callers must
+    not modify them in place.
     """
     if len(axes_dims) != 3:
         raise ValueError(f"axes_dims_rope must have 3 entries (frame, height, width), got {list(axes_dims)}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    return _cached_rotations(int(grid_h), int(grid_w), int(text_len), tuple(int(d) for d in axes_dims),
+                             float(theta), device)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_rotations(grid_h: int, grid_w: int, text_len: int, axes_dims: tuple, theta: float,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Ordinary tensors even when first asked for under torch.inference_mode(): an inference
+    # tensor could not be saved for a later training forward's backward.
+    with torch.inference_mode(False), torch.no_grad():
+        return _rotations(grid_h, grid_w, text_len, axes_dims, theta, device)
+
+
+def _rotations(grid_h: int, grid_w: int, text_len: int, axes_dims: tuple, theta: float,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     d_frame, d_h, d_w = axes_dims
     rows = centred_positions(grid_h)
     cols = centred_positions(grid_w)
@@ -57,8 +78,7 @@ def qwen_image_rope_angles(
 
     text_pos = torch.arange(text_len) + max(grid_h // 2, grid_w // 2)
     text = torch.cat([_axis_angles(text_pos, d, theta) for d in axes_dims], dim=-1)
-    if device is not None:
-        text, image = text.to(device), image.to(device)
+    text, image = text.to(device), image.to(device)
     return torch.polar(torch.ones_like(text), text), torch.polar(torch.ones_like(image), image)
 
 

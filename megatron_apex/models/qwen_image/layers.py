@@ -16,7 +16,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_apex.gpu import attention, check_kernel
-from megatron_apex.models.common.modulation import AdaLNModulation, modulate
+from megatron_apex.models.common.modulation import AdaLNModulation, gated_residual, modulate
 from megatron_apex.models.common.rope import apply_rope
 
 
@@ -211,9 +211,9 @@ class QwenImageLayer(MegatronModule):
             modulate(self.txt_norm1(txt), t_shift1, t_scale1),
             rope, attention_mask,
         )
-        img = img + i_gate1 * img_attn
-        txt = txt + t_gate1 * txt_attn
+        img = gated_residual(img, i_gate1, img_attn)
+        txt = gated_residual(txt, t_gate1, txt_attn)
 
-        img = img + i_gate2 * self._mlp(self.img_mlp, modulate(self.img_norm2(img), i_shift2, i_scale2))
-        txt = txt + t_gate2 * self._mlp(self.txt_mlp, modulate(self.txt_norm2(txt), t_shift2, t_scale2))
-        return img, txt
+        img_mlp = self._mlp(self.img_mlp, modulate(self.img_norm2(img), i_shift2, i_scale2))
+        txt_mlp = self._mlp(self.txt_mlp, modulate(self.txt_norm2(txt), t_shift2, t_scale2))
+        return gated_residual(img, i_gate2, img_mlp), gated_residual(txt, t_gate2, txt_mlp)
