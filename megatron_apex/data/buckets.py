@@ -39,13 +39,21 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - target), -b[0] * b[1]))
 
 
+def cover_and_crop(height: int, width: int, bucket: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(new_h, new_w, top, left): the size an image of (height, width) is scaled to so that it
+    covers the bucket, and the corner of the bucket-sized centre crop of it. Every decoder (PIL
+    here, DALI in dali_decode.py) resizes and crops by this one plan."""
+    h, w = bucket
+    scale = max(h / height, w / width)
+    new_w, new_h = max(w, round(width * scale)), max(h, round(height * scale))
+    return new_h, new_w, (new_h - h) // 2, (new_w - w) // 2
+
+
 def resize_to_bucket(image, bucket: tuple[int, int]) -> np.ndarray:
     """PIL image -> uint8 array (H, W[, C]) of exactly the bucket size: cover, then centre-crop."""
     from PIL import Image
 
     h, w = bucket
-    scale = max(h / image.height, w / image.width)
-    new_w, new_h = max(w, round(image.width * scale)), max(h, round(image.height * scale))
+    new_h, new_w, top, left = cover_and_crop(image.height, image.width, bucket)
     resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - w) // 2, (new_h - h) // 2
     return np.asarray(resized.crop((left, top, left + w, top + h)))

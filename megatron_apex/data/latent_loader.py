@@ -1,13 +1,17 @@
 """Reader of `megatron_apex.latent_shards.v1` (megatron_apex/data/prepare.py) for the Trainer.
 
-One scan at start-up reads every tar header and the small headers of each sample's members
-(the .npy headers and the json), never the payloads, and builds the index of valid samples
-(shard, key, bucket, member offsets). A sample whose members are damaged (an unreadable .npy,
+Start-up builds the index of valid samples (shard, key, bucket, member offsets). A shard that
+prepare_data gave an index (`shard-NNNNNN.idx.npy`, named with its sha256 in the manifest's shard
+entry) is read from it: no tar header is read. The index is used when its sha256 and the tar's
+size are the manifest's and every row is consistent (offsets inside the shard, sizes that hold
+the shapes, grids among the buckets); otherwise, and for shards without one, the shard is
+scanned: every tar header and the small headers of each sample's members (the .npy headers and
+the json), never the payloads. A sample whose members are damaged (an unreadable .npy,
 a payload shorter than its header says, a latent whose shape is not its bucket's, a missing
 member, a symbolic or hard link member, which is never followed) is left out, counted in
 `skipped` and named in one log line. Batches then read only their own samples' bytes
 (`os.pread` at the recorded offsets), so a data-parallel rank reads only its slice. Gzipped
-shards cannot be read at an offset: they are decompressed into memory once at the scan (fine
+shards cannot be read at an offset: they are decompressed into memory once at start-up (fine
 for small datasets; write plain tars for large ones).
 
 Order (`BucketBatchSampler`): epoch e permutes each bucket's samples with a torch.Generator
@@ -21,6 +25,8 @@ an uninterrupted run.
 from __future__ import annotations
 
 import ast
+import hashlib
+import io
 import json
 import os
 import tarfile
@@ -30,7 +36,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from megatron_apex.data.prepare import LATENT_FORMAT, MANIFEST_NAME
+from megatron_apex.data.prepare import INDEX_COLUMNS, LATENT_FORMAT, MANIFEST_NAME
 
 _REQUIRED = ("latent.npy", "ctx.npy", "mask.npy", "json")
 
@@ -162,9 +168,10 @@ class LatentShardDataset:
         self._log = log
         self.shards: list[Optional[_Shard]] = []
         shard_of, grid_of, offsets, keys = [], [], [], []
+        self.indexed_shards = 0  # shards read from their index, without a header scan
         for s, entry in enumerate(self.manifest["shards"]):
             path = self.root / entry["name"]
-            for key, grid, offs in self._scan(path):
+            for key, grid, offs in self._samples(path, entry):
                 shard_of.append(s)
                 grid_of.append(grid)
                 offsets.append(offs)
@@ -180,25 +187,99 @@ class LatentShardDataset:
         # (N, fields, 2): payload offset and size of latent, ctx, mask, txt (size 0 = absent)
         self.offsets = np.asarray(offsets, dtype=np.int64)
 
+    # ---- the index -----------------------------------------------------------------------
+    def _samples(self, path: Path, entry: dict):
+        """(key, grid, offsets) of each valid sample of one shard: from its index when usable."""
+        shard = self._open(path)
+        if shard is None:
+            return
+        rows = self._index_rows(shard, entry)
+        if rows is None:
+            yield from self._scan(path, shard)
+            return
+        self.indexed_shards += 1
+        for row in rows.tolist():
+            key, offs, grid = row[0], row[1:12], (row[12], row[13])
+            pairs = [(offs[i], offs[i + 1]) for i in range(0, 8, 2)] + [(offs[8], offs[9]), (offs[10], 0)]
+            yield f"{key:08d}", grid, pairs
+
+    def _index_rows(self, shard: _Shard, entry: dict) -> Optional[np.ndarray]:
+        """The shard's index rows (prepare.INDEX_COLUMNS), or None to scan it (no index, or one
+        that does not fit the shard: the log says why)."""
+        recorded = entry.get("sample_index")
+        if not isinstance(recorded, dict):
+            return None
+        path = shard.path
+        name = recorded.get("name")
+        if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+            return self._index_unusable(path, f"index name {name!r} is not a file name in the folder")
+        index_path = self.root / name
+        try:
+            blob = index_path.read_bytes()
+        except OSError as exc:
+            return self._index_unusable(path, f"{name} unreadable ({type(exc).__name__})")
+        if hashlib.sha256(blob).hexdigest() != recorded.get("sha256"):
+            return self._index_unusable(path, f"{name} is not the index the manifest names (sha256 differs)")
+        if path.stat().st_size != entry.get("bytes"):
+            return self._index_unusable(path, f"the shard has {path.stat().st_size} bytes, the manifest says "
+                                              f"{entry.get('bytes')}")
+        try:
+            rows = np.load(io.BytesIO(blob), allow_pickle=False)
+        except Exception as exc:  # ValueError, EOFError... of a damaged .npy
+            return self._index_unusable(path, f"{name} is not a readable .npy ({type(exc).__name__})")
+        problem = self._index_problem(rows, shard.size)
+        return self._index_unusable(path, f"{name}: {problem}") if problem else rows
+
+    def _index_problem(self, rows: np.ndarray, size: int) -> Optional[str]:
+        if rows.dtype != np.int64 or rows.ndim != 2 or rows.shape[1] != len(INDEX_COLUMNS):
+            return f"{rows.dtype} {rows.shape}, expected int64 (samples, {len(INDEX_COLUMNS)})"
+        if not len(rows):
+            return None
+        col = {name: rows[:, i] for i, name in enumerate(INDEX_COLUMNS)}
+        for field in ("latent", "ctx", "mask", "txt"):
+            off, n = col[f"{field}_offset"], col[f"{field}_size"]
+            if (off < 0).any() or (n < 0).any() or (off + n > size).any():
+                return f"{field} offsets outside the shard"
+        if not np.isin(col["latent_itemsize"], (2, 4)).all() or not np.isin(col["ctx_itemsize"], (2, 4)).all():
+            return "itemsizes other than float16/32"
+        tokens = col["tokens"]
+        if (tokens < 0).any() or (tokens > self.max_text_len).any():
+            return f"text lengths outside 0..{self.max_text_len}"
+        if ((col["ctx_size"] != tokens * self.context_dim * col["ctx_itemsize"]).any()
+                or (col["mask_size"] != tokens).any()):
+            return "text sizes that do not hold their token counts"
+        grids = set(zip(col["grid_h"].tolist(), col["grid_w"].tolist()))
+        if not grids <= self.allowed:
+            return f"latent grids {sorted(grids - self.allowed)} not among the manifest's buckets"
+        if (col["latent_size"] != self.channels * col["grid_h"] * col["grid_w"] * col["latent_itemsize"]).any():
+            return "latent sizes that do not hold their grids"
+        return None
+
+    def _index_unusable(self, path: Path, reason: str) -> None:
+        self._log(f"[megatron_apex] data: {path}: index not used ({reason}); scanning the shard's headers")
+        return None
+
     # ---- the scan ------------------------------------------------------------------------
     def _skip(self, where: str, reason: str) -> None:
         self.skipped += 1
         self.bad_members.append(f"{where}: {reason}")
         self._log(f"[megatron_apex] data: skipped {where}: {reason}")
 
-    def _scan(self, path: Path):
-        from megatron_apex.untrusted import safe_member_name
-
+    def _open(self, path: Path) -> Optional[_Shard]:
+        """The shard as self.shards[s] (None, counted and logged, when missing or unreadable)."""
         self.shards.append(None)  # index s of the manifest's shard list
         if not path.is_file():
             self._skip(str(path), "shard file missing")
-            return
+            return None
         try:
-            shard = _Shard(path)
+            self.shards[-1] = _Shard(path)
         except (OSError, EOFError) as exc:
             self._skip(str(path), f"unreadable shard ({type(exc).__name__})")
-            return
-        self.shards[-1] = shard
+        return self.shards[-1]
+
+    def _scan(self, path: Path, shard: _Shard):
+        from megatron_apex.untrusted import safe_member_name
+
         groups: dict[str, dict] = {}
         order: list[str] = []
         links: dict[str, list[str]] = {}  # key -> its link members, which leave the sample out

