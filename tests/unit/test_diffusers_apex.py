@@ -253,6 +253,16 @@ def test_apex_pipeline_errors_are_one_line(qwen_export):
         ApexQwenImageTransformer2DModel.from_pretrained("someone/some-model")
 
 
+def test_the_export_names_the_pipelines_this_module_registers():
+    import diffusers
+
+    from megatron_apex.conversion import pipeline_io
+    from megatron_apex.inference.diffusers_apex import PIPELINES
+
+    assert {stock: cls.__name__ for stock, cls in PIPELINES.items()} == pipeline_io.APEX_PIPELINES
+    assert all(getattr(diffusers, cls.__name__) is cls for cls in PIPELINES.values())
+
+
 # ----------------------------------------------------------------------------- Sana
 @pytest.fixture(scope="module")
 def sana_export(tmp_path_factory):
@@ -337,3 +347,5 @@ def test_sana_guidance_is_the_samplers_guidance(sana_export):
     theirs = sana_pipeline_latents(pipe, noise, 2, guidance_scale=3.0)
     assert (ours - theirs).abs().max().item() <= TOL
     assert (theirs - sana_pipeline_latents(pipe, noise, 2)).abs().max() > 0.1
+    with pytest.raises(ValueError, match="no resolution bins for sample_size 8; pass use_resolution_binning=False"):
+        pipe(prompt=SANA_PROMPTS, height=64, width=32, output_type="latent")
