@@ -33,6 +33,7 @@ fi
 SAVE=runs/apex-tiny
 OBJECTIVE=apex
 VARIANT=released
+DATA_PATH=""
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   next=""
@@ -44,6 +45,8 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     --objective=*) OBJECTIVE="${args[$i]#--objective=}" ;;
     --apex-variant) VARIANT="$next" ;;
     --apex-variant=*) VARIANT="${args[$i]#--apex-variant=}" ;;
+    --data-path) DATA_PATH="$next" ;;
+    --data-path=*) DATA_PATH="${args[$i]#--data-path=}" ;;
   esac
 done
 
@@ -108,13 +111,22 @@ if [[ -f "$SAVE/latest" ]]; then CHECKPOINT_ARGS+=(--load "$SAVE"); fi
   examples/pretrain_apex_dit.py \
   "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${OBJECTIVE_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "$@"
 
-# One-step and few-step samples, one row per class prompt of the built-in dataset, scored by
-# tools/evaluate.py (class accuracy and Frechet distance in the feature space of a classifier
-# trained on the real images; the first call trains and caches that classifier, ~30 s).
+# One-step and few-step samples (tools/sample.py: a grid PNG, one PNG per image and an npz), one
+# row per prompt: the built-in dataset's class prompts, scored by tools/evaluate.py (class
+# accuracy and Frechet distance in the feature space of a classifier trained on the real images;
+# the first call trains and caches that classifier, ~30 s), or the first captions of a
+# --data-path dataset (no classes to score). A dataset prepared with a VAE or a transformers text
+# encoder records their kinds but not their folders: give them to the sampler with
+# SAMPLE_ARGS="--pipeline DIR" (or "--text-encoder DIR --vae DIR"; any tools/sample.py flags).
 if [[ "$NODE_RANK" == 0 && "${SKIP_SAMPLES:-0}" != 1 ]]; then
+  read -r -a SAMPLE_EXTRA <<< "${SAMPLE_ARGS:-}"
+  PER_PROMPT=${NUM_PER_PROMPT:-$([[ -n "$DATA_PATH" ]] && echo 4 || echo 100)}
   for nfe in 1 4; do
-    "$PYTHON" tools/sample.py --load "$SAVE" --nfe "$nfe" --num-per-prompt "${NUM_PER_PROMPT:-100}" \
-      --out "$SAVE/samples_nfe$nfe"
-    if [[ "${SKIP_EVAL:-0}" != 1 ]]; then "$PYTHON" tools/evaluate.py --samples "$SAVE/samples_nfe$nfe.npz"; fi
+    "$PYTHON" tools/sample.py --load "$SAVE" --nfe "$nfe" --num-per-prompt "$PER_PROMPT" \
+      --out "$SAVE/samples_nfe$nfe" ${SAMPLE_EXTRA[@]+"${SAMPLE_EXTRA[@]}"}
+    if [[ "${SKIP_EVAL:-0}" != 1 ]] && "$PYTHON" -c \
+        "import numpy, sys; sys.exit('labels' not in numpy.load(sys.argv[1]).files)" "$SAVE/samples_nfe$nfe.npz"; then
+      "$PYTHON" tools/evaluate.py --samples "$SAVE/samples_nfe$nfe.npz"
+    fi
   done
 fi

@@ -130,15 +130,10 @@ def load_lora_model(ckpt: str, state: Dict, weights: str, pretrained_checkpoint:
     return model, base
 
 
-def load_model_for_inference(load: str, weights: str = "auto", pretrained_checkpoint: Optional[str] = None,
-                             dtype: Optional[torch.dtype] = None) -> Tuple[torch.nn.Module, Dict]:
-    """(the model, eval mode, TP=1; the checkpoint's train_state plus ``checkpoint``, ``weights``
-    and, for a LoRA run, ``lora_base``). ``pretrained_checkpoint`` overrides a LoRA run's base.
-    ``dtype``: of the parameters; None = float32 without CUDA (a --bf16 run's checkpoint would
-    otherwise sample with slow, coarse bf16 CPU matmuls), the checkpoint's own dtype with CUDA."""
-    from megatron_apex.models.registry import build_model
-    from megatron_apex.parallel import init_distributed
-
+def read_checkpoint(load: str, weights: str = "auto", pretrained_checkpoint: Optional[str] = None
+                    ) -> Tuple[str, Dict, str]:
+    """(the checkpoint directory, its checked train_state, the weights to load: "model" | "ema"),
+    without building anything: every refusal of ``load_model_for_inference`` that needs no weights."""
     if weights not in WEIGHTS:
         raise ValueError(f"--weights {weights!r}: choose one of {WEIGHTS}")
     ckpt = checkpointing.resolve_checkpoint(load)
@@ -149,6 +144,38 @@ def load_model_for_inference(load: str, weights: str = "auto", pretrained_checkp
         raise ValueError(f"--weights ema: {ckpt} holds no EMA weights (trained with --ema-decay 0)")
     if pretrained_checkpoint and not state.get("lora"):
         raise ValueError(f"--pretrained-checkpoint: {ckpt} is a full checkpoint (not a LoRA run); it needs no base")
+    return ckpt, state, weights
+
+
+def model_config_of(ckpt: str, state: Dict):
+    """The model config a checkpoint's train_state records (errors name its train_state.json)."""
+    return _model_config(state, ckpt)
+
+
+def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``model`` with parameters of ``dtype``, its forward casting inputs to it too (the models
+    cast latents and text states to their config's params_dtype)."""
+    from megatron.core.transformer import TransformerConfig
+
+    model.to(dtype)
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, TransformerConfig):
+            config.params_dtype = dtype
+            config.bf16, config.fp16 = dtype == torch.bfloat16, dtype == torch.float16
+    return model
+
+
+def load_model_for_inference(load: str, weights: str = "auto", pretrained_checkpoint: Optional[str] = None,
+                             dtype: Optional[torch.dtype] = None) -> Tuple[torch.nn.Module, Dict]:
+    """(the model, eval mode, TP=1; the checkpoint's train_state plus ``checkpoint``, ``weights``
+    and, for a LoRA run, ``lora_base``). ``pretrained_checkpoint`` overrides a LoRA run's base.
+    ``dtype``: of the parameters; None = float32 without CUDA (a --bf16 run's checkpoint would
+    otherwise sample with slow, coarse bf16 CPU matmuls), the checkpoint's own dtype with CUDA."""
+    from megatron_apex.models.registry import build_model
+    from megatron_apex.parallel import init_distributed
+
+    ckpt, state, weights = read_checkpoint(load, weights, pretrained_checkpoint)
     init_distributed(1, 1)
     if state.get("lora"):
         model, state["lora_base"] = load_lora_model(ckpt, state, weights, pretrained_checkpoint)
@@ -160,7 +187,7 @@ def load_model_for_inference(load: str, weights: str = "auto", pretrained_checkp
     if dtype is None and not torch.cuda.is_available():
         dtype = torch.float32
     if dtype is not None:
-        model.to(dtype)
+        cast_model(model, dtype)
     model.eval()
     state["checkpoint"] = ckpt
     state["weights"] = weights
