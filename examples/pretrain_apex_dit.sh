@@ -97,13 +97,14 @@ if [[ "$OBJECTIVE" == apex ]]; then
     )
   fi
 fi
+# --load of the run's own --save: the trainer resumes its newest complete checkpoint, and starts
+# afresh (or from a user's --pretrained-checkpoint) while it holds none.
 CHECKPOINT_ARGS=(
   --save "$SAVE"
+  --load "$SAVE"
   --save-interval 500
   --log-interval 10
 )
-# Resume when the save directory already holds a complete checkpoint.
-if [[ -f "$SAVE/latest" ]]; then CHECKPOINT_ARGS+=(--load "$SAVE"); fi
 
 "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC_PER_NODE" \

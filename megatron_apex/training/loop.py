@@ -432,6 +432,9 @@ class Trainer:
                 self._print0(f"{flag} {ckpt}: fine-tuning with " + ", ".join(
                     f"{k} {ours.get(k)!r} (checkpoint {saved_cfg.get(k)!r})" for k in relabelled))
             diff = [k for k in diff if k not in WEIGHTLESS_SHIFT_KEYS]
+        if weights_only:
+            # the weights are cast to the run's dtype on load: a float32 import starts a --bf16 run
+            diff = [k for k in diff if k != "params_dtype"]
         if diff:
             shown = ", ".join(f"{k}: checkpoint {saved_cfg.get(k)!r} vs run {ours.get(k)!r}" for k in diff)
             raise ValueError(f"{flag} {ckpt}: model config differs from this run's flags ({shown})")
@@ -487,7 +490,7 @@ class Trainer:
             found.pretrained = checkpointing.resolve_checkpoint(ck.pretrained_checkpoint, "--pretrained-checkpoint",
                                                                 log=self._print0)
             found.pretrained_state = checkpointing.read_train_state(found.pretrained)
-        if ck.load:
+        if ck.load and not self._first_start(ck):
             found.load = checkpointing.resolve_checkpoint(ck.load, log=self._print0)
             found.load_state = checkpointing.read_train_state(found.load, required=("model_config",))
         if self.lora_config is not None:
@@ -501,7 +504,41 @@ class Trainer:
             self._check_model_config(found.pretrained, state, "--pretrained-checkpoint", weights_only=True)
         if found.load is not None:
             self._check_load(found.load, found.load_state)
+        self._check_save_keeps_its_checkpoints(found)
         return found
+
+    def _first_start(self, ck) -> bool:
+        """--load names this run's own --save and it holds no checkpoint yet: the first start of
+        a run that a re-run of the same command resumes (the recipes, the CPU job). It starts
+        as it would without --load (from --pretrained-checkpoint, else from --seed). A directory
+        with a `latest` marker or an iter_* entry holds a checkpoint, or a damaged one, which
+        --load resolves or refuses as always; so does a --load other than --save."""
+        if not ck.save or os.path.abspath(ck.load) != os.path.abspath(ck.save):
+            return False
+        if os.path.isdir(ck.load):
+            if any(name == checkpointing.LATEST or name.startswith("iter_") for name in os.listdir(ck.load)):
+                return False
+        elif os.path.exists(ck.load):
+            return False
+        start = f"the weights of --pretrained-checkpoint {ck.pretrained_checkpoint}" if ck.pretrained_checkpoint \
+            else f"--seed {self.cfg.train.seed}"
+        self._print0(f"[megatron_apex] --load {ck.load} holds no checkpoint yet: first start, from {start}")
+        return True
+
+    def _check_save_keeps_its_checkpoints(self, found: StartingCheckpoints) -> None:
+        """A run never writes over a complete checkpoint: --save may hold none past the
+        iteration the run starts at (a fresh start over an earlier run's directory, or a
+        resume from an older checkpoint than its newest, would replace them one by one)."""
+        ck = self.cfg.checkpoint
+        if not ck.save:
+            return
+        start = found.load_state["iteration"] if found.load is not None and not ck.finetune else 0
+        later = [i for i in checkpointing.complete_checkpoints(ck.save) if i > start]
+        if later:
+            names = ", ".join(os.path.basename(checkpointing.checkpoint_dir(ck.save, i)) for i in later)
+            raise ValueError(f"--save {ck.save} holds complete checkpoints past iteration {start}, where this run "
+                             f"starts ({names}), which it would overwrite: resume the newest with --load {ck.save}, "
+                             "or give another --save")
 
     def _check_lora_base(self, found: StartingCheckpoints) -> None:
         base, flag = self._lora_base_checkpoint(found)
@@ -598,6 +635,9 @@ class Trainer:
         sharded = {"model": self._sharded_module(self.model, "model.")}
         loaded = checkpointing.load_checkpoint(ckpt, sharded)
         self._load_module(self.model, loaded["model"], "model.")
+        # A --bf16 optimizer copied the initial weights into its float32 main weights when it was
+        # built, and its first step would copy those back over the loaded ones.
+        self.optimizer.reload_model_params()
         if self.ema is not None:
             self._sync_from_model(self.ema)
         if self.info.rank == 0:
@@ -797,7 +837,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=total, initial=self.iteration, desc="train", dynamic_ncols=True)
-        last_saved = self.iteration if cfg.checkpoint.load and not cfg.checkpoint.finetune else None
+        last_saved = self.iteration if self.starting.load is not None and not cfg.checkpoint.finetune else None
         window_start, window_iters = time.time(), 0
         consecutive_skips = 0
         with SignalWatcher() as watcher:
