@@ -25,6 +25,9 @@ Flags (Megatron-LM's names; docs/gpu.md has the full rules):
   --bf16: parameters in bfloat16 (``model_overrides``); megatron's DDP keeps the gradients in
       fp32 (grad_reduce_in_fp32) and its optimizer the fp32 main weights.
 
+Adam: megatron-core's own choice (TE's FusedAdam, else apex's, else torch's AdamW); its torch
+AdamW runs torch's fused kernel on CUDA (``use_fused_torch_adam``).
+
 Nothing here imports torch, transformer_engine, flash_attn or apex at module load (argument
 parsing stays light); they are imported inside the functions that need them.
 """
@@ -296,7 +299,10 @@ def fp8_transformer_config(options: GpuOptions, transformer_config):
 def fp8_context(options: GpuOptions, model):
     """Context for the model's forward: TE's fp8_autocast (megatron-core's get_fp8_context,
     amax reduced over its amax group) when --fp8-format is set, else a no-op. Our models do
-    not use megatron's TransformerBlock, which would enter it itself."""
+    not use megatron's TransformerBlock, which would enter it itself. The trainer enters it
+    per micro-batch around every forward it runs, the no-grad ones (teacher, fake-flow and
+    one-step queries) included, and never around a backward (megatron's schedule runs those
+    outside the forward step, as with its own TransformerBlock)."""
     if options.fp8_format is None:
         return contextlib.nullcontext()
     if not options.uses_transformer_engine:
@@ -306,14 +312,30 @@ def fp8_context(options: GpuOptions, model):
     return get_fp8_context(fp8_transformer_config(options, _unwrap(model).config))
 
 
+def refresh_fp8_weight_cache(options: GpuOptions, model) -> None:
+    """Call before the first forward of a training iteration. megatron's TE linears pass TE
+    ``is_first_microbatch``: True quantizes the weights to FP8 and caches them, False reuses
+    the cache, and they set it False after every forward. megatron's schedules set it back at
+    each global batch only when the MODEL's config has ``fp8`` set, which ours does not (FP8
+    acts through ``fp8_context`` alone), so without this every step would reuse the FP8
+    weights of the first one. No-op without --fp8-format."""
+    if options.fp8_format is None:
+        return
+    for module in _unwrap(model).modules():
+        if hasattr(module, "is_first_microbatch"):
+            module.is_first_microbatch = True
+
+
 # ============================================================================ optimizer
 def adam_class_name(optimizer=None) -> str:
     """The Adam class megatron-core uses: TE's FusedAdam when TE imports, else apex's FusedAdam,
     else torch's AdamW (decided when megatron.core.optimizer is imported; megatron has no flag
-    to opt out). Given a built megatron optimizer, the class it actually holds."""
+    to opt out). Given a built megatron optimizer, the class it actually holds, with
+    ``(fused)`` when torch's AdamW runs its fused kernel (``use_fused_torch_adam``)."""
     if optimizer is not None:
         inner = _inner_optimizers(optimizer)
-        names = sorted({f"{type(o).__module__}.{type(o).__qualname__}" for o in inner})
+        names = sorted({f"{type(o).__module__}.{type(o).__qualname__}" + (" (fused)" if _runs_fused(o) else "")
+                        for o in inner})
         return ", ".join(names)
     import megatron.core.optimizer as mopt
 
@@ -328,6 +350,62 @@ def _inner_optimizers(optimizer) -> list:
         return [o for c in chained for o in _inner_optimizers(c)]
     inner = getattr(optimizer, "optimizer", None)
     return [inner] if inner is not None else [optimizer]
+
+
+def _torch_adams(optimizer) -> list:
+    import torch
+
+    return [o for o in _inner_optimizers(optimizer) if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def _runs_fused(inner) -> bool:
+    return bool(inner.param_groups) and all(group.get("fused") for group in inner.param_groups)
+
+
+def _fused_adam_capable(param) -> bool:
+    """torch's fused Adam kernel is used on CUDA only (the CPU keeps the reference numerics)."""
+    return param.device.type == "cuda" and param.is_floating_point()
+
+
+def use_fused_torch_adam(optimizer) -> bool:
+    """megatron-core falls back to ``torch.optim.AdamW`` (or Adam) without TE and apex and
+    builds it with torch's defaults, which on CUDA run the multi-tensor ``foreach`` kernels,
+    not torch's fused one; it has no option to ask for ``fused=True``. This sets ``fused`` on
+    such an optimizer's param groups when every parameter is a floating-point CUDA tensor
+    (what torch's constructor would check), moves any ``step`` already held to the parameter's
+    device (torch keeps it there for the fused kernel), and does the same after every
+    ``load_state_dict`` (which restores the saved groups' settings). TE's and apex's FusedAdam
+    (megatron's first choices) are left as megatron built them. Returns whether a torch Adam
+    now runs fused."""
+    import megatron.core.optimizer as mopt
+
+    if not mopt.USING_PYTORCH_OPTIMIZER:
+        return False
+    fused = False
+    for inner in _torch_adams(optimizer):
+        params = [p for group in inner.param_groups for p in group["params"]]
+        if not params or not all(_fused_adam_capable(p) for p in params) or \
+                any(group.get("differentiable") for group in inner.param_groups):
+            continue
+        _set_fused(inner)
+        if not getattr(inner, "_megatron_apex_fused_hook", False):
+            inner.register_load_state_dict_post_hook(_set_fused)
+            inner._megatron_apex_fused_hook = True
+        fused = True
+    return fused
+
+
+def _set_fused(inner) -> None:
+    import torch
+
+    for group in inner.param_groups:
+        group["fused"] = True
+        if group.get("foreach"):
+            group["foreach"] = None  # torch refuses fused and foreach together
+        for p in group["params"]:
+            state = inner.state.get(p)
+            if state and torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
 
 
 def describe(options: GpuOptions, optimizer=None) -> str:

@@ -222,9 +222,6 @@ class Trainer:
         set_seed(tr.seed)
         from megatron_apex import gpu
 
-        if cfg.gpu.fp8_format and self.two_phase:
-            raise ValueError("--fp8-format with the two-phase APEX step (pipeline parallelism or "
-                             "--apex-schedule two-phase) is not supported yet")
         spec = gpu.layer_spec(self.model_config, cfg.gpu)
         self._build_model = lambda: build_stage_model(self.model_config, spec, cfg.parallel.sequence_parallel)
         self.model = self._build_model()
@@ -265,6 +262,8 @@ class Trainer:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+        from megatron_apex import gpu
+
         o, tr = self.cfg.optim, self.cfg.train
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer)
@@ -275,6 +274,7 @@ class Trainer:
             params_dtype=model.config.params_dtype,
             use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer)
         optimizer = get_megatron_optimizer(opt_config, [ddp_model])
+        gpu.use_fused_torch_adam(optimizer)  # megatron's torch AdamW fallback, on CUDA
         g = self.global_batch_size
         # Megatron's scheduler counts samples, not iterations.
         scheduler = OptimizerParamScheduler(
@@ -768,6 +768,7 @@ class Trainer:
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from megatron_apex import gpu
         from megatron_apex.training.pipeline_apex import two_phase_step
 
         if self._needs_teacher(self.iteration) and self.teacher is None:
@@ -776,9 +777,11 @@ class Trainer:
         batches = self._micro_batches(global_indices)
         self.ddp_model.zero_grad_buffer()
         self.optimizer.zero_grad()
+        gpu.refresh_fp8_weight_cache(self.cfg.gpu, self.model)  # the weights changed at the last step
         if self.two_phase:
             reports = two_phase_step(self.ddp_model, [self._two_phase_objective(b) for b in batches],
-                                     teacher=self._two_phase_teacher())
+                                     teacher=self._two_phase_teacher(),
+                                     forward_context=partial(gpu.fp8_context, self.cfg.gpu, self.model))
         else:
             forward_backward = get_forward_backward_func()
             reports = forward_backward(

@@ -11,7 +11,9 @@ A global batch runs as
      is every query that needs a gradient, batched (`paper`: [real branch, fake branch];
      `released`: [data branch, one-step branch, fake branch]); the loss is computed on the
      last stage from the batched output and the precomputed no-grad tensors.
-The decomposition itself is megatron_apex.objectives.apex.two_phase_apex. Between stages the
+Every model forward of both phases runs inside ``forward_context()`` (the trainer's FP8
+autocast, as the direct step's forward; backward passes stay outside it). The decomposition
+itself is megatron_apex.objectives.apex.two_phase_apex. Between stages the
 model's one [L + N + 1, rows, D] tensor carries both streams and the time embedding; a
 no-grad pass that also asks the frozen teacher carries the teacher's rows behind the
 model's in the same tensor.
@@ -19,8 +21,9 @@ model's in the same tensor.
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
-from typing import Callable, Dict, List, Optional
+from typing import Callable, ContextManager, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -115,12 +118,15 @@ def _split_by_model(queries: List[ModelQuery]) -> tuple:
     return model_idx, teacher_idx
 
 
+ForwardContext = Callable[[], ContextManager]
+
+
 @torch.no_grad()
-def nograd_pass(model, teacher, per_micro_batch: List[List[ModelQuery]],
-                schedule: Callable) -> List[List[torch.Tensor]]:
+def nograd_pass(model, teacher, per_micro_batch: List[List[ModelQuery]], schedule: Callable,
+                forward_context: ForwardContext = contextlib.nullcontext) -> List[List[torch.Tensor]]:
     """One forward-only pipeline pass: micro-batch i answers the queries per_micro_batch[i]
-    (the model's rows first, then the teacher's, in one stage tensor). Returns the answers,
-    in query order, on every pipeline stage."""
+    (the model's rows first, then the teacher's, in one stage tensor), both inside one
+    ``forward_context()``. Returns the answers, in query order, on every pipeline stage."""
     from megatron.core import parallel_state as ps
 
     model_idx, teacher_idx = _split_by_model(per_micro_batch[0])
@@ -138,13 +144,14 @@ def nograd_pass(model, teacher, per_micro_batch: List[List[ModelQuery]],
         stage = unwrap(ddp_model)
         stage_input = stage.input_tensor
         outs, offset = [], 0
-        for module, query in zip((ddp_model, teacher), pair):
-            if query is None:
-                continue
-            if stage_input is not None:  # this stage's rows of the previous stage's tensor
-                unwrap(module).set_input_tensor(stage_input[:, offset:offset + query.rows])
-            outs.append(answer_query(module, query))
-            offset += query.rows
+        with forward_context():
+            for module, query in zip((ddp_model, teacher), pair):
+                if query is None:
+                    continue
+                if stage_input is not None:  # this stage's rows of the previous stage's tensor
+                    unwrap(module).set_input_tensor(stage_input[:, offset:offset + query.rows])
+                outs.append(answer_query(module, query))
+                offset += query.rows
         batch_dim = 0 if stage.post_process else 1  # velocity (B, C, H, W) vs stage tensor [S, B, D]
         return torch.cat(outs, dim=batch_dim), _collect
 
@@ -173,24 +180,31 @@ def _training_loss(objective: TwoPhaseObjective, queries: List[ModelQuery], outp
     return terms["loss"], terms_report(terms)
 
 
-def training_pass(model, objectives: List[TwoPhaseObjective], schedule: Callable) -> List[Dict[str, torch.Tensor]]:
+def training_pass(model, objectives: List[TwoPhaseObjective], schedule: Callable,
+                  forward_context: ForwardContext = contextlib.nullcontext) -> List[Dict[str, torch.Tensor]]:
     """The forward/backward pass of every query that needs a gradient (one batched model call
-    per micro-batch); returns the per-micro-batch terms on the last stage."""
+    per micro-batch, inside ``forward_context()``; the schedule runs the backward outside
+    it); returns the per-micro-batch terms on the last stage."""
     items = [(objective, objective.train_queries()) for objective in objectives]
     seq, rows = _pass_shape(model, [queries for _, queries in items])
     batched = [batch_queries(queries) for _, queries in items]
 
     def forward_step(data_iterator, ddp_model):
         (objective, queries), query = next(data_iterator)
-        return answer_query(ddp_model, query), partial(_training_loss, objective, queries)
+        with forward_context():
+            output = answer_query(ddp_model, query)
+        return output, partial(_training_loss, objective, queries)
 
     return schedule(forward_step_func=forward_step, data_iterator=iter(list(zip(items, batched))), model=[model],
                     num_microbatches=len(items), seq_length=seq, micro_batch_size=rows, forward_only=False)
 
 
-def two_phase_step(model, objectives: List[TwoPhaseObjective], teacher=None) -> List[Dict[str, torch.Tensor]]:
+def two_phase_step(model, objectives: List[TwoPhaseObjective], teacher=None,
+                   forward_context: ForwardContext = contextlib.nullcontext) -> List[Dict[str, torch.Tensor]]:
     """One global batch (this data-parallel rank's micro-batches): the no-grad rounds, then the
-    training pass. ``model`` is the DDP-wrapped stage model; gradients land in its buffers."""
+    training pass. ``model`` is the DDP-wrapped stage model; gradients land in its buffers.
+    ``forward_context`` makes the context every model (and teacher) forward runs in: the
+    trainer's FP8 autocast, entered per micro-batch of every pass as the direct step does."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     schedule = get_forward_backward_func()
@@ -198,10 +212,11 @@ def two_phase_step(model, objectives: List[TwoPhaseObjective], teacher=None) -> 
     if len(rounds) != 1:
         raise ValueError(f"the micro-batches of one step need different numbers of no-grad rounds: {sorted(rounds)}")
     for r in range(rounds.pop()):
-        answers = nograd_pass(model, teacher, [objective.nograd_queries(r) for objective in objectives], schedule)
+        answers = nograd_pass(model, teacher, [objective.nograd_queries(r) for objective in objectives], schedule,
+                              forward_context)
         for objective, outputs in zip(objectives, answers):
             objective.receive(r, outputs)
-    return training_pass(model, objectives, schedule)
+    return training_pass(model, objectives, schedule, forward_context)
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Transformer Engine layers (the te spec) compute what the local layers compute, at float32
 and bf16, on the same weights; each of TE's attention kernels honours prompts padded to
 different lengths; FP8 (hybrid, delayed scaling) forward and backward run on an FP8-capable GPU
-and stay near bf16."""
+and stay near bf16; the trainer's two-phase APEX step runs in FP8."""
 
 from __future__ import annotations
 
@@ -103,3 +103,41 @@ def test_fp8_forward_backward_runs(name, device):
         out, grads = forward_backward(model, x, t, ctx, mask, weight, context=gpu.fp8_context(fp8, model))
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads.values())
     assert rel(out, ref) < 0.15  # e4m3 keeps 3 mantissa bits
+
+
+def test_two_phase_apex_step_trains_in_fp8(tmp_path, device, monkeypatch):
+    """The two-phase step (what pipeline parallelism runs, here on one stage) with --fp8-format
+    hybrid: every forward, the frozen teacher's and the no-grad queries' included, inside TE's
+    fp8_autocast; finite losses and gradients over steps whose FP8 weights are re-quantized
+    after every update."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from megatron_apex.training.arguments import parse_args
+    from megatron_apex.training.loop import Trainer
+
+    if tuple(torch.cuda.get_device_capability()) < (8, 9):
+        pytest.skip(f"FP8 needs compute capability >= 8.9, this GPU is {torch.cuda.get_device_capability()}")
+    data = Path(__file__).resolve().parents[1] / "data" / "gpu_check_fashion"
+    monkeypatch.setenv("MEGATRON_APEX_CACHE", str(tmp_path / "cache"))
+    # 28 x 28 latents in 4 x 4 patches: 49 image and 16 text tokens; 8 samples per micro-batch
+    # keep every FP8 GEMM's rows a multiple of 8
+    trainer = Trainer(parse_args([
+        "--model", "qwen-image-tiny", "--num-layers", "2", "--micro-batch-size", "8", "--global-batch-size", "16",
+        "--lr-warmup-iters", "0", "--log-interval", "1", "--no-progress", "--train-iters", "3",
+        "--objective", "apex", "--apex-variant", "released", "--apex-start-iter", "0", "--teacher", "frozen",
+        "--apex-option", "w_dm=1.0", "--apex-option", "dm_warmup_steps=0", "--apex-schedule", "two-phase",
+        "--transformer-impl", "transformer_engine", "--fp8-format", "hybrid", "--bf16", "--ema-decay", "0",
+        "--data-path", str(data), "--save", str(tmp_path / "run")]))
+    assert trainer.two_phase and trainer.cfg.gpu.fp8_format == "hybrid"
+    trainer.train()
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["iteration"] for r in records] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in records)
+    assert "l_dm" in records[-1]
+    # TE's modules record whether their last forward ran in FP8
+    for model in (trainer.model, trainer.teacher):
+        assert any(getattr(m, "fp8", False) for m in model.modules())
+

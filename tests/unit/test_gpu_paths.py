@@ -473,6 +473,90 @@ def test_adam_class_name_is_what_megatron_builds():
     assert built in line and "bfloat16 params" in line
 
 
+def _megatron_adam(seed=0):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config, model = qwen(seed=seed)
+    ddp = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(), module=model)
+    return model, get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1), [ddp])
+
+
+def _fill_grads(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.main_grad.copy_(torch.randn(p.shape, generator=gen))
+
+
+def test_torch_adam_runs_fused_where_megatron_fell_back_to_it(monkeypatch):
+    """Without TE and apex megatron builds torch's AdamW with torch's defaults (foreach on
+    CUDA). use_fused_torch_adam turns on torch's fused kernel when every parameter is a CUDA
+    tensor; the CPU stands in for CUDA here (torch's fused Adam also runs on the CPU)."""
+    import megatron.core.optimizer as mopt
+
+    assert mopt.USING_PYTORCH_OPTIMIZER  # this machine: no TE, no apex
+    model, optimizer = _megatron_adam()
+    assert not gpu.use_fused_torch_adam(optimizer)  # CPU tensors: left as megatron built it
+    assert "(fused)" not in gpu.adam_class_name(optimizer)
+    monkeypatch.setattr(gpu, "_fused_adam_capable", lambda p: p.is_floating_point())
+    reference_model, reference = _megatron_adam()
+    assert gpu.use_fused_torch_adam(optimizer)
+    assert gpu.adam_class_name(optimizer) == "torch.optim.adamw.AdamW (fused)"
+    assert "adam=torch.optim.adamw.AdamW (fused)" in gpu.describe(gpu.GpuOptions(transformer_impl="local"), optimizer)
+    calls = []
+    fused_kernel = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: calls.append(1) or fused_kernel(*a, **k))
+    for step in range(2):
+        for m, opt in ((model, optimizer), (reference_model, reference)):
+            _fill_grads(m, step)
+            opt.step()
+    groups = len(gpu._inner_optimizers(optimizer)[0].param_groups)
+    assert len(calls) == 2 * groups  # a fused call per group and step; the reference ran the unfused path
+    for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    # a checkpoint of the unfused run restores its groups' settings; the hook puts fused back
+    optimizer.load_state_dict(reference.state_dict())
+    assert gpu.adam_class_name(optimizer).endswith("(fused)")
+    inner = gpu._inner_optimizers(optimizer)[0]
+    steps = [s["step"] for s in inner.state.values()]
+    assert steps and all(t.dtype == torch.float32 and float(t) == 2 for t in steps)
+
+
+def test_fused_adam_of_te_or_apex_is_left_as_megatron_built_it(monkeypatch):
+    import megatron.core.optimizer as mopt
+
+    model, optimizer = _megatron_adam()
+    monkeypatch.setattr(gpu, "_fused_adam_capable", lambda p: True)
+    monkeypatch.setattr(mopt, "USING_PYTORCH_OPTIMIZER", False)  # megatron picked TE's or apex's FusedAdam
+    assert not gpu.use_fused_torch_adam(optimizer)
+    assert all(not group.get("fused") for group in gpu._inner_optimizers(optimizer)[0].param_groups)
+
+
+class _StandInFusedAdam(torch.optim.AdamW):
+    """What megatron builds from TE's / apex's FusedAdam (it passes adam_w_mode)."""
+
+    def __init__(self, params, adam_w_mode=True, **kwargs):
+        self.adam_w_mode = adam_w_mode
+        super().__init__(params, **kwargs)
+
+
+def test_the_trainer_keeps_megatrons_choice_of_adam(monkeypatch, tmp_path, capsys):
+    """Our optimizer construction goes through megatron's get_megatron_optimizer: where TE or
+    apex is installed megatron's FusedAdam is what trains (stand-in class here)."""
+    import megatron.core.optimizer as mopt
+
+    from megatron_apex.training.arguments import parse_args
+    from megatron_apex.training.loop import Trainer
+
+    monkeypatch.setattr(mopt, "Adam", _StandInFusedAdam)
+    monkeypatch.setattr(mopt, "USING_PYTORCH_OPTIMIZER", False)
+    trainer = Trainer(parse_args(["--model", "qwen-image-tiny", "--num-layers", "1", "--micro-batch-size", "2",
+                                  "--no-progress", "--train-iters", "1", "--save", str(tmp_path / "run")]))
+    inner = gpu._inner_optimizers(trainer.optimizer)
+    assert inner and all(type(o) is _StandInFusedAdam and o.adam_w_mode for o in inner)
+    assert f"adam={__name__}._StandInFusedAdam" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------ MFU formulas
 def _gpu_check_module():
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
@@ -490,7 +574,8 @@ def test_forward_flop_formulas_match_torch_flop_counter():
         for target in (True, False):
             config, model = build("unfused", target_time_embedder=target)  # math SDPA: counted matmuls
             x, t, ctx, mask = make_inputs(config, B=3, H=6, W=10, L=7)
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            # with grad, as in training: a no-grad query without t_target skips the target-time term
+            with FlopCounterMode(display=False) as counter:
                 model(x, t, ctx, mask)
             p = config.patch_size
             assert formula(config, 3, 6 // p, 10 // p, 7) == counter.get_total_flops(), (build.__name__, target)
@@ -502,3 +587,100 @@ def test_peak_table_matches_device_names():
     assert check.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
     assert check.peak_bf16_flops("NVIDIA H200") == 989e12
     assert check.peak_bf16_flops("Some Future GPU") is None
+
+
+# ------------------------------------------------------------------------------ FP8 in the steps
+class _Fp8Recorder:
+    """Stand-in for TE's fp8_autocast (what megatron's get_fp8_context returns): counts the
+    contexts entered and knows whether one is open. With it, every model forward (a pre-hook)
+    and backward (a full backward hook) records whether it ran inside FP8, and the stand-in
+    TE linear (a module with ``is_first_microbatch``, as megatron's TE wrappers have) records
+    the flag each forward saw, then clears it as they do."""
+
+    def __init__(self):
+        self.depth = self.entered = 0
+        self.configs = []
+        self.forwards, self.backwards, self.first_flags = [], [], []
+
+    def get_fp8_context(self, config, layer_no=-1, is_init=False):
+        self.configs.append(config)
+        recorder = self
+
+        class Autocast:
+            def __enter__(self):
+                recorder.depth += 1
+                recorder.entered += 1
+
+            def __exit__(self, *exc):
+                recorder.depth -= 1
+
+        return Autocast()
+
+    def watch(self, module, name):
+        module.register_forward_pre_hook(lambda m, args: self.forwards.append((name, self.depth > 0)))
+        module.register_full_backward_hook(lambda m, gin, gout: self.backwards.append((name, self.depth > 0)))
+
+    def watch_cache_flag(self, module):
+        module.is_first_microbatch = True
+
+        def seen(m, args):
+            self.first_flags.append(m.is_first_microbatch)
+            m.is_first_microbatch = False
+
+        module.register_forward_pre_hook(seen)
+
+
+_FP8_FLAGS = ["--model", "qwen-image-tiny", "--num-layers", "1", "--micro-batch-size", "2", "--global-batch-size", "4",
+              "--no-progress", "--train-iters", "4", "--apex-variant", "released", "--teacher", "frozen",
+              "--apex-option", "w_dm=1.0", "--apex-option", "dm_warmup_steps=0", "--ema-decay", "0"]
+
+
+def _fp8_trainer(monkeypatch, tmp_path, schedule):
+    """A CPU Trainer built with --fp8-format hybrid on TE layers as far as it can tell: the
+    layer spec stays local and the autocast is the stand-in. One step first, so the frozen
+    teacher exists; the recorder starts after it."""
+    import dataclasses
+
+    import megatron.core.fp8_utils as fp8_utils
+
+    from megatron_apex.training.arguments import parse_args
+    from megatron_apex.training.loop import Trainer
+
+    local_spec = gpu.layer_spec
+    monkeypatch.setattr(gpu, "layer_spec", lambda config, options: local_spec(
+        config, dataclasses.replace(options, transformer_impl="local", fp8_format=None)))
+    cfg = parse_args([*_FP8_FLAGS, "--apex-schedule", schedule, "--save", str(tmp_path / schedule)])
+    cfg.gpu = dataclasses.replace(cfg.gpu, transformer_impl="transformer_engine", fp8_format="hybrid")
+    monkeypatch.setattr(fp8_utils, "get_fp8_context", _Fp8Recorder().get_fp8_context)
+    trainer = Trainer(cfg)  # the two-phase step used to refuse --fp8-format here
+    assert trainer.two_phase == (schedule == "two-phase")
+    trainer.train_step()
+    recorder = _Fp8Recorder()
+    monkeypatch.setattr(fp8_utils, "get_fp8_context", recorder.get_fp8_context)
+    recorder.watch(trainer.model, "model")
+    recorder.watch(trainer.teacher, "teacher")
+    recorder.watch_cache_flag(trainer.model.layers[0].attention.linear_qkv)
+    return trainer, recorder
+
+
+@pytest.mark.parametrize("schedule", ["direct", "two-phase"])
+def test_every_forward_of_a_step_runs_in_fp8_and_no_backward_does(monkeypatch, tmp_path, schedule):
+    trainer, recorder = _fp8_trainer(monkeypatch, tmp_path, schedule)
+    micro_batches = trainer.num_microbatches
+    for _ in range(2):
+        trainer.train_step()
+    names = [name for name, _ in recorder.forwards]
+    assert names.count("teacher") == 2 * micro_batches  # the released DM term asks the frozen teacher once
+    assert names.count("model") >= 2 * 3 * micro_batches  # one-step, fake and trained queries at least
+    assert all(inside for _, inside in recorder.forwards), recorder.forwards
+    assert recorder.backwards and not any(inside for _, inside in recorder.backwards)
+    assert all(c.fp8 == "hybrid" for c in recorder.configs)
+    if schedule == "direct":  # one context per micro-batch's forward step
+        assert recorder.entered == 2 * micro_batches
+    else:  # one per micro-batch of every pass: the no-grad rounds, then the training pass
+        rounds = trainer._two_phase_objective(trainer._micro_batches(list(range(4)))[0]).num_rounds
+        assert recorder.entered == 2 * micro_batches * (rounds + 1)
+    # the FP8 weight cache is refreshed once per iteration: the first forward of each step
+    # quantizes the weights the optimizer just changed, the others reuse them
+    per_step = len(recorder.first_flags) // 2
+    assert recorder.first_flags == ([True] + [False] * (per_step - 1)) * 2
