@@ -127,17 +127,16 @@ def encode_text(inputs, prompts, guidance: bool, device=None, dtype=None):
     else encoded as the pipelines encode a negative prompt."""
     from megatron_apex.data.empty_prompt import EMPTY_PROMPT, empty_prompt_context
     from megatron_apex.data.encoders import load_text_encoder
-    from megatron_apex.inference.prompts import encode_prompts, pad_states, text_encoder_view
+    from megatron_apex.inference.prompts import encode_prompts, pad_states
 
-    with text_encoder_view(inputs.text_encoder, inputs.tokenizer) as folder:
-        encoder = load_text_encoder(folder, device=device, dtype=dtype,
-                                    complex_human_instruction=inputs.complex_human_instruction)
-        states = encode_prompts(encoder, prompts, inputs.max_text_len)
-        if guidance and inputs.manifest is not None:
-            ctx, mask = empty_prompt_context(inputs.manifest, inputs.data_path, "--guidance-scale")
-            states.append(ctx[mask])
-        elif guidance:
-            states += encode_prompts(encoder, [EMPTY_PROMPT], inputs.max_text_len, negative=True)
+    encoder = load_text_encoder(inputs.text_encoder, device=device, dtype=dtype,
+                                complex_human_instruction=inputs.complex_human_instruction, tokenizer=inputs.tokenizer)
+    states = encode_prompts(encoder, prompts, inputs.max_text_len)
+    if guidance and inputs.manifest is not None:
+        ctx, mask = empty_prompt_context(inputs.manifest, inputs.data_path, "--guidance-scale")
+        states.append(ctx[mask])
+    elif guidance:
+        states += encode_prompts(encoder, [EMPTY_PROMPT], inputs.max_text_len, negative=True)
     del encoder
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.empty_cache()

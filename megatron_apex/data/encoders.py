@@ -9,7 +9,8 @@ Image side (`--vae`): a diffusers folder saved with save_pretrained, one of
 or `none`: the pixels in [-1, 1] are the "latent" (the tiny pixel-space models).
 
 Text side (`--text-encoder`): `minilm` (megatron_apex/data/text_encoder.py), or a transformers
-folder (a pipeline's `text_encoder` folder with its tokenizer files beside the weights). The
+folder (a pipeline's `text_encoder` folder: its tokenizer files beside the weights, or in the
+pipeline's `tokenizer/` folder next to it). The
 states are what the diffusers pipelines feed their transformers for the same prompt (only the
 real tokens are kept; the loader pads):
   - Qwen2.5-VL (Qwen-Image): QwenImagePipeline.encode_prompt: the last hidden state of the
@@ -228,12 +229,32 @@ def text_encoder_info(text_encoder: str, complex_human_instruction: bool = True)
                 fingerprint=_folder_fingerprint(folder))
 
 
+# any of these marks a folder that holds its own tokenizer
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json",
+                   "spiece.model")
+
+
+def has_tokenizer(folder) -> bool:
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def tokenizer_folder(text_encoder: str, tokenizer: Optional[str] = None) -> str:
+    """Where the tokenizer of the text encoder folder ``text_encoder`` is: ``tokenizer`` when
+    given, the folder itself when it holds tokenizer files, else a diffusers pipeline's layout,
+    which keeps it apart in ``../tokenizer`` beside ``text_encoder/``."""
+    if tokenizer is not None or has_tokenizer(text_encoder):
+        return tokenizer or text_encoder
+    sibling = Path(text_encoder).parent / "tokenizer"
+    return str(sibling) if has_tokenizer(sibling) else text_encoder
+
+
 class TransformersTextEncoder:
     """`encode(captions, max_length, negative=False) -> [float32 (n_i, D)]`: the real tokens'
     states of each caption, as the family's pipeline computes them (module docstring);
     `negative=True` encodes negative prompts (the empty prompt) as the pipeline encodes those."""
 
-    def __init__(self, folder: str, device=None, dtype=None, complex_human_instruction: bool = True):
+    def __init__(self, folder: str, device=None, dtype=None, complex_human_instruction: bool = True,
+                 tokenizer: Optional[str] = None):
         import torch
         import transformers
 
@@ -243,7 +264,7 @@ class TransformersTextEncoder:
         self.template = info["template"]
         self.instruction = info["complex_human_instruction"]
         self.device = torch.device(device or "cpu")
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_folder(folder, tokenizer))
         # the pipelines read the states of right-padded batches: with causal attention the real
         # tokens then never see padding, so a caption's states do not depend on its batch
         self.tokenizer.padding_side = "right"
@@ -329,8 +350,10 @@ class MiniLMStates:
         return [s[: int(m.sum())] for s, m in zip(states, masks)]
 
 
-def load_text_encoder(text_encoder: str, device=None, dtype=None, complex_human_instruction: bool = True):
+def load_text_encoder(text_encoder: str, device=None, dtype=None, complex_human_instruction: bool = True,
+                      tokenizer: Optional[str] = None):
+    """'minilm', or a transformers folder (its tokenizer: ``tokenizer_folder``)."""
     if text_encoder == "minilm":
         return MiniLMStates()
     return TransformersTextEncoder(text_encoder, device=device, dtype=dtype,
-                                   complex_human_instruction=complex_human_instruction)
+                                   complex_human_instruction=complex_human_instruction, tokenizer=tokenizer)

@@ -2,58 +2,17 @@
 tools/prepare_data.py (megatron_apex/data/encoders.py: MiniLM, or a transformers folder with the
 Qwen-Image prompt template for Qwen2.5-VL and plain captions for Gemma-2), so a model samples
 with the states it was trained on.
-
-A diffusers pipeline folder keeps the tokenizer apart from the text encoder (`tokenizer/` beside
-`text_encoder/`), while the encoders read both from one folder: `text_encoder_view` lends such a
-pair as one folder of links to their files.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tarfile
-import tempfile
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-
-# any of these marks a folder that holds its own tokenizer
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json",
-                   "spiece.model")
-
-
-def has_tokenizer(folder) -> bool:
-    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
-
-
-def tokenizer_beside(text_encoder: str) -> Optional[str]:
-    """The pipeline layout's `../tokenizer` of a `text_encoder` folder without tokenizer files."""
-    folder = Path(text_encoder)
-    if has_tokenizer(folder):
-        return None
-    sibling = folder.parent / "tokenizer"
-    return str(sibling) if has_tokenizer(sibling) else None
-
-
-@contextlib.contextmanager
-def text_encoder_view(text_encoder: str, tokenizer: Optional[str]) -> Iterator[str]:
-    """``text_encoder`` itself, or (with a separate ``tokenizer`` folder) a temporary folder of
-    links to the files of both, alive for the ``with`` block."""
-    if tokenizer is None:
-        yield text_encoder
-        return
-    with tempfile.TemporaryDirectory(prefix="apex-text-encoder-") as view:
-        for folder in (Path(tokenizer), Path(text_encoder)):  # the model's config.json wins a clash
-            for path in folder.iterdir():
-                link = Path(view) / path.name
-                if link.exists() or link.is_symlink():
-                    link.unlink()
-                link.symlink_to(path.resolve())
-        yield view
-
 
 def read_prompt_file(path: str) -> List[str]:
     """One prompt per non-blank line of --prompts ``path``."""

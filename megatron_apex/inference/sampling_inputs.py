@@ -100,7 +100,6 @@ def resolve(ckpt: str, state: dict, config, text_encoder: Optional[str] = None, 
     from megatron_apex.data.encoders import text_encoder_info, vae_geometry
 
     from .decoding import geometry_mismatch
-    from .prompts import text_encoder_view, tokenizer_beside
 
     parts = _pipeline_parts(pipeline) if pipeline else {}
     te_flag = "--text-encoder" if text_encoder else "--pipeline"
@@ -115,8 +114,6 @@ def resolve(ckpt: str, state: dict, config, text_encoder: Optional[str] = None, 
                                 "folder saved with save_pretrained)")
     if text_encoder not in (None, "minilm"):
         _folder(te_flag, text_encoder, "a transformers text encoder folder, or 'minilm'")
-        if tokenizer is None:
-            tokenizer = tokenizer_beside(text_encoder)
     if vae not in (None, "none"):
         _folder(vae_flag, vae, "a diffusers autoencoder folder, or 'none'")
     explicit = text_encoder is not None or vae is not None
@@ -168,8 +165,7 @@ def resolve(ckpt: str, state: dict, config, text_encoder: Optional[str] = None, 
     instruction = True
     if kind == "latent" and isinstance(recorded, dict) and recorded.get("kind") == "transformers":
         instruction = bool(recorded.get("complex_human_instruction"))
-    with text_encoder_view(text_encoder, tokenizer) as folder:
-        info = text_encoder_info(folder, instruction)
+    info = text_encoder_info(text_encoder, instruction)
     te_name = "minilm" if text_encoder == "minilm" else f"{te_flag} {text_encoder}"
     if info["dim"] != config.context_dim:
         raise ValueError(f"{te_name} gives {info['dim']}-wide text states; the model of --load {ckpt} takes "

@@ -411,3 +411,27 @@ def test_default_text_length_follows_the_recipes(tmp_path):
                                            device="cpu"))
         assert cfg.max_text_len == length, kind
         assert (cfg.dtype, cfg.decoder) == ("float32", "pil")
+
+
+def test_a_pipeline_folder_text_encoder_finds_its_tokenizer_beside_it(tmp_path):
+    """A diffusers pipeline keeps `tokenizer/` apart from `text_encoder/`: --text-encoder
+    PIPE/text_encoder encodes exactly as a folder holding both."""
+    import shutil
+
+    from megatron_apex.data.encoders import TransformersTextEncoder, tokenizer_folder
+
+    both = tmp_path / "both"
+    _tiny_text_encoder("qwen2_5_vl", both)
+    pipe = tmp_path / "pipe"
+    (pipe / "text_encoder").mkdir(parents=True)
+    (pipe / "tokenizer").mkdir()
+    for path in both.iterdir():
+        is_model = path.name in ("config.json", "generation_config.json") or path.suffix == ".safetensors"
+        shutil.copy(path, pipe / ("text_encoder" if is_model else "tokenizer") / path.name)
+    assert tokenizer_folder(str(pipe / "text_encoder")) == str(pipe / "tokenizer")
+    assert tokenizer_folder(str(both)) == str(both)
+    captions = ["a red fox", "two cups on a table"]
+    ours = TransformersTextEncoder(str(pipe / "text_encoder")).encode(captions, 16)
+    reference = TransformersTextEncoder(str(both)).encode(captions, 16)
+    for a, b in zip(ours, reference):
+        np.testing.assert_array_equal(a, b)
