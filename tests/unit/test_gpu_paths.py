@@ -557,6 +557,28 @@ def test_the_trainer_keeps_megatrons_choice_of_adam(monkeypatch, tmp_path, capsy
     assert f"adam={__name__}._StandInFusedAdam" in capsys.readouterr().out
 
 
+# ------------------------------------------------------------------------------ TE version pin
+def test_transformer_engine_pin_is_the_range_megatron_core_is_tested_with():
+    """setup.py's gpu extra allows exactly the Transformer Engine versions megatron-core's own
+    "dev" extra allows (what its CI runs); a megatron-core upgrade fails here until the pin is
+    checked against the new one."""
+    import re
+    from importlib.metadata import distribution
+
+    from packaging.requirements import Requirement
+
+    megatron = distribution("megatron-core")
+    if megatron.version != "0.16.1":
+        pytest.skip(f"the pin is for megatron-core 0.16.1, this is {megatron.version}")
+    ours = Requirement(re.search(r'TRANSFORMER_ENGINE = "([^"]+)"', (ROOT / "setup.py").read_text()).group(1))
+    theirs = [Requirement(r) for r in megatron.requires or []]
+    theirs = [r for r in theirs if r.name == "transformer-engine" and r.marker and r.marker.evaluate({"extra": "dev"})]
+    assert len(theirs) == 1 and "pytorch" in ours.extras and "pytorch" in theirs[0].extras
+    for probe in ("2.8.0", "2.9.0", "2.10.0", "2.11.0", "2.11.9", "2.12.0", "2.20.2", "3.0.0"):
+        assert ours.specifier.contains(probe) == theirs[0].specifier.contains(probe), probe
+    assert ours.specifier.contains("2.11.0") and not ours.specifier.contains("2.12.0")
+
+
 # ------------------------------------------------------------------------------ MFU formulas
 def _gpu_check_module():
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
