@@ -12,7 +12,9 @@ All ratios come from one run of this script on one machine:
   time is the median over all rounds. The APEX floor is 3 forwards + 2 backwards of the batch
   (~2.33x an FM step with backward = 2 forwards).
 - forward: our model against diffusers' on the same weights and the same input (no grad),
-  taking turns; also prints the max abs difference of the two outputs. diffusers runs as users
+  taking turns call by call (--rounds x --iters calls each); medians of wall-clock time and of
+  the process's CPU time (robust to other processes on the machine); also prints the max abs
+  difference of the two outputs. diffusers runs as users
   run it (outside this process's CPU adaptation of megatron-core, see
   megatron_apex/parallel/cpu_adaptation.py, which our model needs on a CPU).
 - tp: the launcher under torchrun at TP=1 (one process) and TP=2 (two processes), released
@@ -195,18 +197,34 @@ def bench_forward(a):
         for run in runners.values():
             for _ in range(a.warmup):
                 run()
-        samples = {k: [] for k in runners}
-        for r in range(a.rounds):
-            for name, run in runners.items():
-                for _ in range(a.iters):
-                    start = time.perf_counter()
-                    run()
-                    samples[name].append(time.perf_counter() - start)
-            print(f"[forward] round {r + 1}/{a.rounds}: " + ", ".join(
-                f"{k} {_median_ms(s):.1f} ms" for k, s in samples.items()), flush=True)
-    ref = statistics.median(samples["diffusers"])
-    rows = [(k, _median_ms(s), statistics.median(s) / ref) for k, s in samples.items()]
+        wall, cpu = alternating_samples(runners, a.rounds, a.iters, "forward")
+    rows = []
+    for name in runners:
+        rows.append((name, _median_ms(wall[name]), statistics.median(wall[name]) / statistics.median(wall["diffusers"]),
+                     _median_ms(cpu[name]), statistics.median(cpu[name]) / statistics.median(cpu["diffusers"])))
     return rows, diff, tuple(x.shape)
+
+
+def alternating_samples(runners, rounds: int, iters: int, label: str):
+    """(wall, cpu): per runner, the wall-clock and the process's CPU seconds of every call.
+    The runners take turns call by call, the order reversed every call, so load from other
+    processes and the machine's drift hit them alike. CPU time (time.process_time, every
+    intra-op thread included) leaves out the time spent waiting for a core, which dominates
+    wall time on a loaded machine; it still counts the kernel's page faulting for fresh
+    allocations, a real cost of a forward."""
+    wall = {k: [] for k in runners}
+    cpu = {k: [] for k in runners}
+    names = list(runners)
+    for r in range(rounds):
+        for i in range(iters):
+            for name in (names if i % 2 == 0 else names[::-1]):
+                start_cpu, start = time.process_time(), time.perf_counter()
+                runners[name]()
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+        print(f"[{label}] round {r + 1}/{rounds}: " + ", ".join(
+            f"{k} {_median_ms(wall[k]):.1f} ms wall, {_median_ms(cpu[k]):.1f} ms CPU" for k in names), flush=True)
+    return wall, cpu
 
 
 # -------------------------------------------------------------------------------------- tp
@@ -242,8 +260,10 @@ def main(argv=None) -> int:
         lines += [f"| {name} | {ms:.0f} | {ratio:.2f} |" for name, ms, ratio in rows] + [""]
     if "forward" in a.sections:
         rows, diff, shape = bench_forward(a)
-        lines += [f"| forward, input {shape}, max abs diff {diff:.1e} | ms / forward | x diffusers |", "|---|---|---|"]
-        lines += [f"| {name} | {ms:.1f} | {ratio:.2f} |" for name, ms, ratio in rows] + [""]
+        lines += [f"| forward, input {shape}, max abs diff {diff:.1e} | wall ms | x diffusers | CPU ms | x diffusers |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {name} | {ms:.1f} | {ratio:.3f} | {cpu_ms:.1f} | {cpu_ratio:.3f} |"
+                  for name, ms, ratio, cpu_ms, cpu_ratio in rows] + [""]
     if "tp" in a.sections:
         rows = bench_tp(a)
         lines += ["| tensor parallelism (released APEX) | ms / iteration | x TP=1 |", "|---|---|---|"]
