@@ -30,6 +30,9 @@ class ParallelArgs:
     # Megatron-LM's --sequence-parallel: with TP > 1, each TP rank holds 1/TP of the tokens
     # between the tensor-parallel linears (norms, modulation, residuals); the numbers do not change.
     sequence_parallel: bool = False
+    # ZeRO-3 for full-parameter training: weights, gradients, optimizer state and the frozen
+    # teacher / EMA copies sharded over the data-parallel ranks (torch FSDP2, parallel/fsdp.py)
+    fsdp: bool = False
 
 
 @dataclass
@@ -179,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--fsdp", action="store_true",
+                   help="fully sharded data parallelism (torch FSDP2, ZeRO-3): weights, gradients, optimizer state, "
+                        "teacher and EMA sharded over the data-parallel ranks; full-parameter training, TP = PP = 1")
     g.add_argument("--recompute-granularity", choices=RECOMPUTE_GRANULARITIES, default=None,
                    help="activation recompute: each layer (full) or core attention only (selective)")
     g.add_argument("--sequence-parallel", action="store_true",
@@ -465,7 +471,7 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         model=a.model,
         model_overrides=model_overrides,
         parallel=ParallelArgs(a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
-                              a.use_distributed_optimizer, a.recompute_granularity,
+                              a.use_distributed_optimizer, a.recompute_granularity, fsdp=a.fsdp,
                               sequence_parallel=a.sequence_parallel),
         optim=OptimArgs(a.lr, a.min_lr, a.lr_warmup_iters, a.lr_decay_style, a.weight_decay,
                         a.adam_beta1, a.adam_beta2, a.adam_eps, a.clip_grad, a.bf16, a.lr_decay_iters),

@@ -288,11 +288,14 @@ def _init_fresh_state(part) -> None:
 
 
 def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: Dict, is_loading: bool) -> Dict:
+    from megatron_apex.parallel.fsdp import optimizer_matches_local_shards
+
     if is_loading:
         for part in _distributed_parts(optimizer):
             _init_fresh_state(part)
-    return optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
-                                        metadata=dict(DISTRIBUTED_OPTIMIZER_FORMAT))
+    with optimizer_matches_local_shards():  # (--fsdp's parameters; nothing changes without them)
+        return optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
+                                            metadata=dict(DISTRIBUTED_OPTIMIZER_FORMAT))
 
 
 @contextlib.contextmanager
@@ -319,7 +322,11 @@ def _copy_states_without_step(part) -> Iterator[None]:
 
 
 def load_optimizer_state(optimizer, state_dict: Dict) -> None:
-    """`optimizer.load_state_dict`, then every parameter gets a `step` tensor of its own."""
+    """`optimizer.load_state_dict`, then every parameter gets a `step` tensor of its own (under
+    --fsdp the loaded shards become DTensors first: parallel/fsdp.py)."""
+    from megatron_apex.parallel.fsdp import shard_loaded_optimizer_state
+
+    shard_loaded_optimizer_state(optimizer, state_dict)
     parts = _distributed_parts(optimizer)
     with contextlib.ExitStack() as stack:
         for part in parts:

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_apex.parallel.fsdp import check_fsdp_config
 from megatron_apex.training import checkpointing
 from megatron_apex.training.arguments import RunConfig
 from megatron_apex.training.ema import frozen_copy, update_ema
@@ -202,6 +203,7 @@ class Trainer:
         self.apex_config = APEXConfig(**obj.apex) if obj.objective == "apex" else None
         self.two_phase = check_parallel_config(cfg, self.model_config, self.apex_config)
         check_lora_config(cfg, self.two_phase, self.apex_config)
+        check_fsdp_config(cfg)
         self.lora_config = cfg.lora.lora_config() if cfg.lora.enabled else None
         self.starting = self._check_starting_checkpoints()
         self.info = init_distributed(cfg.parallel.tensor_model_parallel_size,
@@ -267,7 +269,12 @@ class Trainer:
         o, tr = self.cfg.optim, self.cfg.train
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer)
-        ddp_model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+        if self.cfg.parallel.fsdp:  # weights, grads and optimizer state sharded over DP (parallel/fsdp.py)
+            from megatron_apex.parallel.fsdp import FullyShardedModel, shard_model
+
+            ddp_model = FullyShardedModel(shard_model(model), ddp_config)
+        else:
+            ddp_model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
         opt_config = OptimizerConfig(
             optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
             adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=o.bf16,
@@ -348,6 +355,10 @@ class Trainer:
         """A frozen copy of the model (EMA, teacher). Under LoRA it owns only the trainable
         parameters and shares the base's tensors with the model."""
         if self.lora_config is None:
+            if self.cfg.parallel.fsdp:  # sharded like the model: shard-local EMA update, no whole copy
+                from megatron_apex.parallel.fsdp import shard_model
+
+                return frozen_copy(self.model, lambda: shard_model(self._build_model()))
             return frozen_copy(self.model, self._build_model)
         from megatron_apex.lora import apply_lora
 
@@ -404,6 +415,10 @@ class Trainer:
         """``module``'s sharded state dict; under LoRA only its trainable part."""
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+        if self.cfg.parallel.fsdp:
+            from megatron_apex.parallel import fsdp
+
+            return fsdp.sharded_state_dict(module, prefix)
         sharded = _sharded(module, prefix)
         if self.lora_config is None:
             return sharded
@@ -412,6 +427,11 @@ class Trainer:
 
     def _load_module(self, module, loaded: Dict, prefix: str) -> None:
         state = checkpointing.module_state_dict(loaded, prefix, module)
+        if self.cfg.parallel.fsdp:
+            from megatron_apex.parallel.fsdp import load_local_state
+
+            load_local_state(module, state)
+            return
         if self.lora_config is None:
             module.load_state_dict(state)
             return
@@ -823,7 +843,10 @@ class Trainer:
         from megatron_apex.training.run_control import update_is_finite
 
         losses = [v for r in reports for v in r.values()]
-        grads = [b.grad_data for b in self.ddp_model.buffers + self.ddp_model.expert_parallel_buffers]
+        if self.cfg.parallel.fsdp:
+            grads = self.ddp_model.local_grads()
+        else:
+            grads = [b.grad_data for b in self.ddp_model.buffers + self.ddp_model.expert_parallel_buffers]
         return update_is_finite(losses, grads, self.info.device)
 
     # ---- the loop -----------------------------------------------------------------------

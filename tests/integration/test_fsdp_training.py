@@ -1,0 +1,224 @@
+"""--fsdp (torch FSDP2 over the data-parallel ranks, gloo on the CPU) against plain data
+parallelism and one process: the same per-iteration losses and grad norms (FM, and released
+APEX with the frozen teacher and an EMA, both sharded); checkpoints written under FSDP that
+resume under FSDP and load in one process, and the other way round, continuing with the
+uninterrupted run's numbers and holding the same tensors (weights, EMA, teacher, Adam state);
+combinations FSDP does not run with refused at start.
+
+As test_parallel_training.py: every run fine-tunes from one iteration-0 checkpoint of the
+single-process launch, and each launch runs all its jobs in one set of processes."""
+
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from test_parallel_training import ENTRY, ITERS, LONG, REL, Runs, _trained
+
+BASE = ["--model", "qwen-image-tiny-test", "--micro-batch-size", "4", "--global-batch-size", "8",
+        "--log-interval", "1", "--no-progress", "--seed", "1234", "--lr", "1e-3", "--ema-decay", "0.9"]
+FSDP = ["--fsdp"]
+FM = ["--objective", "fm"]
+CONTEXT_DIM = 24  # qwen-image-tiny-test's joint_attention_dim
+
+
+def _write_dataset(path):
+    """32 samples of 1 x 8 x 8 images with 1-4 text tokens of the tiny-test model's width."""
+    from megatron_apex.data.shards import SHARD_FORMAT, write_manifest, write_split
+
+    rng = np.random.default_rng(0)
+
+    def samples():
+        for i in range(32):
+            n = int(rng.integers(1, 5))
+            yield dict(key=f"{i:07d}", image=rng.integers(0, 256, (1, 8, 8), dtype=np.uint8),
+                       context=rng.standard_normal((n, CONTEXT_DIM)).astype(np.float16), mask=np.ones(n, bool),
+                       caption=f"caption {i}", label=i % 4)
+
+    write_manifest(path, dict(format=SHARD_FORMAT, splits={"train": write_split(path, "train", samples(), 32)},
+                              context_dim=CONTEXT_DIM, max_text_len=4))
+
+
+class FsdpRuns(Runs):
+    def __init__(self, root):  # noqa: super().__init__ would write the 384-wide data set
+        self.root = root
+        self.data = root / "data"
+        _write_dataset(self.data)
+        self.init = root / "init"
+
+    def job(self, name, iters=ITERS, extra=(), probe=None, action="train", init=True, checkpoint=False):
+        variant = [] if "--objective" in extra else ["--apex-variant", "released"]
+        argv = [*BASE, "--data-path", str(self.data), *variant, "--train-iters", str(iters),
+                "--save", str(self.root / name), *extra]
+        if init:
+            argv += ["--load", str(self.init), "--finetune"]
+        return dict(name=name, argv=argv, probe=probe, action=action, checkpoint=checkpoint)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """1 process: the common start, the references (FM, 5 iterations; released APEX with
+    teacher and EMA, 10 iterations with checkpoints at 5 and 10). 2 processes: plain DP and
+    FSDP of both; FSDP FM with full recompute; --bf16 under DP and FSDP, and FSDP 3 + 2;
+    FSDP 10 straight and 5 + 5 (resumed under FSDP); FSDP resumed from the 1-process
+    checkpoint. 1 process again: plain and FSDP (1 rank) resumed from the FSDP
+    checkpoint. (Runs compared with each other have the same --train-iters: the LR decays
+    over them.)"""
+    runs = FsdpRuns(tmp_path_factory.mktemp("fsdp_training"))
+    runs.launch(1, [runs.job("init", action="save_init", init=False, checkpoint=True),
+                    runs.job("ref_fm", extra=FM),
+                    runs.job("ref_long", iters=LONG, extra=["--save-interval", "5"], checkpoint=True)], "single")
+    split = ["--exit-interval", "5"]
+    bf16 = ["--bf16"]
+    runs.launch(2, [runs.job("dp2_fm", extra=FM), runs.job("fsdp_fm", extra=[*FSDP, *FM]),
+                    runs.job("fsdp_fm_recompute", extra=[*FSDP, *FM, "--recompute-granularity", "full"]),
+                    runs.job("dp2_bf16", extra=bf16), runs.job("fsdp_bf16", extra=[*FSDP, *bf16]),
+                    runs.job("fsdp_bf16_split", extra=[*FSDP, *bf16, "--exit-interval", "3"], checkpoint=True),
+                    runs.job("fsdp_bf16_resumed", init=False,
+                             extra=[*FSDP, *bf16, "--load", str(runs.root / "fsdp_bf16_split")]),
+                    runs.job("dp2_long", iters=LONG),
+                    runs.job("fsdp_long", iters=LONG, extra=FSDP, checkpoint=True),
+                    runs.job("fsdp_split", iters=LONG, extra=[*FSDP, *split], checkpoint=True),
+                    runs.job("fsdp_resumed", iters=LONG, init=False, checkpoint=True,
+                             extra=[*FSDP, "--load", str(runs.root / "fsdp_split")]),
+                    runs.job("fsdp_from_dp1", iters=LONG, init=False, checkpoint=True,
+                             extra=[*FSDP, "--load", runs.checkpoint("ref_long", 5)])], "two")
+    runs.launch(1, [runs.job("dp1_from_fsdp", iters=LONG, init=False, checkpoint=True,
+                             extra=["--load", str(runs.root / "fsdp_split")]),
+                    runs.job("fsdp1_from_fsdp", iters=LONG, init=False, checkpoint=True,
+                             extra=[*FSDP, "--load", str(runs.root / "fsdp_split")])], "back")
+    return runs
+
+
+def assert_same_numbers(got, ref, iterations=range(1, ITERS + 1), rel=REL):
+    """loss, every l_* term and grad_norm agree per iteration within ``rel`` (relative)."""
+    assert sorted(got) == list(iterations) and set(iterations) <= set(ref)
+    for it in iterations:
+        keys = sorted(k for k in ref[it] if k.startswith("l_") or k in ("loss", "grad_norm"))
+        assert keys == sorted(k for k in got[it] if k.startswith("l_") or k in ("loss", "grad_norm"))
+        assert {"loss", "grad_norm"} < set(keys)
+        for k in keys:
+            assert math.isclose(got[it][k], ref[it][k], rel_tol=rel, abs_tol=1e-12), (it, k, got[it][k], ref[it][k])
+
+
+def checkpoint_tensors(ckpt):
+    """Every tensor of a checkpoint, whole, read in this one process (torch DCP)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(ckpt)
+    entries = {k: v for k, v in reader.read_metadata().state_dict_metadata.items()
+               if isinstance(v, TensorStorageMetadata)}
+    out = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in entries.items()}
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    return out
+
+
+def _kind(key):
+    """model / ema / teacher, or the optimizer state's name (exp_avg, exp_avg_sq)."""
+    parts = key.split(".")
+    return parts[2] if parts[0] == "optimizer" else parts[0]
+
+
+def assert_same_tensors(got, ref, rel=1e-5):
+    """The same keys, shapes and dtypes; values equal up to ``rel`` of the largest value of
+    their kind (Adam turns float rounding in a near-zero gradient into a visible relative
+    change of a near-zero weight; a misplaced shard moves values by their own size)."""
+    assert sorted(got) == sorted(ref)
+    kinds = {_kind(k) for k in ref}
+    assert {"model", "ema", "teacher", "exp_avg", "exp_avg_sq"} <= kinds, kinds
+    scale = {kind: max(ref[k].abs().max().item() for k in ref if _kind(k) == kind) for kind in kinds}
+    for k in ref:
+        assert got[k].shape == ref[k].shape and got[k].dtype == ref[k].dtype, k
+        assert (got[k] - ref[k]).abs().max().item() <= rel * scale[_kind(k)], k
+
+
+# ---- same numbers as plain data parallelism and as one process ------------------------------
+
+@pytest.mark.parametrize("objective", ["fm", "released"])
+def test_fsdp_matches_data_parallel_and_one_process(runs, objective):
+    names = ("fsdp_fm", "dp2_fm", "ref_fm") if objective == "fm" else ("fsdp_long", "dp2_long", "ref_long")
+    fsdp, dp2, one = map(runs.metrics, names)
+    iterations = range(1, max(fsdp) + 1)
+    assert _trained(dp2)
+    assert_same_numbers(fsdp, dp2, iterations)
+    assert_same_numbers(fsdp, one, iterations)
+
+
+def test_fsdp_with_activation_recompute_gives_the_same_numbers(runs):
+    assert_same_numbers(runs.metrics("fsdp_fm_recompute"), runs.metrics("ref_fm"))
+
+
+def test_fsdp_bf16_matches_data_parallel_and_resumes(runs):
+    # FSDP keeps a bf16 model's gradient shards in bf16 (reduced in fp32), where megatron's DDP
+    # accumulates fp32 main grads: equal up to bf16 rounding of the gradients (eps 2**-8)
+    fsdp, dp2 = runs.metrics("fsdp_bf16"), runs.metrics("dp2_bf16")
+    assert _trained(dp2)
+    assert_same_numbers(fsdp, dp2, rel=5e-3)
+    resumed = {**runs.metrics("fsdp_bf16_split"), **runs.metrics("fsdp_bf16_resumed")}
+    assert sorted(runs.metrics("fsdp_bf16_resumed")) == [4, 5]
+    for it in fsdp:  # the fp32 master shards and Adam state come back exactly
+        assert (resumed[it]["loss"], resumed[it]["grad_norm"]) == (fsdp[it]["loss"], fsdp[it]["grad_norm"]), it
+
+
+def test_fsdp_keeps_the_teacher_and_ema_like_one_process(runs):
+    # the 10-iteration FSDP run ends with the weights, EMA, teacher and Adam state of one process
+    fsdp, one = checkpoint_tensors(runs.checkpoint("fsdp_long", LONG)), checkpoint_tensors(
+        runs.checkpoint("ref_long", LONG))
+    assert_same_tensors(fsdp, one)
+    assert (fsdp["ema.proj_out.weight"] - fsdp["model.proj_out.weight"]).abs().max() > 1e-4  # EMA lags
+
+
+# ---- checkpoints that reshard --------------------------------------------------------------
+
+def test_fsdp_resume_continues_the_uninterrupted_run(runs):
+    straight = runs.metrics("fsdp_long")
+    assert sorted(straight) == list(range(1, LONG + 1)) and _trained(straight)
+    assert sorted(runs.metrics("fsdp_split")) == list(range(1, ITERS + 1))
+    resumed = runs.metrics("fsdp_resumed")
+    assert sorted(resumed) == list(range(ITERS + 1, LONG + 1))
+    for it in resumed:
+        for key in ("loss", "l_base", "l_fake", "l_dm", "grad_norm"):
+            assert resumed[it][key] == straight[it][key], (it, key)  # bitwise: same ops, same order
+
+
+@pytest.mark.parametrize("name", ["dp1_from_fsdp", "fsdp1_from_fsdp", "fsdp_from_dp1"])
+def test_fsdp_checkpoints_reshard_to_and_from_one_process(runs, name):
+    reference = runs.metrics("ref_long")
+    assert_same_numbers(runs.metrics(name), reference, range(ITERS + 1, LONG + 1))
+    assert_same_tensors(checkpoint_tensors(runs.checkpoint(name, LONG)),
+                        checkpoint_tensors(runs.checkpoint("ref_long", LONG)))
+
+
+def test_fsdp_checkpoint_holds_whole_tensors_like_one_process(runs):
+    # the FSDP checkpoint at 5 has the keys, shapes and values of the 1-process one
+    assert_same_tensors(checkpoint_tensors(runs.checkpoint("fsdp_split", ITERS)),
+                        checkpoint_tensors(runs.checkpoint("ref_long", ITERS)))
+
+
+# ---- what FSDP does not run with, refused at start -----------------------------------------
+
+BAD = {
+    "tp": (["--tensor-model-parallel-size", "2"], "--fsdp cannot run with --tensor-model-parallel-size 2"),
+    "pp": (["--pipeline-model-parallel-size", "2"], "--fsdp cannot run with --pipeline-model-parallel-size 2"),
+    "distopt": (["--use-distributed-optimizer"], "--fsdp cannot run with --use-distributed-optimizer"),
+    "lora": (["--lora-rank", "4"], "--fsdp cannot run with --lora-rank 4"),
+    "two-phase": (["--apex-schedule", "two-phase"], "--fsdp cannot run with --apex-schedule two-phase"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_fsdp_combinations_refused_at_start_naming_both_flags(tmp_path, capsys, name):
+    spec = importlib.util.spec_from_file_location("pretrain_apex_dit", ENTRY)
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    args, needle = BAD[name]
+    save = tmp_path / "run"
+    code = entry.main([*BASE, "--train-iters", "1", "--save", str(save), *FSDP, *args])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert needle in errors[0], errors[0]
+    assert not (save / "latest").exists()
