@@ -54,7 +54,11 @@ def _wait(proc, condition, what: str, timeout: float = 300) -> bool:
 
 
 def _resume_args(save: Path) -> list:
-    return ["--load", save] if (save / "latest").is_file() else []
+    # As examples/pretrain_apex_dit.sh: --load of the run's own --save, which the trainer resumes,
+    # or starts while it holds nothing. Adding --load only once `latest` exists would miss a kill
+    # between publishing the first checkpoint and writing `latest`; the fresh start over that
+    # checkpoint is then refused (no run writes over a complete checkpoint).
+    return ["--load", save]
 
 
 def _assert_same_losses(save: Path, reference: dict) -> None:

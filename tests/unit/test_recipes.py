@@ -143,11 +143,14 @@ def start(tmp_path, *flags):
     return Trainer(parse_args(["--model", MODEL, "--train-iters", "9", *map(str, flags)]))
 
 
-@pytest.mark.parametrize("save_state", ["missing", "empty"])
+@pytest.mark.parametrize("save_state", ["missing", "empty", "killed-in-its-first-save"])
 def test_first_start_of_its_own_save_starts_from_the_pretrained_weights(builders, tmp_path, capsys, save_state):
     save = tmp_path / "run"
-    if save_state == "empty":
+    if save_state != "missing":
         save.mkdir()
+    if save_state == "killed-in-its-first-save":  # what the next save removes; metrics to be recomputed
+        (save / ".tmp_iter_0000002").mkdir()
+        (save / "metrics.jsonl").write_text('{"iteration": 1}\n')
     with pytest.raises(Built):
         start(tmp_path, "--pretrained-checkpoint", fake_checkpoint(tmp_path / "base"), "--load", save, "--save", save)
     assert builders == ["init_distributed"]
