@@ -9,6 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_encoders import corpus_tokenizer, tiny_text_encoder
 from tiny_vaes import tiny_vae
 
 from megatron_apex.data.prepare import PrepareConfig, prepare
@@ -229,21 +230,8 @@ def test_vae_latents_match_the_diffusers_pipelines(tmp_path, class_name):
 
 
 def _corpus_tokenizer(bos: bool):
-    """A cased BPE tokenizer trained here on the templates and captions of these tests (no Qwen or
-    Gemma tokenizer offline); `bos` adds a leading <bos> as Gemma's does (Qwen2's adds nothing)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from megatron_apex.data.encoders import QWEN_TEMPLATE, SANA_COMPLEX_HUMAN_INSTRUCTION
-
-    corpus = [QWEN_TEMPLATE, *SANA_COMPLEX_HUMAN_INSTRUCTION, *_CAPTIONS.values(),
-              *(c.lower() for c in _CAPTIONS.values())]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<bos>", "<unk>"]))
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", unk_token="<unk>")
+    """The tests' tokenizer, trained on their captions in both cases."""
+    return corpus_tokenizer([*_CAPTIONS.values(), *(c.lower() for c in _CAPTIONS.values())], bos)
 
 
 # mixed case: Sana's pipeline lower-cases captions, Qwen-Image's does not
@@ -251,26 +239,8 @@ _CAPTIONS = {f"{i:08d}": f"Picture Number {i} of a CAT" + " and More words" * (3
 
 
 def _tiny_text_encoder(kind, folder):
-    """A random Qwen2.5-VL or Gemma-2 saved with a tokenizer trained here."""
-    import torch
-    import transformers
-
-    tok = _corpus_tokenizer(bos=kind == "gemma2")
-    torch.manual_seed(0)
-    if kind == "qwen2_5_vl":
-        text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None,
-                    pad_token_id=0, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
-        model = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
-            text_config=text, vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
-                                                 out_hidden_size=32)))
-    else:
-        model = transformers.Gemma2Model(transformers.Gemma2Config(
-            vocab_size=len(tok), hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, pad_token_id=0))
-    model.eval().save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return model, tok
+    """A random Qwen2.5-VL (32 wide) or Gemma-2 (24 wide) saved with the tests' tokenizer."""
+    return tiny_text_encoder(kind, folder, [*_CAPTIONS.values(), *(c.lower() for c in _CAPTIONS.values())])
 
 
 def _qwen_template():
