@@ -10,7 +10,8 @@
 # never by --save / --load / --pretrained-checkpoint arguments.
 #
 # --tiny: the same recipe at CPU size (tests, a smoke run of the command before booking GPUs):
-# the family's tiny model on the built-in data, one process unless NPROC_PER_NODE says otherwise,
+# the family's tiny model on the built-in data (or on DATA_PATH when it is set: data prepared for
+# the tiny model, as in docs/walkthrough.md), one process unless NPROC_PER_NODE says otherwise,
 # no model parallelism, a small batch and iteration counts cut to a few (training, LR warm-up,
 # the DM term's warm-up, checkpoint and log intervals). Precision, optimizer, objective and the
 # checkpoint flags stay the recipe's.
@@ -47,6 +48,7 @@ if [[ $tiny == 1 ]]; then
     flag="${ARGS[$i]}"
     value="${ARGS[$((i + 1))]:-}"
     if [[ "$flag" == --data-path ]]; then  # the recipe's data is sized for its model: the built-in data
+      if [[ -n "${DATA_PATH:-}" ]]; then sized+=("$flag" "$value"); fi
       i=$((i + 1))
     elif [[ -n "$(tiny_value "$flag" "$value")" ]]; then
       sized+=("$flag" "$(tiny_value "$flag" "$value")")

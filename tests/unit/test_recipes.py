@@ -119,6 +119,10 @@ def test_tiny_keeps_the_recipe_but_its_sizes():
         expected.append(flag)
         i += 1
     assert tiny[tiny.index("examples/pretrain_apex_dit.py"):] == expected
+    # data prepared for the tiny model (the walkthrough's rehearsal) is kept
+    mine = launch_command(dry_run("sana_full.sh", "--tiny", SANA_SIZE="0.6b", DATA_PATH="/data/tiny"))
+    assert flag_values(mine, "--data-path") == ["/data/tiny"]
+    assert [w for w in mine if w not in ("--data-path", "/data/tiny")] == tiny
 
 
 # ----------------------------------------------------------------------------- the trainer's start decision
