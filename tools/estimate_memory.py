@@ -4,11 +4,15 @@
     python tools/estimate_memory.py --model qwen-image-20b --lora-rank 64 --search --gpus 8
     python tools/estimate_memory.py --model qwen-image-20b --search --gpus 16 --gpu-memory 80
     python tools/estimate_memory.py --model qwen-image-20b --search --gpus 16 --sequence-parallel
+    python tools/estimate_memory.py --model qwen-image-20b --fsdp --dp 16
 
 Weights, fp32 main grads, Adam state (+ fp32 master weights) and the frozen teacher / EMA
 copies are exact byte counts of the stage models megatron builds (on the meta device, in a fake
 process group); activations are traced through the real objective on meta tensors, attention
-counted as a flash kernel keeps it (megatron_apex/training/memory_estimate.py). Not counted:
+counted as a flash kernel keeps it (megatron_apex/training/memory_estimate.py). With --fsdp
+(the trainer's, TP = PP = 1) weights, grads, optimizer state and the copies are the rank's
+shards, plus the unsharded layers in flight; --search tries FSDP at TP = PP = 1 of every
+full-parameter plan. Not counted:
 the CUDA context and allocator fragmentation (--reserve-gib leaves room for them).
 """
 
@@ -41,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--sequence-parallel", action="store_true",
                    help="Megatron-LM's --sequence-parallel (needs --tp > 1; with --search: every layout with TP > 1)")
     p.add_argument("--use-distributed-optimizer", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--fsdp", action="store_true",
+                   help="the trainer's --fsdp: weights, grads, optimizer, teacher and EMA sharded over --dp "
+                        "(TP = PP = 1; with --search: only that layout)")
     p.add_argument("--params-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--search", action="store_true", help="list the smallest layouts of --gpus that fit")
     p.add_argument("--gpus", type=int, default=8, help="GPUs of the --search")
@@ -59,7 +66,7 @@ def parse_args(argv=None):
         lora_rank=a.lora_rank, lora_targets=a.lora_targets,
         recompute=None if a.recompute == "none" else a.recompute,
         distributed_optimizer=a.use_distributed_optimizer, params_dtype=a.params_dtype,
-        sequence_parallel=a.sequence_parallel)
+        sequence_parallel=a.sequence_parallel, fsdp=a.fsdp)
     return a, plan
 
 
@@ -71,10 +78,12 @@ def main(argv=None) -> int:
             fits = search(plan, a.gpus, budget)
             print(f"{a.model} on {a.gpus} GPUs of {a.gpu_memory:g} GB ({budget:.1f} GiB usable each): "
                   f"{len(fits)} layout(s) fit, smallest model parallelism first\n")
-            print("| TP | PP | DP | SP | recompute | peak stage GiB | activations GiB |\n|---|---|---|---|---|---|---|")
+            print("| TP | PP | DP | FSDP | SP | recompute | peak stage GiB | activations GiB |\n"
+                  "|---|---|---|---|---|---|---|---|")
             for trial, top in fits:
                 print(f"| {trial.tensor_model_parallel_size} | {trial.pipeline_model_parallel_size} | "
-                      f"{trial.data_parallel_size} | {'yes' if trial.sequence_parallel else 'no'} | "
+                      f"{trial.data_parallel_size} | {'yes' if trial.fsdp else 'no'} | "
+                      f"{'yes' if trial.sequence_parallel else 'no'} | "
                       f"{trial.recompute or 'none'} | {top.total / GIB:.1f} | {top.activations / GIB:.1f} |")
             if fits:
                 print("\n" + format_table(fits[0][0], estimate(fits[0][0])))

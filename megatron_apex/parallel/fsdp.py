@@ -71,8 +71,11 @@ def _param_attributes(module: torch.nn.Module) -> Dict[str, Dict]:
     return {name: dict(vars(p)) for name, p in module.named_parameters()}
 
 
-def shard_model(model: torch.nn.Module) -> torch.nn.Module:
-    """``fully_shard`` each of ``model.layers``, then ``model`` itself (in place; returns it)."""
+def shard_model(model: torch.nn.Module, frozen: bool = False) -> torch.nn.Module:
+    """``fully_shard`` each of ``model.layers``, then ``model`` itself (in place; returns it).
+    A trained model's root keeps its own parameters (embedders, output head) gathered from the
+    forward to the backward, FSDP's default; a ``frozen`` copy (teacher, EMA) never runs a
+    backward, so its root reshards after every forward like its layers."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = _mesh()
@@ -81,7 +84,7 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for layer in getattr(model, "layers", []):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True if frozen else None)
     for name, p in model.named_parameters():
         for key, value in attributes.get(name, {}).items():
             if not hasattr(p, key):

@@ -358,7 +358,7 @@ class Trainer:
             if self.cfg.parallel.fsdp:  # sharded like the model: shard-local EMA update, no whole copy
                 from megatron_apex.parallel.fsdp import shard_model
 
-                return frozen_copy(self.model, lambda: shard_model(self._build_model()))
+                return frozen_copy(self.model, lambda: shard_model(self._build_model(), frozen=True))
             return frozen_copy(self.model, self._build_model)
         from megatron_apex.lora import apply_lora
 

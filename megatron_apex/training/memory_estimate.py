@@ -15,6 +15,14 @@ path and its S x S probabilities). A stage holds the activations of as many micr
 recompute, the activations of the one layer being recomputed. On the CPU this matches the allocator's
 measured peak of a real training step within a few percent (tests/unit/test_memory_estimate.py).
 
+Fully sharded data parallelism (``fsdp``, the trainer's --fsdp at TP = PP = 1): weights, their
+gradients (in the parameters' dtype), Adam state and the teacher / EMA copies are this rank's
+row shards (data-parallel rank 0 holds the largest); on top, ``gathered`` counts the unsharded
+working set: the root module's own parameters, two layers' (the one computing, the one
+prefetched) and one layer's gradients as autograd makes them plus their fp32 reduce-scatter
+input. The optimizer step adds fp32 copies of the gradient shards under 16-bit parameters,
+while no activations are held; not counted. Activations do not change.
+
 Sequence parallelism (``sequence_parallel``, TP > 1) is traced as it runs: the model is built
 with it, so each rank's saved activations between the tensor-parallel linears are its 1/TP of
 the tokens. Not counted: megatron's one reused all-gather buffer (one layer input's worth).
@@ -51,6 +59,7 @@ class MemoryPlanConfig:
     recompute: Optional[str] = None  # None | selective | full
     sequence_parallel: bool = False  # Megatron-LM's --sequence-parallel (TP > 1; --search: its TP > 1 layouts)
     distributed_optimizer: bool = True
+    fsdp: bool = False  # the trainer's --fsdp (TP = PP = 1; --search: the TP = PP = 1 layout with and without)
     params_dtype: str = "bfloat16"
     model_overrides: Dict = field(default_factory=dict)
 
@@ -67,6 +76,12 @@ class MemoryPlanConfig:
             raise ValueError(f"--params-dtype {self.params_dtype!r}: choose bfloat16 or float32")
         if self.lora_rank < 0:
             raise ValueError(f"--lora-rank must be >= 0, got {self.lora_rank}")
+        if self.fsdp:
+            for flag, value in (("--tensor-model-parallel-size", self.tensor_model_parallel_size),
+                                ("--pipeline-model-parallel-size", self.pipeline_model_parallel_size),
+                                ("--lora-rank", self.lora_rank)):
+                if value not in (0, 1):
+                    raise ValueError(f"--fsdp cannot run with {flag} {value} (FSDP: full-parameter, TP = PP = 1)")
         if self.sequence_parallel:
             from megatron_apex.models.common.sequence_parallel import check_sequence_parallel
 
@@ -85,10 +100,11 @@ class StageMemory:
     optimizer: int
     copies: int  # frozen teacher + EMA
     activations: int
+    gathered: int = 0  # --fsdp: the unsharded layers and gradients in flight
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.copies + self.activations
+        return self.weights + self.grads + self.optimizer + self.copies + self.activations + self.gathered
 
 
 # ------------------------------------------------------------------------------ fake world
@@ -177,6 +193,36 @@ def state_bytes(params: List[torch.nn.Parameter], plan: MemoryPlanConfig) -> Dic
     # < dp elements per bucket, nothing at these sizes
     return {"weights": _bytes(params), "grads": 4 * n_train, "optimizer": (8 * n_train + master) // dp,
             "parameters": sum(p.numel() for p in params), "trainable": n_train}
+
+
+def _fsdp_shard(p: torch.Tensor, dp: int) -> int:
+    """Elements of data-parallel rank 0's FSDP shard of ``p``: torch.chunk of dim 0, whose first
+    chunks hold ceil(rows / dp) rows."""
+    if p.dim() == 0 or p.shape[0] == 0:
+        return p.numel()
+    return -(-p.shape[0] // dp) * (p.numel() // p.shape[0])
+
+
+def fsdp_state_bytes(model: torch.nn.Module, plan: MemoryPlanConfig) -> Dict[str, int]:
+    """--fsdp: rank 0's shards of the weights, gradients (the parameters' dtype) and Adam state
+    (+ fp32 master shards for 16-bit parameters), and the unsharded working set (module
+    docstring)."""
+    dp = plan.data_parallel_size
+    params = list(model.parameters())
+    shard = {id(p): _fsdp_shard(p, dp) for p in params}
+    trainable = [p for p in params if p.requires_grad]
+    n_train = sum(shard[id(p)] for p in trainable)
+    master = sum(shard[id(p)] * 4 for p in trainable if p.dtype != torch.float32)
+    units = [list(layer.parameters()) for layer in getattr(model, "layers", [])]
+    in_layers = {id(p) for unit in units for p in unit}
+    root = [p for p in params if id(p) not in in_layers]
+    largest_layer = max((_bytes(unit) for unit in units), default=0)
+    # one unit's gradients in flight: the parameters' dtype from autograd + the fp32 reduce-scatter input
+    grads_in_flight = max(_bytes(unit) + 4 * sum(p.numel() for p in unit) for unit in [*units, root])
+    return {"weights": sum(shard[id(p)] * p.element_size() for p in params),
+            "grads": sum(shard[id(p)] * p.element_size() for p in trainable), "optimizer": 8 * n_train + master,
+            "parameters": sum(shard.values()), "trainable": n_train,
+            "gathered": _bytes(root) + 2 * largest_layer + grads_in_flight}
 
 
 # ------------------------------------------------------------------------------ activations
@@ -288,11 +334,12 @@ def estimate(plan: MemoryPlanConfig) -> List[StageMemory]:
     stages = []
     for stage in range(pp):
         with fake_parallel_world(tp, pp, dp, stage):
-            params = list(_build_stage(plan, config).parameters())
-        counts = state_bytes(params, plan)
+            stage_model = _build_stage(plan, config)
+            params = list(stage_model.parameters())
+        counts = fsdp_state_bytes(stage_model, plan) if plan.fsdp else state_bytes(params, plan)
         weights = counts["weights"]
-        # teacher and EMA are frozen copies of the stage; under LoRA they share the base's
-        # weights and copy only the trainable parameters
+        # teacher and EMA are frozen copies of the stage (under FSDP sharded like it); under
+        # LoRA they share the base's weights and copy only the trainable parameters
         if plan.lora_rank:
             copies = (int(keeps_teacher) + int(plan.ema)) * _bytes(p for p in params if p.requires_grad)
         else:
@@ -305,7 +352,8 @@ def estimate(plan: MemoryPlanConfig) -> List[StageMemory]:
         activations = in_flight * (per_layer * layers[stage] + outside) + working
         stages.append(StageMemory(stage=stage, layers=layers[stage], parameters=counts["parameters"],
                                   trainable=counts["trainable"], weights=weights, grads=counts["grads"],
-                                  optimizer=counts["optimizer"], copies=copies, activations=activations))
+                                  optimizer=counts["optimizer"], copies=copies, activations=activations,
+                                  gathered=counts.get("gathered", 0)))
     return stages
 
 
@@ -324,14 +372,16 @@ def format_table(plan: MemoryPlanConfig, stages: List[StageMemory]) -> str:
              + (f", LoRA r={plan.lora_rank} ({plan.lora_targets})" if plan.lora_rank else ", full-parameter")
              + f", recompute {plan.recompute or 'none'}"
              + (", sequence parallel" if plan.sequence_parallel else "") + ", "
-             + ("distributed optimizer" if plan.distributed_optimizer else "replicated optimizer")
+             + ("FSDP" if plan.fsdp else "distributed optimizer" if plan.distributed_optimizer
+                else "replicated optimizer")
              + f", {plan.params_dtype} params", "",
              "| stage | layers | params / GPU | trainable | weights GiB | grads GiB | optimizer GiB | teacher+EMA GiB "
-             "| activations GiB | total GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| activations GiB | " + ("FSDP gathers GiB | " if plan.fsdp else "") + "total GiB |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if plan.fsdp else "") + "---|"]
     for s in stages:
         lines.append(f"| {s.stage} | {s.layers} | {s.parameters / 1e9:.3f} B | {s.trainable / 1e6:.1f} M | "
                      f"{gib(s.weights)} | {gib(s.grads)} | {gib(s.optimizer)} | {gib(s.copies)} | "
-                     f"{gib(s.activations)} | {gib(s.total)} |")
+                     f"{gib(s.activations)} | " + (f"{gib(s.gathered)} | " if plan.fsdp else "") + f"{gib(s.total)} |")
     return "\n".join(lines)
 
 
@@ -349,26 +399,40 @@ def candidate_layouts(gpus: int, config, max_tp: int = 8) -> List[Tuple[int, int
     return out
 
 
+def _search_layouts(plan: MemoryPlanConfig, gpus: int, config) -> List[Tuple[Tuple[int, int, int], bool]]:
+    """((tp, pp, dp), fsdp) of the search: FSDP only at TP = PP = 1 of a full-parameter plan."""
+    out = []
+    for tp, pp, dp in candidate_layouts(gpus, config):
+        sharded_ok = tp == pp == 1 and not plan.lora_rank
+        out += [((tp, pp, dp), fsdp) for fsdp in ((True,) if plan.fsdp else (False, True))
+                if sharded_ok or not fsdp]
+    return out
+
+
 def search(plan: MemoryPlanConfig, gpus: int, budget_gib: float, recomputes=(None, "selective", "full")):
     """Every layout of ``gpus`` GPUs (with the least recompute that fits) whose peak stage fits
-    the budget, best first. ``plan.sequence_parallel``: the layouts with TP > 1 use it."""
+    the budget, best first. ``plan.sequence_parallel``: the layouts with TP > 1 use it. A
+    full-parameter plan also tries FSDP at TP = PP = 1 (``plan.fsdp``: only that layout)."""
     config = _model_config(plan)
+    if plan.fsdp and plan.lora_rank:
+        raise ValueError(f"--fsdp cannot run with --lora-rank {plan.lora_rank} (FSDP: full-parameter, TP = PP = 1)")
     if plan.sequence_parallel:  # what else refuses it (the model family, LoRA), before any layout is traced
         from megatron_apex.models.common.sequence_parallel import check_sequence_parallel
 
         check_sequence_parallel(config, 2, lora=plan.lora_rank > 0)
     fits = []
-    for tp, pp, dp in candidate_layouts(gpus, config):
+    for (tp, pp, dp), fsdp in _search_layouts(plan, gpus, config):
         for recompute in recomputes:
             trial = dataclasses.replace(plan, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                         data_parallel_size=dp, recompute=recompute,
                                         num_microbatches=max(plan.num_microbatches, pp),
-                                        sequence_parallel=plan.sequence_parallel and tp > 1)
+                                        sequence_parallel=plan.sequence_parallel and tp > 1, fsdp=fsdp)
             top = peak(estimate(trial))
             if top.total <= budget_gib * GIB:
-                fits.append(((tp * pp, (None, "selective", "full").index(recompute), pp), trial, top))
+                fits.append(((tp * pp, (None, "selective", "full").index(recompute), fsdp, pp), trial, top))
                 break  # a heavier recompute of the same layout fits too
-    # least model parallelism, then least recompute, then tensor rather than pipeline
+    # least model parallelism, then least recompute, then plain data parallelism rather than
+    # FSDP (which gathers the weights again every step), then tensor rather than pipeline
     # parallelism (inside a node; no pipeline bubble)
     fits.sort(key=lambda f: f[0])
     return [(trial, top) for _, trial, top in fits]

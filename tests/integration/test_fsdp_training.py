@@ -9,13 +9,22 @@ As test_parallel_training.py: every run fine-tunes from one iteration-0 checkpoi
 single-process launch, and each launch runs all its jobs in one set of processes."""
 
 import importlib.util
+import json
 import math
+import os
+import subprocess
+import sys
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from test_parallel_training import ENTRY, ITERS, LONG, REL, Runs, _trained
+from dist_utils import run_torchrun
+from test_parallel_training import ENTRY, ITERS, LONG, REL, REPO, Runs, _trained
+
+WORKER = Path(__file__).parent / "workers" / "fsdp_worker.py"
 
 BASE = ["--model", "qwen-image-tiny-test", "--micro-batch-size", "4", "--global-batch-size", "8",
         "--log-interval", "1", "--no-progress", "--seed", "1234", "--lr", "1e-3", "--ema-decay", "0.9"]
@@ -56,12 +65,18 @@ class FsdpRuns(Runs):
             argv += ["--load", str(self.init), "--finetune"]
         return dict(name=name, argv=argv, probe=probe, action=action, checkpoint=checkpoint)
 
+    def launch(self, nproc, jobs, tag, timeout=600):
+        plan, done = self.root / f"plan_{tag}.json", self.root / f"done_{tag}.json"
+        plan.write_text(json.dumps({"done": str(done), "jobs": jobs}))
+        print(run_torchrun(WORKER, nproc, [plan], timeout=timeout).stdout)  # per-job times
+        assert json.loads(done.read_text())["jobs"] == [j["name"] for j in jobs]
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """1 process: the common start, the references (FM, 5 iterations; released APEX with
     teacher and EMA, 10 iterations with checkpoints at 5 and 10). 2 processes: plain DP and
-    FSDP of both; FSDP FM with full recompute; --bf16 under DP and FSDP, and FSDP 3 + 2;
+    FSDP of both; what an FSDP rank holds after one step; FSDP FM with full recompute; --bf16 under DP and FSDP, and FSDP 3 + 2;
     FSDP 10 straight and 5 + 5 (resumed under FSDP); FSDP resumed from the 1-process
     checkpoint. 1 process again: plain and FSDP (1 rank) resumed from the FSDP
     checkpoint. (Runs compared with each other have the same --train-iters: the LR decays
@@ -78,7 +93,7 @@ def runs(tmp_path_factory):
                     runs.job("fsdp_bf16_split", extra=[*FSDP, *bf16, "--exit-interval", "3"], checkpoint=True),
                     runs.job("fsdp_bf16_resumed", init=False,
                              extra=[*FSDP, *bf16, "--load", str(runs.root / "fsdp_bf16_split")]),
-                    runs.job("dp2_long", iters=LONG),
+                    runs.job("dp2_long", iters=LONG), runs.job("fsdp_bytes", extra=FSDP, action="state_bytes"),
                     runs.job("fsdp_long", iters=LONG, extra=FSDP, checkpoint=True),
                     runs.job("fsdp_split", iters=LONG, extra=[*FSDP, *split], checkpoint=True),
                     runs.job("fsdp_resumed", iters=LONG, init=False, checkpoint=True,
@@ -196,6 +211,28 @@ def test_fsdp_checkpoint_holds_whole_tensors_like_one_process(runs):
     # the FSDP checkpoint at 5 has the keys, shapes and values of the 1-process one
     assert_same_tensors(checkpoint_tensors(runs.checkpoint("fsdp_split", ITERS)),
                         checkpoint_tensors(runs.checkpoint("ref_long", ITERS)))
+
+
+# ---- the memory planner counts what an FSDP rank holds ----------------------------------------
+
+def test_planner_counts_the_shards_an_fsdp_rank_holds(runs):
+    from megatron_apex.models.registry import count_parameters, get_model_config
+
+    ranks = [json.loads((runs.root / "fsdp_bytes" / f"state_bytes_rank{r}.json").read_text()) for r in (0, 1)]
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "estimate_memory.py"), "--json", "--fsdp", "--dp", "2",
+                           "--model", "qwen-image-tiny-test", "--params-dtype", "float32", "--ema",
+                           "--latent-grid", "4x4", "--text-len", "4"],
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (stage,) = json.loads(proc.stdout.strip().splitlines()[-1])
+    for kind in ("weights", "grads", "optimizer", "copies"):
+        assert stage[kind] == ranks[0][kind], (kind, stage[kind], ranks[0][kind])  # rank 0 holds the larger rows
+    # the two ranks' shards make the whole fp32 model: weights, grads, Adam's 2 moments, teacher + EMA
+    whole = 4 * count_parameters(get_model_config("qwen-image-tiny-test"))
+    for kind, copies in (("weights", 1), ("grads", 1), ("optimizer", 2), ("copies", 2)):
+        assert ranks[0][kind] + ranks[1][kind] == copies * whole, kind
+    parts = ("weights", "grads", "optimizer", "copies", "activations", "gathered")
+    assert stage["gathered"] > 0 and stage["total"] == sum(stage[k] for k in parts)
 
 
 # ---- what FSDP does not run with, refused at start -----------------------------------------
