@@ -1,6 +1,7 @@
 """What every command-line entry point shares."""
 
 import argparse
+import sys
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -14,3 +15,13 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_progress_option(parser: argparse.ArgumentParser, what: str = "per-tensor") -> None:
+    parser.add_argument("--no-progress", action="store_true",
+                        help=f"no {what} progress bar (there is none anyway when stderr is not a terminal)")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """A progress bar on stderr: on a terminal, unless --no-progress."""
+    return not args.no_progress and sys.stderr.isatty()

@@ -26,7 +26,7 @@ import time
 # Runs from a checkout without installing the package, too.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_apex.cli import OneLineErrorParser  # noqa: E402
+from megatron_apex.cli import OneLineErrorParser, add_progress_option, show_progress  # noqa: E402
 
 
 def _grid(text: str):
@@ -63,15 +63,6 @@ def _overrides(a) -> dict:
 MODEL_HELP = "model family: qwen-image, sana or auto (detected; the default)"
 
 
-def _progress_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no per-tensor progress bar (there is none anyway when stderr is not a terminal)")
-
-
-def _show_progress(a) -> bool:
-    return not a.no_progress and sys.stderr.isatty()
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(prog="convert_hf.py", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--model-name", default=None,
                      help="registry name recorded in the checkpoint (default: the matching registry entry)")
     imp.add_argument("--report-memory", action="store_true", help="print peak RSS against the model size")
-    _progress_option(imp)
+    add_progress_option(imp)
     _model_options(imp)
 
     exp = sub.add_parser("export", help="megatron_apex checkpoint -> diffusers folder")
@@ -107,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "its other components (copied; links out of the base are refused) and our "
                           "transformer/")
     exp.add_argument("--report-memory", action="store_true", help="print peak RSS against the model size")
-    _progress_option(exp)
+    add_progress_option(exp)
 
     ver = sub.add_parser("verify", help="compare diffusers' forward with ours")
     ver.add_argument("--model", default="auto", help=MODEL_HELP)
@@ -197,7 +188,7 @@ def run(a) -> int:
         _require_dir(a.hf_path, "--hf-path")
         state = checkpoint_io.import_hf(family, a.hf_path, a.save, a.tensor_model_parallel_size,
                                         a.pipeline_model_parallel_size, _overrides(a), a.model_name,
-                                        progress=_show_progress(a))
+                                        progress=show_progress(a))
         match = state["source"]["registry_match"]
         if match == "none":
             how = ("no registry model has this architecture: tools/sample.py loads it as is; to train it, give the "
@@ -214,7 +205,7 @@ def run(a) -> int:
     if a.command == "export":
         _require_dir(a.load, "--load")
         result = checkpoint_io.export_hf(family, a.load, a.hf_path, a.weights, a.max_shard_size, a.dtype, a.extras,
-                                         a.base_pipeline, progress=_show_progress(a))
+                                         a.base_pipeline, progress=show_progress(a))
         where = a.hf_path
         if a.base_pipeline is not None:
             where = os.path.join(a.hf_path, "transformer")

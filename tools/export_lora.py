@@ -28,7 +28,7 @@ import time
 # Runs from a checkout without installing the package, too.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_apex.cli import OneLineErrorParser  # noqa: E402
+from megatron_apex.cli import OneLineErrorParser, add_progress_option, show_progress  # noqa: E402
 
 LORA_EXTRAS = ("separate", "drop", "error")
 MERGED_EXTRAS = ("inline", "separate", "drop")
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto",
                    help="auto (the base's source dtype, else the model's), float32, bfloat16, float16")
     p.add_argument("--max-shard-size", default="5GB", help="--merged: largest safetensors shard, e.g. 5GB, 500MB")
+    add_progress_option(p, "--merged: per-tensor")
     return p
 
 
@@ -136,7 +137,7 @@ def merged_tensors(model):
     return real, meta
 
 
-def export_merged(model, state, out: str, extras: str, dtype, max_shard_size: str) -> dict:
+def export_merged(model, state, out: str, extras: str, dtype, max_shard_size: str, progress: bool = False) -> dict:
     from megatron_apex.conversion import hf_io
     from megatron_apex.conversion.checkpoint_io import APEX_CONFIG_NAME, write_hf_transformer
     from megatron_apex.lora.diffusers_io import resolve_family
@@ -150,7 +151,8 @@ def export_merged(model, state, out: str, extras: str, dtype, max_shard_size: st
     real, meta = merged_tensors(model)
     with hf_io.atomic_output_dir(out, "--out") as tmp:
         files, written_extras = write_hf_transformer(tmp, family, config, lambda is_meta: meta if is_meta else real,
-                                                     dtype, extras, shard_bytes, source="the merged model state dict")
+                                                     dtype, extras, shard_bytes, source="the merged model state dict",
+                                                     progress=progress)
         with open(os.path.join(tmp, hf_io.CONFIG_NAME), "w") as f:
             json.dump(_diffusers_config(family, config, base_state), f, indent=2, sort_keys=True)
             f.write("\n")
@@ -187,7 +189,7 @@ def run(a) -> int:
     dtype = _out_dtype(a.dtype, checkpointing.read_train_state(base) if base else None, model)
     what = f"{state['weights']} adapters of {state['checkpoint']} on {base or 'its randomly initialised base'}"
     if a.merged:
-        result = export_merged(model, state, a.out, extras, dtype, a.max_shard_size)
+        result = export_merged(model, state, a.out, extras, dtype, a.max_shard_size, progress=show_progress(a))
         print(f"export_lora.py: wrote {a.out} (merged diffusers folder, {len(result['files'])} files, "
               f"{str(dtype).replace('torch.', '')}, {len(result['extras'])} APEX extra keys {extras}) from the {what} "
               f"in {time.time() - start:.1f}s")

@@ -25,7 +25,7 @@ import sys
 import numpy as np
 import torch
 
-from megatron_apex.cli import OneLineErrorParser
+from megatron_apex.cli import OneLineErrorParser, add_progress_option, show_progress
 
 IMAGE_NAME = re.compile(r"\d{3,}_\d{3,}\.png")
 
@@ -76,6 +76,7 @@ def parse_args(argv=None):
     run.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
                      help="of the model and VAE; auto: bf16 on cuda, fp32 on cpu")
     run.add_argument("--batch-size", type=_positive_int, default=64, help="images per sampler batch")
+    add_progress_option(p, "per-batch")
     return p.parse_args(argv)
 
 
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
         extra = dict(guidance_scale=args.guidance_scale, uncond_context=uncond[0], uncond_mask=uncond[1])
     latents = sample_seeded(model, context.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0),
                             (config.latent_channels, *grid), nfe=args.nfe, method=args.method, seed=args.seed,
-                            batch_size=args.batch_size, **extra)
+                            batch_size=args.batch_size, progress=show_progress(args), **extra)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()

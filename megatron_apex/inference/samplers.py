@@ -16,6 +16,7 @@ F(., u) + s * (F(., c) - F(., u)), u the empty prompt's states (a model trained 
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 METHODS = ("euler", "flowmap", "renoise", "release")
 
@@ -96,10 +97,12 @@ def _guided(model, scale: float, context: torch.Tensor, context_mask: Optional[t
 
 def sample_seeded(model, context: torch.Tensor, context_mask: Optional[torch.Tensor], image_shape, nfe: int,
                   method: str = "flowmap", seed: int = 0, batch_size: int = 64, guidance_scale: float = 1.0,
-                  uncond_context: Optional[torch.Tensor] = None, uncond_mask: Optional[torch.Tensor] = None
-                  ) -> torch.Tensor:
+                  uncond_context: Optional[torch.Tensor] = None, uncond_mask: Optional[torch.Tensor] = None,
+                  progress: bool = False) -> torch.Tensor:
     """One image per context row from ``seed`` (on the host): all noise is drawn first, then
-    sampled in batches sharing that generator, so a seed names the same images in every tool."""
+    sampled in batches sharing that generator, so a seed names the same images in every tool.
+    ``progress``: a bar of the batches on stderr."""
+
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((context.shape[0], *image_shape), generator=gen)
     device = next(model.parameters()).device  # noise is drawn on the host: the same images on any device
@@ -108,7 +111,8 @@ def sample_seeded(model, context: torch.Tensor, context_mask: Optional[torch.Ten
         return None if x is None else x.to(device)
 
     parts = []
-    for start in range(0, noise.shape[0], batch_size):
+    for start in tqdm(range(0, noise.shape[0], batch_size), desc=f"sample NFE={nfe}", unit="batch",
+                      disable=not progress, dynamic_ncols=True):
         rows = slice(start, start + batch_size)
         parts.append(sample(model, noise[rows].to(device), context[rows].to(device),
                             None if context_mask is None else context_mask[rows].to(device),

@@ -74,3 +74,28 @@ def test_no_bar_off_a_terminal_or_with_no_progress(tool, hf_dir, tmp_path, capsy
     assert tool.main(["export", "--load", str(tmp_path / "ckpt"), "--hf-path", str(tmp_path / "hf"), *flag]) == 0
     err = capsys.readouterr().err
     assert "import:" not in err and "export:" not in err and "tensor/s" not in err
+
+
+def test_sampling_shows_one_bar_step_per_batch(capsys, monkeypatch):
+    """tools/sample.py's sampler bar (and export_lora.py --merged, through the export writer
+    above) counts what it does: here the batches of samplers.sample_seeded."""
+    import torch
+
+    from megatron_apex.inference.samplers import sample_seeded
+
+    class Still(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.calls = 0
+
+        def forward(self, x, t, context, context_mask=None, fake_condition=False, t_target=None):
+            self.calls += 1
+            return x * self.w
+
+    model = Still()
+    sample_seeded(model, torch.zeros(10, 3, 4), None, (1, 2, 2), nfe=1, batch_size=4, progress=True)
+    n, total = final_count(capsys.readouterr().err, "sample NFE=1")
+    assert n == total == model.calls == 3
+    sample_seeded(model, torch.zeros(10, 3, 4), None, (1, 2, 2), nfe=1, batch_size=4)
+    assert "sample NFE=1" not in capsys.readouterr().err
