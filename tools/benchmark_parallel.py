@@ -17,7 +17,9 @@ activations, transient and communication buffers, whoever frees them), then one 
 bytes autograd saves for the backward (the activations sequence parallelism divides; every
 storage once, summed over the step's micro-batches); the largest rank of each is reported.
 (Not torch's profiler: under gloo some buffers are freed by its worker threads, which the
-profiler's memory events miss, so its running total drifts up.)
+profiler's memory events miss, so its running total drifts up.) It also reports the state a rank
+holds between steps: the bytes of its weights, gradients, optimizer state, frozen teacher and
+EMA (a sharded tensor's own shard: what --fsdp divides), the largest rank's.
 
     python tools/benchmark_parallel.py --model qwen-image-tiny-p2 --modes "TP=2,TP=2 + SP" --memory
 """
@@ -47,6 +49,7 @@ MODES = {
     "TP=2 + SP": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
     "DP=2": (2, []),
     "DP=2 + distributed optimizer": (2, ["--use-distributed-optimizer"]),
+    "DP=2 + FSDP": (2, ["--fsdp"]),
     "PP=2": (2, ["--pipeline-model-parallel-size", "2"]),
     "TP=2 x PP=2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
 }
@@ -126,7 +129,7 @@ def measure_memory(a, mode: str, variant: str, out: Path) -> tuple:
     _torchrun(a, mode, variant, [Path(__file__).resolve(), MEMORY_PROBE, save, *_job_args(a, mode, variant, save)],
               env={"MALLOC_MMAP_THRESHOLD_": "65536"})
     ranks = [json.loads(p.read_text()) for p in save.glob("memory_rank*.json")]
-    return tuple(max(r[k] for r in ranks) for k in ("peak_bytes", "saved_bytes"))
+    return tuple(max(r[k] for r in ranks) for k in ("peak_bytes", "saved_bytes", "state_bytes"))
 
 
 MEMORY_PROBE = "--rank-memory-probe"  # how the script runs as the rank program of measure_memory
@@ -168,6 +171,29 @@ def step_saved_bytes(trainer) -> int:
     return sum(saved.values())
 
 
+def held_state_bytes(trainer) -> int:
+    """Bytes of the weights, gradients, optimizer state, teacher and EMA this rank holds (of a
+    sharded tensor, its own shard; a tensor shared by several holders, once)."""
+    import torch
+
+    from megatron_apex.parallel.fsdp import local_tensor
+
+    tensors = [*trainer.model.parameters(), *(p.grad for p in trainer.model.parameters() if p.grad is not None),
+               *(getattr(p, "main_grad", None) for p in trainer.model.parameters())]
+    for part in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+        tensors += [v for state in part.optimizer.state.values() for v in state.values()]
+        tensors += [p for group in getattr(part, "shard_fp32_from_float16_groups", None)
+                    or getattr(part, "fp32_from_float16_groups", []) for p in group]
+    for copy in (trainer.ema, trainer.teacher):
+        tensors += list(copy.parameters()) if copy is not None else []
+    storages = {}
+    for t in tensors:
+        if torch.is_tensor(t) and t.dim() > 0:
+            local = local_tensor(t)
+            storages[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
 def rank_memory_probe(save: str, flags: list) -> None:
     import torch.distributed as dist
 
@@ -179,7 +205,8 @@ def rank_memory_probe(save: str, flags: list) -> None:
     peak = step_peak_bytes(trainer)
     saved = step_saved_bytes(trainer)
     path = Path(save) / f"memory_rank{dist.get_rank()}.json"
-    path.with_suffix(".tmp").write_text(json.dumps({"peak_bytes": peak, "saved_bytes": saved}))
+    path.with_suffix(".tmp").write_text(json.dumps({"peak_bytes": peak, "saved_bytes": saved,
+                                                    "state_bytes": held_state_bytes(trainer)}))
     os.replace(path.with_suffix(".tmp"), path)
     from megatron_apex.parallel import destroy_distributed
 
@@ -208,7 +235,7 @@ def main(argv=None):
     columns = [f"{v}: ms / iteration (x {modes[0]})" for v in variants]
     if memory:
         columns += [f"{v}: {what} MiB per rank (x {modes[0]})"
-                    for what in ("step peak", "saved activations") for v in variants]
+                    for what in ("step peak", "saved activations", "held state") for v in variants]
     lines = [f"Measured {started}, {os.cpu_count()} CPU cores, {a.threads} thread(s) per process, model {a.model}, "
              f"global batch {a.global_batch_size} (micro-batch {a.micro_batch_size}), median of iterations "
              f"{a.warmup + 1}-{a.iters}, best of {a.repeats} run(s) per mode.", "",
@@ -216,7 +243,7 @@ def main(argv=None):
     for mode in modes:
         cells = [f"{t * 1000:.0f} ({t / b:.2f}x)" for t, b in zip(results[mode], base)]
         if memory:
-            cells += [f"{m[k] / 2 ** 20:.0f} ({m[k] / b[k]:.2f}x)" for k in (0, 1)
+            cells += [f"{m[k] / 2 ** 20:.0f} ({m[k] / b[k]:.2f}x)" for k in (0, 1, 2)
                       for m, b in zip(memory[mode], memory[modes[0]])]
         lines.append(f"| {mode} | {MODES[mode][0]} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)

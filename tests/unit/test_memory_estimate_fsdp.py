@@ -48,3 +48,22 @@ def test_search_tries_fsdp_at_tp1_pp1_after_plain_data_parallelism():
     # every layout of 2 GPUs fits this budget; FSDP only at TP = PP = 1, after plain DP there
     assert layouts == [(1, 1, 2, "no"), (1, 1, 2, "yes"), (2, 1, 1, "no"), (1, 2, 1, "no")], proc.stdout
     assert "FSDP gathers GiB" not in proc.stdout  # the detail table is the first (plain) layout's
+
+
+def test_benchmark_counts_the_state_a_rank_holds(tmp_path):
+    """tools/benchmark_parallel.py's held state of one process after a released-APEX step: fp32
+    weights, DDP's fp32 grad buffer, Adam's two moments and the frozen teacher, 5 model sizes."""
+    import importlib.util
+
+    from megatron_apex.models.registry import count_parameters, get_model_config
+    from megatron_apex.training.arguments import parse_args
+    from megatron_apex.training.loop import Trainer
+
+    spec = importlib.util.spec_from_file_location("benchmark_parallel", REPO / "tools" / "benchmark_parallel.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    trainer = Trainer(parse_args(["--model", "qwen-image-tiny", "--apex-variant", "released", "--micro-batch-size",
+                                  "2", "--global-batch-size", "2", "--train-iters", "2", "--no-progress"]))
+    trainer.train_step()
+    assert trainer.teacher is not None and trainer.ema is None
+    assert bench.held_state_bytes(trainer) == 5 * 4 * count_parameters(get_model_config("qwen-image-tiny"))
