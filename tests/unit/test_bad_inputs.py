@@ -409,6 +409,38 @@ case("ckpt-metadata-pickle-payload", "a checkpoint whose .metadata pickle would 
      (".metadata", "posix.mkdir"), absent="ran")(
     lambda a, tmp: sample(a, _overwrite(copy(a.base, tmp / "ckpt"), "iter_0000001/.metadata",
                                         pickle.dumps(_Payload(tmp / "ran")))))
+def _planted_byte_item(root: Path, marker: Path) -> Path:
+    """A pickle written over the first non-tensor item of a .distcp file, `.metadata` untouched."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from megatron_apex.untrusted import load_data_pickle
+
+    ckpt = root / "iter_0000001"
+    metadata = load_data_pickle(str(ckpt / ".metadata"))
+    index, info = next((i, v) for i, v in metadata.storage_data.items()
+                       if isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata))
+    with open(ckpt / info.relative_path, "r+b") as f:
+        f.seek(info.offset)
+        f.write(pickle.dumps(_Payload(marker)))
+    return root
+
+
+def _truncated(root: Path, rel: str) -> Path:
+    data = (root / rel).read_bytes()
+    (root / rel).write_bytes(data[: len(data) // 2])
+    return root
+
+
+case("ckpt-byte-item-pickle-payload", "a pickle written over a .distcp non-tensor item (would run os.mkdir)",
+     SAMPLE_LOAD, ("__0_0.distcp", "_extra_state"), absent="ran")(
+    lambda a, tmp: sample(a, _planted_byte_item(copy(a.base, tmp / "ckpt"), tmp / "ran")))
+case("ckpt-tensor-file-truncated", "a .distcp file cut to half its length", SAMPLE_LOAD, ("__0_1.distcp", "truncated"))(
+    lambda a, tmp: sample(a, _truncated(copy(a.base, tmp / "ckpt"), "iter_0000001/__0_1.distcp")))
+case("ckpt-megatron-metadata-garbage", "megatron's metadata.json that is not JSON", SAMPLE_LOAD, "metadata.json")(
+    lambda a, tmp: sample(a, _overwrite(copy(a.base, tmp / "ckpt"), "iter_0000001/metadata.json", b"{nope")))
+case("ckpt-fresh-start-over-a-run", "a fresh start whose --save holds a complete checkpoint of another run",
+     "`pretrain_apex_dit.py --save`", ("--save", "iter_0000001"))(
+    lambda a, tmp: train(a, "--save", copy(a.base, tmp / "save")))
 case("ckpt-weights-ema-absent", "--weights ema on a run without EMA", "`tools/sample.py --weights`", "--weights ema")(
     lambda a, tmp: sample(a, a.base, "--weights", "ema"))
 case("ckpt-other-model", "--load of a 2-layer run with --num-layers 3", "`pretrain_apex_dit.py --load`",
@@ -702,6 +734,21 @@ case("hf-verify-wrong-class", "verify a Sana config.json with --model qwen-image
      "--hf-path`", ("_class_name", "SanaTransformer2DModel"))(
     lambda a, tmp: convert("verify", "--model", "qwen-image", "--hf-path",
                            hf_copy(a, tmp, lambda c: c.update(_class_name="SanaTransformer2DModel"))))
+def _linked_out(folder: Path, hard: bool) -> Path:
+    """The folder's weights replaced by a link to the same bytes outside it."""
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    outside = folder.parent / "elsewhere.safetensors"
+    shutil.move(weights, outside)
+    (os.link if hard else os.symlink)(outside, weights)
+    return folder
+
+
+case("hf-weights-symlink-out", "safetensors that is a symbolic link out of the folder", CONVERT,
+     ("--hf-path", "diffusion_pytorch_model.safetensors", "symbolic link"), absent="out")(
+    lambda a, tmp: import_hf(_linked_out(hf_copy(a, tmp), hard=False), tmp))
+case("hf-weights-hard-link", "safetensors that is a hard link", CONVERT,
+     ("--hf-path", "diffusion_pytorch_model.safetensors", "hard link"), absent="out")(
+    lambda a, tmp: import_hf(_linked_out(hf_copy(a, tmp), hard=True), tmp))
 case("hf-unknown-class", "config.json of a class nobody converts", CONVERT, "_class_name", absent="out")(
     lambda a, tmp: import_hf(hf_copy(a, tmp, lambda c: c.update(_class_name="UNet2DConditionModel")), tmp))
 case("hf-unknown-family", "--model of an unknown family", CONVERT, "--model", absent="out")(
