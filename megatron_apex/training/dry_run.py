@@ -77,7 +77,7 @@ def plan_of(cfg: RunConfig, world_size: int, latent_grid: Tuple[int, int], text_
         apex_variant=obj.apex.get("variant", "paper"), teacher=obj.teacher, ema=tr.ema_decay > 0,
         lora_rank=lora.rank if lora is not None else 0, lora_targets=lora.targets if lora is not None else "attn",
         recompute=par.recompute_granularity, distributed_optimizer=par.use_distributed_optimizer,
-        params_dtype=params_dtype, sequence_parallel=par.sequence_parallel,
+        params_dtype=params_dtype, sequence_parallel=par.sequence_parallel, fsdp=par.fsdp,
         model_overrides={k: v for k, v in cfg.model_overrides.items() if k != "params_dtype"})
 
 

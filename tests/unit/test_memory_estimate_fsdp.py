@@ -67,3 +67,12 @@ def test_benchmark_counts_the_state_a_rank_holds(tmp_path):
     trainer.train_step()
     assert trainer.teacher is not None and trainer.ema is None
     assert bench.held_state_bytes(trainer) == 5 * 4 * count_parameters(get_model_config("qwen-image-tiny"))
+
+
+def test_a_recipes_dry_run_plans_its_fsdp():
+    from megatron_apex.training.arguments import parse_args
+    from megatron_apex.training.dry_run import plan_of
+
+    flags = ["--model", "qwen-image-20b", "--micro-batch-size", "1", "--bf16"]
+    assert plan_of(parse_args([*flags, "--fsdp"]), 16, (64, 64), 256).fsdp
+    assert not plan_of(parse_args(flags), 16, (64, 64), 256).fsdp
