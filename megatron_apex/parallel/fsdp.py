@@ -10,8 +10,11 @@ its gradients are reduce-scattered in the backward (in fp32, like megatron's
 ``grad_reduce_in_fp32``) into gradient shards of the parameters' dtype. megatron-core's
 non-distributed optimizer (Adam, with fp32 master shards under ``--bf16``) then steps the
 shards: weights, gradients and optimizer state are all 1/DP per rank. The EMA and the frozen
-teacher are sharded the same way (``shard_model`` on their own copy), so their update is
-shard-local and their forward gathers one layer at a time.
+teacher are sharded the same way (``shard_model(frozen=True)`` on their own copy), so the EMA
+update is shard-local and the teacher's forward gathers one layer at a time. Gradient
+accumulation over micro-batches reduce-scatters after every micro-batch's backward (megatron's
+``no_sync`` does nothing here): holding the unsharded gradients until the last one would undo
+the sharding.
 
 Why torch FSDP2 and not Megatron-FSDP (``megatron.core.distributed.fsdp``, megatron-core
 0.16.1): Megatron-FSDP creates CUDA streams at construction (``torch.cuda.Stream()`` in
@@ -27,7 +30,8 @@ data-parallel run: each rank writes its own row slice of every tensor (``sharded
 so a checkpoint reshards freely between FSDP, plain DP and one process.
 
 Not combined with tensor or pipeline parallelism, LoRA, --use-distributed-optimizer (FSDP
-already shards the optimizer) or FP8 (refused at start, see ``check_fsdp_config``).
+already shards the optimizer), FP8 or the two-phase APEX step (refused at start, see
+``check_fsdp_config``). Each rank builds the model, and each frozen copy, whole before sharding it.
 """
 
 from __future__ import annotations

@@ -33,7 +33,6 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_apex.parallel.fsdp import check_fsdp_config
 from megatron_apex.training import checkpointing
 from megatron_apex.training.arguments import RunConfig
 from megatron_apex.training.ema import frozen_copy, update_ema
@@ -189,6 +188,7 @@ class Trainer:
         from megatron_apex.objectives.apex import APEXConfig
         from megatron_apex.objectives.flow import TimeSamplerConfig
         from megatron_apex.parallel import init_distributed, set_seed
+        from megatron_apex.parallel.fsdp import check_fsdp_config
         from megatron_apex.parallel.recompute import enable_activation_recompute
         from megatron_apex.training.pipeline_apex import build_stage_model
 

@@ -30,6 +30,7 @@ BASE = ["--model", "qwen-image-tiny-test", "--micro-batch-size", "4", "--global-
         "--log-interval", "1", "--no-progress", "--seed", "1234", "--lr", "1e-3", "--ema-decay", "0.9"]
 FSDP = ["--fsdp"]
 FM = ["--objective", "fm"]
+ACCUMULATE = ["--global-batch-size", "16"]  # 2 micro-batches per rank at DP=2, 4 in one process
 CONTEXT_DIM = 24  # qwen-image-tiny-test's joint_attention_dim
 
 
@@ -74,21 +75,22 @@ class FsdpRuns(Runs):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """1 process: the common start, the references (FM, 5 iterations; released APEX with
-    teacher and EMA, 10 iterations with checkpoints at 5 and 10). 2 processes: plain DP and
-    FSDP of both; what an FSDP rank holds after one step; FSDP FM with full recompute; --bf16 under DP and FSDP, and FSDP 3 + 2;
-    FSDP 10 straight and 5 + 5 (resumed under FSDP); FSDP resumed from the 1-process
-    checkpoint. 1 process again: plain and FSDP (1 rank) resumed from the FSDP
-    checkpoint. (Runs compared with each other have the same --train-iters: the LR decays
-    over them.)"""
+    """1 process: the common start, the references (FM, 5 iterations, global batch 8 and 16;
+    released APEX with teacher and EMA, 10 iterations with checkpoints at 5 and 10).
+    2 processes: plain DP and FSDP of both; what an FSDP rank holds after one step; FSDP FM with
+    full recompute and with 2 micro-batches per rank; --bf16 under DP and FSDP, and FSDP 3 + 2;
+    FSDP 10 straight and 5 + 5 (resumed under FSDP); FSDP resumed from the 1-process checkpoint.
+    1 process again: plain and FSDP (1 rank) resumed from the FSDP checkpoint. (Runs compared
+    with each other have the same --train-iters: the LR decays over them.)"""
     runs = FsdpRuns(tmp_path_factory.mktemp("fsdp_training"))
     runs.launch(1, [runs.job("init", action="save_init", init=False, checkpoint=True),
-                    runs.job("ref_fm", extra=FM),
+                    runs.job("ref_fm", extra=FM), runs.job("ref_fm_accumulated", extra=[*FM, *ACCUMULATE]),
                     runs.job("ref_long", iters=LONG, extra=["--save-interval", "5"], checkpoint=True)], "single")
     split = ["--exit-interval", "5"]
     bf16 = ["--bf16"]
     runs.launch(2, [runs.job("dp2_fm", extra=FM), runs.job("fsdp_fm", extra=[*FSDP, *FM]),
                     runs.job("fsdp_fm_recompute", extra=[*FSDP, *FM, "--recompute-granularity", "full"]),
+                    runs.job("fsdp_fm_accumulated", extra=[*FSDP, *FM, *ACCUMULATE]),
                     runs.job("dp2_bf16", extra=bf16), runs.job("fsdp_bf16", extra=[*FSDP, *bf16]),
                     runs.job("fsdp_bf16_split", extra=[*FSDP, *bf16, "--exit-interval", "3"], checkpoint=True),
                     runs.job("fsdp_bf16_resumed", init=False,
@@ -164,6 +166,13 @@ def test_fsdp_matches_data_parallel_and_one_process(runs, objective):
 
 def test_fsdp_with_activation_recompute_gives_the_same_numbers(runs):
     assert_same_numbers(runs.metrics("fsdp_fm_recompute"), runs.metrics("ref_fm"))
+
+
+def test_fsdp_accumulates_micro_batches_like_one_process(runs):
+    # each micro-batch's gradients are reduce-scattered and added to the shards
+    reference = runs.metrics("ref_fm_accumulated")
+    assert [r["loss"] for r in reference.values()] != [r["loss"] for r in runs.metrics("ref_fm").values()]
+    assert_same_numbers(runs.metrics("fsdp_fm_accumulated"), reference)
 
 
 def test_fsdp_bf16_matches_data_parallel_and_resumes(runs):
