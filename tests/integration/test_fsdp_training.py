@@ -17,11 +17,11 @@ import sys
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from dist_utils import run_torchrun
+from tiny_shards import write_tiny_shards
 from test_parallel_training import ENTRY, ITERS, LONG, REL, REPO, Runs, _trained
 
 WORKER = Path(__file__).parent / "workers" / "fsdp_worker.py"
@@ -34,28 +34,11 @@ ACCUMULATE = ["--global-batch-size", "16"]  # 2 micro-batches per rank at DP=2, 
 CONTEXT_DIM = 24  # qwen-image-tiny-test's joint_attention_dim
 
 
-def _write_dataset(path):
-    """32 samples of 1 x 8 x 8 images with 1-4 text tokens of the tiny-test model's width."""
-    from megatron_apex.data.shards import SHARD_FORMAT, write_manifest, write_split
-
-    rng = np.random.default_rng(0)
-
-    def samples():
-        for i in range(32):
-            n = int(rng.integers(1, 5))
-            yield dict(key=f"{i:07d}", image=rng.integers(0, 256, (1, 8, 8), dtype=np.uint8),
-                       context=rng.standard_normal((n, CONTEXT_DIM)).astype(np.float16), mask=np.ones(n, bool),
-                       caption=f"caption {i}", label=i % 4)
-
-    write_manifest(path, dict(format=SHARD_FORMAT, splits={"train": write_split(path, "train", samples(), 32)},
-                              context_dim=CONTEXT_DIM, max_text_len=4))
-
-
 class FsdpRuns(Runs):
     def __init__(self, root):  # noqa: super().__init__ would write the 384-wide data set
         self.root = root
         self.data = root / "data"
-        _write_dataset(self.data)
+        write_tiny_shards(self.data, CONTEXT_DIM)
         self.init = root / "init"
 
     def job(self, name, iters=ITERS, extra=(), probe=None, action="train", init=True, checkpoint=False):

@@ -15,11 +15,11 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from dist_utils import run_torchrun
+from tiny_shards import write_tiny_shards
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).parent / "workers" / "train_worker.py"
@@ -34,30 +34,13 @@ TP2, PP2, DISTOPT = (["--tensor-model-parallel-size", "2"], ["--pipeline-model-p
                      ["--use-distributed-optimizer"])
 
 
-def _write_dataset(path):
-    """32 samples of 1 x 8 x 8 images with 1-4 text tokens of width 384 (the MiniLM width)."""
-    from megatron_apex.data.shards import SHARD_FORMAT, write_manifest, write_split
-
-    rng = np.random.default_rng(0)
-
-    def samples():
-        for i in range(32):
-            n = int(rng.integers(1, 5))
-            yield dict(key=f"{i:07d}", image=rng.integers(0, 256, (1, 8, 8), dtype=np.uint8),
-                       context=rng.standard_normal((n, 384)).astype(np.float16), mask=np.ones(n, bool),
-                       caption=f"caption {i}", label=i % 4)
-
-    write_manifest(path, dict(format=SHARD_FORMAT, splits={"train": write_split(path, "train", samples(), 32)},
-                              context_dim=384, max_text_len=4))
-
-
 class Runs:
     """Where each job of the launches writes, and how to read it back."""
 
     def __init__(self, root: Path):
         self.root = root
         self.data = root / "data"
-        _write_dataset(self.data)
+        write_tiny_shards(self.data, context_dim=384)
         self.init = root / "init"
 
     def job(self, name, variant="released", iters=ITERS, extra=(), probe=None, action="train", init=True,

@@ -16,11 +16,11 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from dist_utils import run_torchrun
+from tiny_shards import write_tiny_shards
 
 REPO = Path(__file__).resolve().parents[2]
 WORKERS = Path(__file__).parent / "workers"
@@ -108,28 +108,11 @@ def test_image_tokens_not_divisible_by_tp_are_refused_in_one_line(model_level):
 
 # ---- 2. training loop --------------------------------------------------------------------------
 
-def _write_dataset(path):
-    """32 samples of 1 x 8 x 8 images (16 image tokens at patch 2) with 1-5 text tokens of width 24."""
-    from megatron_apex.data.shards import SHARD_FORMAT, write_manifest, write_split
-
-    rng = np.random.default_rng(0)
-
-    def samples():
-        for i in range(32):
-            n = int(rng.integers(1, TEXT_LEN + 1))
-            yield dict(key=f"{i:07d}", image=rng.integers(0, 256, (1, 8, 8), dtype=np.uint8),
-                       context=rng.standard_normal((n, 24)).astype(np.float16), mask=np.ones(n, bool),
-                       caption=f"caption {i}", label=i % 4)
-
-    write_manifest(path, dict(format=SHARD_FORMAT, splits={"train": write_split(path, "train", samples(), 32)},
-                              context_dim=24, max_text_len=TEXT_LEN))
-
-
 class Runs:
     def __init__(self, root: Path):
         self.root = root
         self.data = root / "data"
-        _write_dataset(self.data)
+        write_tiny_shards(self.data, context_dim=24, max_text_len=TEXT_LEN)
 
     def job(self, name, objective="released", extra=(), action="train", init=True):
         argv = [*BASE, "--data-path", str(self.data), "--save", str(self.root / name), *OBJECTIVES[objective], *extra]
