@@ -29,7 +29,7 @@ def _put(sd: MutableMapping, key: str, make: Callable[[], torch.Tensor]) -> None
 
 
 def _fresh_shift(config, shift_dim: int) -> Dict[str, torch.Tensor]:
-    from megatron_apex.objectives.apex import ConditionShift
+    from megatron_apex.models.common.condition_shift import ConditionShift
 
     return ConditionShift(shift_dim, kind=config.shift_kind, a=config.shift_a, b=config.shift_b,
                           learnable=config.shift_learnable).state_dict()

@@ -129,7 +129,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> List[str]:
 def set_trainable_(model: nn.Module, cfg: LoRAConfig) -> List[str]:
     """Freeze everything, then unfreeze adapters and the extras ``cfg`` names; returns the
     global names of the trainable parameters."""
-    from megatron_apex.objectives.apex import ConditionShift
+    from megatron_apex.models.common.condition_shift import ConditionShift
 
     root = unwrap(model)
     for p in root.parameters():

@@ -124,7 +124,7 @@ def _fuse_adapter(A_hf: torch.Tensor, Bs: List[torch.Tensor], transform: str, ct
 def _unexportable_extras(root: nn.Module) -> List[str]:
     """Trainable non-adapter parameters that matter outside training. The condition shift is
     only used by the fake-condition branch of the training objective, so it does not count."""
-    from megatron_apex.objectives.apex import ConditionShift
+    from megatron_apex.models.common.condition_shift import ConditionShift
 
     shift = {id(p) for m in root.modules() if isinstance(m, ConditionShift) for p in m.parameters()}
     return [n for n, p in global_named_parameters(root)

@@ -1,12 +1,13 @@
 """APEX: self-adversarial one-step generation via condition shifting (arXiv 2604.12322).
 
 The math is docs/apex_method.md; function names follow the paper's equations.
-Read top to bottom:
-  1. Condition shift (Eq. 9): the module a model owns and applies when ``fake_condition``.
-  2. APEXConfig.
-  3. Variant "paper": Eqs. 11, 12, 14, 20-25.
-  4. Variant "released": the authors' released mechanism (docs/apex_method.md).
-  5. apex_loss: the entry point.
+The condition shift (Eq. 9) is a model part (models/common/condition_shift.py): an objective
+only asks for it with ``fake_condition``. Read top to bottom:
+  1. APEXConfig.
+  2. Variant "paper": Eqs. 11, 12, 14, 20-25.
+  3. Variant "released": the authors' released mechanism (docs/apex_method.md).
+  4. apex_loss: the entry point.
+  5. The two-phase decomposition (what pipeline parallelism runs).
 
 Model contract (docs/apex_method.md): ``model(x_t, t, context, context_mask=None,
 fake_condition=False, t_target=None)`` -> velocity shaped like x_t; t in [0, 1], 1 = noise;
@@ -21,97 +22,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from megatron_apex.models.common.condition_shift import FakeCondition
 from megatron_apex.objectives.flow import (WEIGHT_T_EPS, WEIGHTINGS, endpoint, expand_time, interpolate,
                                            mix_weight, per_sample_mse, velocity_target)
 
-FakeCondition = Union[bool, torch.Tensor]
-
 # ============================================================================================
-# 1. Condition shift (Eq. 9): c_fake = A c + b
-# ============================================================================================
-
-SHIFT_KINDS = ("scalar", "diagonal", "full")
-
-
-class ConditionShift(nn.Module):
-    """``c_fake = A c + b`` on the last dimension of the condition.
-
-    kind "scalar":   A = a*I, b = b*1 (two numbers); fixed buffers unless learnable=True.
-    kind "diagonal": A = diag(a_vec), b vector (dim each); learnable unless learnable=False.
-    kind "full":     A a (dim, dim) matrix, b vector; learnable unless learnable=False.
-    Every kind starts at ``a*c + b``. Learnable values are parameters named ``A`` and ``b``
-    (saved in checkpoints); fixed values are non-persistent buffers, so they come from the
-    config and checkpoints of models built without a shift still load.
-    """
-
-    def __init__(self, dim: int, kind: str = "scalar", a: float = -1.0, b: float = 0.0,
-                 learnable: Optional[bool] = None):
-        super().__init__()
-        if kind not in SHIFT_KINDS:
-            raise ValueError(f"ConditionShift kind {kind!r}: unknown; choose one of {SHIFT_KINDS}")
-        if int(dim) < 1:
-            raise ValueError(f"ConditionShift dim must be >= 1, got {dim}")
-        self.dim, self.kind = int(dim), kind
-        self.learnable = (kind != "scalar") if learnable is None else bool(learnable)
-        if kind == "scalar":
-            A, bias = torch.full((1,), float(a)), torch.full((1,), float(b))
-        elif kind == "diagonal":
-            A, bias = torch.full((self.dim,), float(a)), torch.full((self.dim,), float(b))
-        else:
-            A, bias = float(a) * torch.eye(self.dim), torch.full((self.dim,), float(b))
-        if self.learnable:
-            self.A, self.b = nn.Parameter(A), nn.Parameter(bias)
-        else:
-            self.register_buffer("A", A, persistent=False)
-            self.register_buffer("b", bias, persistent=False)
-
-    def forward(self, c: torch.Tensor) -> torch.Tensor:
-        if c.shape[-1] != self.dim:
-            raise ValueError(f"ConditionShift(dim={self.dim}): condition's last dimension is {c.shape[-1]}")
-        A, b = self.A.to(c.dtype), self.b.to(c.dtype)
-        if self.kind == "full":
-            return F.linear(c, A, b)  # c @ A^T + b
-        return c * A + b
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, kind={self.kind!r}, learnable={self.learnable}"
-
-
-def apply_condition_shift(shift: Optional[ConditionShift], c: torch.Tensor,
-                          fake_condition: FakeCondition) -> torch.Tensor:
-    """Shift ``c`` (B, ...) where ``fake_condition`` asks for it.
-
-    ``fake_condition``: a python bool (whole batch) or a (B,) bool tensor (only the selected
-    rows are shifted; both paths are differentiable, unselected rows pass through unchanged),
-    which lets one batched forward mix the real and the fake branch."""
-    if isinstance(fake_condition, torch.Tensor):
-        if fake_condition.dtype != torch.bool:
-            raise ValueError(f"fake_condition tensor must be bool, got {fake_condition.dtype}")
-        if fake_condition.dim() == 0:
-            fake_condition = bool(fake_condition)
-        else:
-            if tuple(fake_condition.shape) != (c.shape[0],):
-                raise ValueError(f"fake_condition must have shape ({c.shape[0]},) to match the condition "
-                                 f"batch, got {tuple(fake_condition.shape)}")
-            if shift is None:
-                raise ValueError("fake_condition set but the model has no ConditionShift")
-            rows = fake_condition.to(c.device).reshape(-1, *([1] * (c.dim() - 1)))
-            return torch.where(rows, shift(c), c)
-    if not fake_condition:
-        return c
-    if shift is None:
-        raise ValueError("fake_condition set but the model has no ConditionShift")
-    return shift(c)
-
-
-# ============================================================================================
-# 2. Configuration
+# 1. Configuration
 # ============================================================================================
 
 VARIANTS = ("paper", "released")
@@ -248,7 +168,7 @@ def call_model(model: Callable, x_t: torch.Tensor, t: torch.Tensor, context: tor
 
 
 # ============================================================================================
-# 3. Variant "paper": the paper's equations
+# 2. Variant "paper": the paper's equations
 # ============================================================================================
 
 def fake_sample(velocity: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -339,7 +259,7 @@ def paper_apex_loss(model: Callable, x0: torch.Tensor, noise: torch.Tensor, t: t
 
 
 # ============================================================================================
-# 4. Variant "released": the authors' released mechanism (docs/apex_method.md)
+# 3. Variant "released": the authors' released mechanism (docs/apex_method.md)
 # ============================================================================================
 
 @dataclass
@@ -589,7 +509,7 @@ def released_apex_loss(model: Callable, x0: torch.Tensor, noise: torch.Tensor, t
 
 
 # ============================================================================================
-# 5. Entry point
+# 4. Entry point
 # ============================================================================================
 
 def apex_loss(model: Callable, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
@@ -621,7 +541,7 @@ def apex_loss(model: Callable, x0: torch.Tensor, noise: torch.Tensor, t: torch.T
 
 
 # ============================================================================================
-# 6. Two-phase decomposition (what pipeline parallelism can run)
+# 5. Two-phase decomposition (what pipeline parallelism can run)
 # ============================================================================================
 # Under pipeline parallelism a model output exists only after a whole pass through every
 # stage, so a query whose INPUT depends on another query's output (x_fake from F(x_t, t, c);

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from megatron_apex.objectives.apex import ConditionShift, apply_condition_shift
+from megatron_apex.models.common.condition_shift import ConditionShift, apply_condition_shift
 
 
 class ToyVelocityModel(nn.Module):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_apex.objectives.apex import ConditionShift, apply_condition_shift
+from megatron_apex.models.common.condition_shift import ConditionShift, apply_condition_shift
 
 
 def _context(seed=0, batch=4, length=3, dim=5):

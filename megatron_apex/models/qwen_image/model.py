@@ -42,7 +42,7 @@ from megatron_apex.models.common.sequence_parallel import (check_image_tokens, c
 from megatron_apex.models.common.timestep import TimestepEmbedder
 from megatron_apex.models.qwen_image.config import QwenImageConfig
 from megatron_apex.models.qwen_image.layers import SDPAttention, join_streams, zeros_init
-from megatron_apex.objectives.apex import ConditionShift, apply_condition_shift
+from megatron_apex.models.common.condition_shift import ConditionShift, apply_condition_shift
 
 FakeCondition = Union[bool, torch.Tensor]
 

@@ -34,7 +34,7 @@ from megatron_apex.models.common.norms import RMSNorm
 from megatron_apex.models.common.config import gelu_tanh
 from megatron_apex.models.sana.config import SanaConfig
 from megatron_apex.models.sana.layers import MASK_BIAS, SanaTimestepEmbedder, ScaleShiftTable
-from megatron_apex.objectives.apex import ConditionShift, apply_condition_shift
+from megatron_apex.models.common.condition_shift import ConditionShift, apply_condition_shift
 
 FakeCondition = Union[bool, torch.Tensor]
 CAPTION_NORM_EPS = 1e-5  # diffusers' caption_norm
