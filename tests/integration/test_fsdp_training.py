@@ -10,7 +10,6 @@ single-process launch, and each launch runs all its jobs in one set of processes
 
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import torch
 from dist_utils import run_torchrun
 from tiny_shards import write_tiny_shards
 from test_parallel_training import ENTRY, ITERS, LONG, REL, REPO, Runs, _trained
+from test_parallel_training import assert_same_numbers as parallel_same_numbers
 
 WORKER = Path(__file__).parent / "workers" / "fsdp_worker.py"
 
@@ -93,14 +93,8 @@ def runs(tmp_path_factory):
 
 
 def assert_same_numbers(got, ref, iterations=range(1, ITERS + 1), rel=REL):
-    """loss, every l_* term and grad_norm agree per iteration within ``rel`` (relative)."""
-    assert sorted(got) == list(iterations) and set(iterations) <= set(ref)
-    for it in iterations:
-        keys = sorted(k for k in ref[it] if k.startswith("l_") or k in ("loss", "grad_norm"))
-        assert keys == sorted(k for k in got[it] if k.startswith("l_") or k in ("loss", "grad_norm"))
-        assert {"loss", "grad_norm"} < set(keys)
-        for k in keys:
-            assert math.isclose(got[it][k], ref[it][k], rel_tol=rel, abs_tol=1e-12), (it, k, got[it][k], ref[it][k])
+    """test_parallel_training's comparison; flow-matching runs log loss, grad_norm and l_fm."""
+    parallel_same_numbers(got, ref, iterations, rel, min_keys=3)
 
 
 def checkpoint_tensors(ckpt):
