@@ -119,7 +119,7 @@ def check_checkpoint_pickles(ckpt: str):
     return load_data_pickle(metadata) if os.path.isfile(metadata) else None
 
 
-def _storage(ckpt: str, metadata=None) -> Dict:
+def storage_items(ckpt: str, metadata=None) -> Dict:
     """Storage index -> where the item lies (file, offset, length), from ``metadata`` or else
     the `.metadata` file (unpickled data-only)."""
     if metadata is None:
@@ -142,7 +142,7 @@ def reading_checkpoint(ckpt: str, metadata=None) -> Iterator[None]:
     from torch.distributed.checkpoint._traverse import set_element
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    storage = _storage(ckpt, metadata)
+    storage = storage_items(ckpt, metadata)
 
     def load_bytes(planner, read_item, value):
         info = storage.get(read_item.storage_index)

@@ -20,7 +20,7 @@ from typing import Dict, Iterator, List, Optional
 
 import torch.distributed as dist
 
-from megatron_apex.untrusted import check_checkpoint_pickles, load_data_pickle, reading_checkpoint
+from megatron_apex.untrusted import check_checkpoint_pickles, reading_checkpoint, storage_items
 
 LATEST = "latest"
 TRAIN_STATE = "train_state.json"
@@ -216,10 +216,9 @@ def check_checkpoint_files(ckpt: str, metadata=None) -> None:
                     raise ValueError("not a JSON object")
         except (OSError, UnicodeDecodeError, ValueError) as err:
             raise ValueError(f"{megatron_json}: not a readable megatron checkpoint description ({err})") from None
-    metadata_path = os.path.join(ckpt, ".metadata")
-    if metadata is None and not os.path.isfile(metadata_path):
+    if metadata is None and not os.path.isfile(os.path.join(ckpt, ".metadata")):
         return
-    storage = getattr(metadata or load_data_pickle(metadata_path), "storage_data", None) or {}
+    storage = storage_items(ckpt, metadata)
     needed: Dict[str, int] = {}
     for info in storage.values():
         end = getattr(info, "offset", 0) + getattr(info, "length", 0)
