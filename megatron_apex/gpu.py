@@ -9,16 +9,8 @@ Flags (Megatron-LM's names; docs/gpu.md has the full rules):
       ``flash_attn`` (the flash-attn package). With TE layers, auto/flash/fused/unfused pick the
       kernel inside TE's DotProductAttention (NVTE_* variables, as megatron's LanguageModule
       does) and local/flash_attn keep our core attention next to TE's linears. Our core
-      attention runs:
-        auto     the flash-attn package for bf16/fp16 CUDA calls when it is installed,
-                 else SDPA letting torch choose;
-        local    SDPA letting torch choose, never flash-attn (kernel ``sdpa``);
-        flash    SDPA restricted to the flash kernel; calls WITH a mask also allow the
-                 memory-efficient kernel (torch's CUDA flash kernel takes no mask);
-        fused    SDPA restricted to the cuDNN and memory-efficient kernels (CUDA only);
-        unfused / math   SDPA's math kernel;
-        flash_attn  flash_attn_func; with a mask flash_attn_varlen_func over each sample's
-                 valid keys (exact for key-padding masks, see ``attention``).
+      attention runs the kernel ``kernel_for`` names (megatron_apex/models/common/attention.py
+      runs it: ``local`` is SDPA letting torch choose, ``math`` is ``unfused``).
   --fp8-format e4m3|hybrid (+ --fp8-recipe, --fp8-margin, --fp8-amax-history-len,
       --fp8-amax-compute-algo): TE's fp8_autocast around the model forward (``fp8_context``);
       only with TE layers on an FP8-capable GPU.
@@ -46,8 +38,6 @@ from typing import Any, Dict, Optional
 
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "math", "local", "flash_attn")
-# What our own core-attention modules (SDPAttention, Sana's MaskedSDPAttention) accept.
-KERNELS = ("auto", "sdpa", "flash", "fused", "unfused", "flash_attn")
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 FP8_AMAX_COMPUTE_ALGOS = ("most_recent", "max")
@@ -102,7 +92,7 @@ class GpuOptions:
 
     @property
     def kernel(self) -> str:
-        """What our core-attention modules run (one of ``KERNELS``)."""
+        """What our core-attention modules run (one of models/common/attention.py's ``KERNELS``)."""
         return kernel_for(self.attention_backend)
 
     @property
@@ -425,99 +415,3 @@ def describe(options: GpuOptions, optimizer=None) -> str:
     params = "bfloat16 params, fp32 grads and main weights" if options.bf16 else "float32 params"
     return (f"transformer_impl={options.transformer_impl}, attention={attention}, fp8={fp8}, {params}, "
             f"adam={adam_class_name(optimizer)}")
-
-
-# ============================================================================ attention kernels
-def check_kernel(kernel: str) -> str:
-    if kernel not in KERNELS:
-        raise ValueError(f"attention_backend must be one of {KERNELS}, got {kernel!r}")
-    return kernel
-
-
-def flash_attn_unsupported(query) -> Optional[str]:
-    """None when flash-attn can take ``query`` (SDPA layout [b, h, s, d]), else why not."""
-    import torch
-
-    if query.device.type != "cuda":
-        return f"it needs CUDA tensors, got {query.device.type}"
-    if query.dtype not in (torch.bfloat16, torch.float16):
-        return f"it needs bfloat16 or float16 tensors, got {query.dtype} (use --bf16)"
-    head_dim = query.shape[-1]
-    if head_dim > 256 or head_dim % 8:
-        return f"it needs a head dim <= 256 and a multiple of 8, got {head_dim}"
-    return None
-
-
-def _sdpa_backends(kernel: str, masked: bool):
-    from torch.nn.attention import SDPBackend
-
-    if kernel == "flash":
-        return [SDPBackend.FLASH_ATTENTION] + ([SDPBackend.EFFICIENT_ATTENTION] if masked else [])
-    if kernel == "fused":
-        return [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-    if kernel == "unfused":
-        return [SDPBackend.MATH]
-    return None
-
-
-def attention(query, key, value, attn_mask=None, scale: Optional[float] = None, dropout_p: float = 0.0,
-              kernel: str = "auto"):
-    """``F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, scale=scale)``
-    ([b, h, s, d] in and out) on the kernel ``kernel`` (see the module docstring).
-
-    flash-attn takes no mask: a key-padding mask (bool [b, 1, 1, s_kv], True = attend, or an
-    additive [b, 1, 1, s_kv] bias of 0 / large negative) runs as flash_attn_varlen_func over
-    each sample's valid keys, every query kept. That equals the masked softmax exactly; a
-    sample with no valid key attends to all its keys, which is what a constant additive bias
-    gives (softmax is shift-invariant; SDPA's boolean mask would give NaN there)."""
-    import torch.nn.functional as F
-
-    if kernel == "flash_attn" or (kernel == "auto" and flash_attn_module() is not None
-                                  and flash_attn_unsupported(query) is None):
-        module = flash_attn_module()
-        if module is None:
-            raise ValueError("--attention-backend flash_attn: flash_attn does not import (pip install flash-attn)")
-        reason = flash_attn_unsupported(query)
-        if reason is not None:
-            raise ValueError(f"--attention-backend flash_attn cannot run this call: {reason}")
-        return _flash_attn(module, query, key, value, attn_mask, scale, dropout_p)
-    backends = _sdpa_backends(check_kernel(kernel), attn_mask is not None)
-    if backends is None:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              scale=scale)
-    from torch.nn.attention import sdpa_kernel
-
-    with sdpa_kernel(backends):
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              scale=scale)
-
-
-def key_padding(attn_mask, batch: int, kv_len: int):
-    """(b, s_kv) bool, True = valid key, from a key-padding mask (see ``attention``)."""
-    if attn_mask.dim() != 4 or attn_mask.shape[1] != 1 or attn_mask.shape[2] != 1 or attn_mask.shape[3] != kv_len:
-        raise ValueError(f"--attention-backend flash_attn takes key-padding masks [b, 1, 1, {kv_len}] only, got "
-                         f"{list(attn_mask.shape)}")
-    import torch
-
-    mask = attn_mask[:, 0, 0, :].expand(batch, kv_len)
-    return mask if mask.dtype == torch.bool else mask == 0
-
-
-def _flash_attn(module, query, key, value, attn_mask, scale, dropout_p):
-    import torch
-    import torch.nn.functional as F
-
-    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # flash-attn's [b, s, h, d]
-    b, sq, heads, d = q.shape
-    skv = k.shape[1]
-    if attn_mask is None:
-        out = module.flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=False)
-        return out.transpose(1, 2)
-    valid = key_padding(attn_mask, b, skv)
-    valid = valid | ~valid.any(dim=1, keepdim=True)
-    cu_k = F.pad(valid.sum(dim=1).cumsum(0).to(torch.int32), (1, 0))
-    cu_q = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=q.device)
-    # max_seqlen_k is an upper bound (s_kv) so no host sync is needed for it.
-    out = module.flash_attn_varlen_func(q.reshape(b * sq, heads, d), k[valid], v[valid], cu_q, cu_k, sq, skv,
-                                        dropout_p=dropout_p, softmax_scale=scale, causal=False)
-    return out.reshape(b, sq, heads, d).transpose(1, 2)

@@ -20,6 +20,7 @@ import torch
 
 from megatron_apex import gpu
 from megatron_apex.models import build_model, get_model_config
+from megatron_apex.models.common import attention as core_attention
 from megatron_apex.models.specs import get_qwen_image_layer_spec, get_sana_layer_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -208,11 +209,11 @@ def test_auto_selects_te_and_flash_attn_when_they_import_and_cuda_is_there(monke
     assert options.te_core_attention  # TE's own attention, its kernel chosen by TE
     assert resolve_backend("auto") == "te"
     # our core attention (e.g. next to local linears): auto runs flash-attn where it can
-    monkeypatch.setattr(gpu, "flash_attn_unsupported", lambda query: None)
+    monkeypatch.setattr(core_attention, "flash_attn_unsupported", lambda query: None)
     q = torch.randn(2, 3, 5, 8)
-    out = gpu.attention(q, q, q, kernel="auto")
+    out = core_attention.attention(q, q, q, kernel="auto")
     assert calls == ["func"]
-    gpu.attention(q, q, q, kernel="sdpa")  # --attention-backend local: SDPA, never flash-attn
+    core_attention.attention(q, q, q, kernel="sdpa")  # --attention-backend local: SDPA, never flash-attn
     assert calls == ["func"]
     assert torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, q, q), atol=1e-6)
 
@@ -227,7 +228,7 @@ def test_auto_without_the_packages_selects_local_and_sdpa(monkeypatch):
     assert resolve_backend("auto") == "local"
     seen = record_sdpa(monkeypatch)
     q = torch.randn(2, 3, 5, 8)
-    gpu.attention(q, q, q, kernel="auto")
+    core_attention.attention(q, q, q, kernel="auto")
     assert len(seen) == 1
 
 
@@ -261,7 +262,7 @@ def test_forcing_gpu_paths_without_cuda_is_a_clear_error(monkeypatch):
     # forced flash-attn on a call it cannot take (CPU tensors here): an error, not a silent fallback
     with pytest.raises(ValueError, match="--attention-backend flash_attn.*CUDA"):
         q = torch.randn(1, 2, 4, 8)
-        gpu.attention(q, q, q, kernel="flash_attn")
+        core_attention.attention(q, q, q, kernel="flash_attn")
 
 
 def test_fp8_flags_need_transformer_engine(monkeypatch):
@@ -411,7 +412,7 @@ def test_flash_attn_path_keeps_the_mask_semantics(monkeypatch, family):
     equals SDPA with the mask / diffusers' caption bias: outputs and gradients."""
     calls = []
     monkeypatch.setitem(sys.modules, "flash_attn", fake_flash_attn(calls))
-    monkeypatch.setattr(gpu, "flash_attn_unsupported", lambda query: None)  # CPU float32 here
+    monkeypatch.setattr(core_attention, "flash_attn_unsupported", lambda query: None)  # CPU float32 here
     build, make_inputs = (qwen, qwen_inputs) if family == "qwen" else (sana, sana_inputs)
     config, reference = build("unfused")
     _, model = build("flash_attn")

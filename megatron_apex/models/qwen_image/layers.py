@@ -15,7 +15,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from megatron_apex.gpu import attention, check_kernel
+from megatron_apex.models.common.attention import attention, check_kernel
 from megatron_apex.models.common.modulation import AdaLNModulation, gated_residual, modulate
 from megatron_apex.models.common.rope import apply_rope
 
@@ -44,7 +44,7 @@ def zeros_init(weight: torch.Tensor) -> torch.Tensor:
 
 class SDPAttention(MegatronModule):
     """Local core attention: ``torch.nn.functional.scaled_dot_product_attention`` on the
-    kernel ``attention_backend`` (megatron_apex.gpu.attention: ``auto`` lets torch choose, or
+    kernel ``attention_backend`` (models/common/attention.py: ``auto`` lets torch choose, or
     uses flash-attn for bf16/fp16 CUDA calls when installed; ``sdpa`` lets torch choose;
     ``flash``, ``fused``, ``unfused``, ``flash_attn`` force one). The padded-text mask keeps
     its meaning on every kernel.

@@ -23,7 +23,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 from torch import nn
 
-from megatron_apex.gpu import attention, check_kernel
+from megatron_apex.models.common.attention import attention, check_kernel
 from megatron_apex.models.common.modulation import modulate
 from megatron_apex.models.common.timestep import TimestepEmbedder, sinusoidal_timestep_features
 
@@ -108,7 +108,7 @@ class ReLULinearAttention(MegatronModule):
 class MaskedSDPAttention(MegatronModule):
     """Cross-attention core: softmax attention with diffusers' additive -10000 caption bias.
     Inputs [b, s, heads, head_dim]; ``attention_bias`` (B, 1, 1, L) or None. Runs on the
-    kernel ``attention_backend`` (megatron_apex.gpu.attention); on flash-attn the bias becomes
+    kernel ``attention_backend`` (models/common/attention.py); on flash-attn the bias becomes
     the equivalent key-padding (exact, an all-padded caption included)."""
 
     def __init__(self, config, layer_number: int = 1, softmax_scale: Optional[float] = None,
