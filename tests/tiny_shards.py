@@ -5,7 +5,7 @@ import numpy as np
 
 def write_tiny_shards(path, context_dim: int, max_text_len: int = 4) -> None:
     """32 samples of 1 x 8 x 8 images with 1 to ``max_text_len`` text tokens ``context_dim`` wide."""
-    from megatron_apex.data.shards import SHARD_FORMAT, write_manifest, write_split
+    from megatron_apex.data.shard_writer import SHARD_FORMAT, write_manifest, write_split
 
     rng = np.random.default_rng(0)
 

@@ -519,7 +519,7 @@ def write_latent_dataset(folder: Path, config, batch: int, height: int, width: i
     reader takes float images as latents): the Trainer's --data-path for the step part."""
     import numpy as np
 
-    from megatron_apex.data import shards
+    from megatron_apex.data import shard_writer
 
     rng = np.random.default_rng(0)
     lengths = text_mask(batch, text).sum(1).int().tolist()
@@ -530,10 +530,10 @@ def write_latent_dataset(folder: Path, config, batch: int, height: int, width: i
             states = rng.standard_normal((lengths[i], config.joint_attention_dim)).astype(np.float16)
             yield dict(key=f"{i:07d}", image=latent, context=states, mask=np.ones(lengths[i], dtype=bool), caption="")
 
-    split = shards.write_split(folder, "train", samples(), samples_per_shard=batch, compress=False)
-    shards.write_manifest(folder, dict(format=shards.SHARD_FORMAT, dataset="gpu-check-synthetic",
-                                       splits={"train": split}, context_dim=config.joint_attention_dim,
-                                       max_text_len=text, image_shape=[config.latent_channels, height, width]))
+    split = shard_writer.write_split(folder, "train", samples(), samples_per_shard=batch, compress=False)
+    shard_writer.write_manifest(folder, dict(format=shard_writer.SHARD_FORMAT, dataset="gpu-check-synthetic",
+                                             splits={"train": split}, context_dim=config.joint_attention_dim,
+                                             max_text_len=text, image_shape=[config.latent_channels, height, width]))
     return folder
 
 

@@ -8,7 +8,7 @@ tests/gpu/test_trainer_cuda.py cannot encode the built-in dataset's captions the
 holds what the built-in dataset would give it, already encoded: the first --per-class train
 images of each class of the built-in data (Fashion-MNIST here; digits without it), captioned
 with the fixed class prompt (template 0), text states from the built-in MiniLM encoder at
-max_text_len 16, in the `megatron_apex.shards.v1` format of megatron_apex/data/shards.py, and
+max_text_len 16, in the `megatron_apex.shards.v1` format of megatron_apex/data/shard_writer.py, and
 `empty_prompt.npy` (the empty prompt's states, float16, real tokens only) as
 tools/prepare_data.py writes it, so caption dropout and the CFG-enhanced target need no
 encoder either. Shards are byte-reproducible (gzip and tar mtimes 0); the folder is written
@@ -48,7 +48,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 def write_dataset(output: Path, name: str, per_class: int) -> Path:
-    from megatron_apex.data import shards
+    from megatron_apex.data import shard_writer
     from megatron_apex.data.builtin import IMAGE_SIZE, class_names, class_prompts, load_builtin_arrays
     from megatron_apex.data.empty_prompt import EMPTY_PROMPT, EMPTY_PROMPT_FILE
     from megatron_apex.data.text_encoder import MiniLMTextEncoder
@@ -70,12 +70,12 @@ def write_dataset(output: Path, name: str, per_class: int) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
-        split = shards.write_split(tmp, "train", samples(), samples_per_shard=len(index),
-                                   group_key=lambda s: s["caption"])
+        split = shard_writer.write_split(tmp, "train", samples(), samples_per_shard=len(index),
+                                         group_key=lambda s: s["caption"])
         empty = half[-1][masks[-1]]
         (tmp / EMPTY_PROMPT_FILE).write_bytes(_npy_bytes(empty))
-        shards.write_manifest(tmp, dict(
-            format=shards.SHARD_FORMAT, dataset=name, splits={"train": split},
+        shard_writer.write_manifest(tmp, dict(
+            format=shard_writer.SHARD_FORMAT, dataset=name, splits={"train": split},
             text_encoder=MiniLMTextEncoder.name, context_dim=MiniLMTextEncoder.dim, max_text_len=MAX_TEXT_LEN,
             image_shape=[1, IMAGE_SIZE, IMAGE_SIZE], class_names=class_names(name), class_prompts=prompts,
             source=f"the first {per_class} train images of each class of the built-in {name} "

@@ -25,6 +25,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+from megatron_apex.data import shard_writer
+from megatron_apex.data.text_encoder import ENCODER_NAME, MiniLMTextEncoder
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 BUILTIN_NAMES = ("fashion-mnist", "digits")
@@ -139,8 +144,6 @@ def _fashion_split(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _digits_all() -> tuple[np.ndarray, np.ndarray]:
-    import torch
-    import torch.nn.functional as F
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -184,8 +187,6 @@ def load_builtin_images(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------------------ shard cache
 
 def _build_key(name: str, max_text_len: int, samples_per_shard: int, seed: int) -> str:
-    from .text_encoder import ENCODER_NAME
-
     spec = dict(version=BUILD_VERSION, name=name, max_text_len=max_text_len,
                 samples_per_shard=samples_per_shard, seed=seed, encoder=ENCODER_NAME,
                 templates=TEMPLATES[name], classes=CLASS_NAMES[name])
@@ -208,12 +209,9 @@ def build_builtin_shards(cache_dir=None, name: str | None = None, max_text_len: 
     the same arguments returns at once. Shards are built in a temp folder and renamed, so a
     crash or a concurrent builder never leaves a half-written cache behind.
     """
-    from . import shards
-    from .text_encoder import MiniLMTextEncoder
-
     name = resolve_builtin_name(name)
     final = builtin_cache_path(cache_dir, name, max_text_len, samples_per_shard, seed)
-    if (final / shards.MANIFEST_NAME).is_file():
+    if (final / shard_writer.MANIFEST_NAME).is_file():
         return final
     t0 = time.perf_counter()
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -238,15 +236,15 @@ def build_builtin_shards(cache_dir=None, name: str | None = None, max_text_len: 
                     yield dict(key=f"{i:07d}", image=images[i], context=half[u, :n],
                                mask=masks[u, :n], caption=captions[i], label=int(labels[i]))
 
-            splits[split] = shards.write_split(tmp, split, samples(), samples_per_shard,
-                                               group_key=lambda s: s["caption"])
+            splits[split] = shard_writer.write_split(tmp, split, samples(), samples_per_shard,
+                                                     group_key=lambda s: s["caption"])
         manifest = dict(
-            format=shards.SHARD_FORMAT, dataset=name, splits=splits,
+            format=shard_writer.SHARD_FORMAT, dataset=name, splits=splits,
             text_encoder=MiniLMTextEncoder.name, context_dim=MiniLMTextEncoder.dim,
             max_text_len=max_text_len, image_shape=[1, IMAGE_SIZE, IMAGE_SIZE],
             class_names=class_names(name), class_prompts=class_prompts(name), seed=seed,
         )
-        shards.write_manifest(tmp, manifest)
+        shard_writer.write_manifest(tmp, manifest)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; the cache may be shared
@@ -254,7 +252,7 @@ def build_builtin_shards(cache_dir=None, name: str | None = None, max_text_len: 
             os.rename(tmp, final)
         except OSError:
             # Another process finished first; its cache has the same content.
-            if not (final / shards.MANIFEST_NAME).is_file():
+            if not (final / shard_writer.MANIFEST_NAME).is_file():
                 raise
     finally:
         if tmp.exists():

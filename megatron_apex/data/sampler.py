@@ -72,14 +72,15 @@ class GlobalBatchSampler:
                 yield batch
 
 
-def micro_batches(global_indices, micro_batch_size: int, dp_rank: int, dp_size: int) -> list[list[int]]:
-    """This data-parallel rank's micro-batches of one global batch.
+def micro_batch_slices(global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> list[slice]:
+    """Where this data-parallel rank's micro-batches sit in a global batch of `global_batch_size`.
 
     Rank r takes the contiguous slice r of the global batch and cuts it into
-    G / (micro_batch_size * dp_size) micro-batches (the gradient-accumulation steps).
+    G / (micro_batch_size * dp_size) micro-batches (the gradient-accumulation steps). The
+    positions, not only the indices, are what the trainer needs: its per-sample random draws are
+    made once for the whole global batch and sliced the same way.
     """
-    indices = [int(i) for i in global_indices]
-    g = len(indices)
+    g = global_batch_size
     if micro_batch_size < 1 or dp_size < 1:
         raise ValueError(f"--micro-batch-size ({micro_batch_size}) and the data-parallel size "
                          f"({dp_size}) must be >= 1")
@@ -90,5 +91,12 @@ def micro_batches(global_indices, micro_batch_size: int, dp_rank: int, dp_size: 
                          f"({micro_batch_size}) x data-parallel size ({dp_size}) = "
                          f"{micro_batch_size * dp_size}")
     per_rank = g // dp_size
-    mine = indices[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-    return [mine[i : i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
+    first = dp_rank * per_rank
+    return [slice(start, start + micro_batch_size) for start in range(first, first + per_rank, micro_batch_size)]
+
+
+def micro_batches(global_indices, micro_batch_size: int, dp_rank: int, dp_size: int) -> list[list[int]]:
+    """This data-parallel rank's micro-batches of one global batch (the dataset indices at
+    `micro_batch_slices`)."""
+    indices = [int(i) for i in global_indices]
+    return [indices[where] for where in micro_batch_slices(len(indices), micro_batch_size, dp_rank, dp_size)]

@@ -1,4 +1,5 @@
-"""WebDataset shards of (image, text states, mask, caption, label) and their in-memory reader.
+"""WebDataset shards of (image, text states, mask, caption, label): their manifest and their
+in-memory reader (shard_writer.py writes them, shard_reader.py decodes one shard).
 
 Layout of a dataset folder: `manifest.json` + `<split>-NNNNNN.tar.gz` shards. Per sample
 (webdataset key `NNNNNNN`): `image.npy` (uint8 pixels (C, H, W), or float latents) or `png`,
@@ -21,131 +22,20 @@ content hash (`<cache>/memo/`); later loads take well under a second.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import os
-import re
-import tarfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
 
-SHARD_FORMAT = "megatron_apex.shards.v1"
-MANIFEST_NAME = "manifest.json"
+from megatron_apex.data.builtin import build_builtin_shards, default_cache_dir
+from megatron_apex.data.sampler import GlobalBatchSampler
+from megatron_apex.data.shard_reader import log_link_members, read_shard_samples
+from megatron_apex.data.shard_writer import MANIFEST_NAME, SHARD_FORMAT
 
-
-# ----------------------------------------------------------------------------------- writing
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
-def _png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    if image.ndim == 3:  # (C, H, W) -> PIL layout
-        image = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def encode_sample(sample: dict, image_format: str = "npy") -> dict:
-    """{key, image, context, mask?, caption, label?} -> webdataset sample of bytes.
-
-    uint8 images go to `image.npy` (decodes faster than PNG, same size once gzipped) or, with
-    image_format="png", to `png`; float images (latents) always to `image.npy`.
-    """
-    image = np.asarray(sample["image"])
-    context = np.asarray(sample["context"], dtype=np.float16)
-    if context.ndim != 2:
-        raise ValueError(f"sample {sample['key']}: context must be (tokens, dim), got {context.shape}")
-    mask = np.asarray(sample.get("mask", np.ones(len(context), dtype=bool)), dtype=bool)
-    if mask.shape != (len(context),):
-        raise ValueError(f"sample {sample['key']}: mask shape {mask.shape} != ({len(context)},)")
-    out = {"__key__": sample["key"], "ctx.npy": _npy_bytes(context), "mask.npy": _npy_bytes(mask),
-           "txt": str(sample.get("caption", "")).encode("utf-8")}
-    if image.dtype == np.uint8 and image_format == "png":
-        out["png"] = _png_bytes(image)
-    elif image.dtype == np.uint8 and image.ndim == 2:
-        out["image.npy"] = _npy_bytes(image[None])
-    else:
-        out["image.npy"] = _npy_bytes(image)
-    if sample.get("label") is not None:
-        out["cls"] = str(int(sample["label"])).encode()
-    return out
-
-
-def _write_shard(path: Path, samples: list[dict], compress: bool, image_format: str) -> dict:
-    import webdataset as wds
-
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as raw:
-        # mtime=0 and no file name in the gzip header: identical content -> identical bytes,
-        # so the manifest's content hash is reproducible.
-        stream = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="", compresslevel=6) \
-            if compress else raw
-        with wds.TarWriter(stream, compress=False, encoder=False, mtime=0) as writer:
-            for s in samples:
-                writer.write(encode_sample(s, image_format))
-        if compress:
-            stream.close()
-    os.replace(tmp, path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return dict(name=path.name, count=len(samples), sha256=digest, bytes=path.stat().st_size)
-
-
-def write_split(out_dir, split: str, samples: Iterable[dict], samples_per_shard: int,
-                group_key: Callable[[dict], object] | None = None, compress: bool = True,
-                image_format: str = "npy") -> dict:
-    """Write `samples` as `<split>-NNNNNN.tar[.gz]` shards; return the manifest entry of the split."""
-    if image_format not in ("npy", "png"):
-        raise ValueError(f"image_format must be 'npy' or 'png', got {image_format!r}")
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards, chunk = [], []
-
-    def flush():
-        if group_key is not None:
-            chunk.sort(key=group_key)  # stable: original order within a group
-        ext = ".tar.gz" if compress else ".tar"
-        shards.append(_write_shard(out_dir / f"{split}-{len(shards):06d}{ext}", chunk, compress,
-                                   image_format))
-        chunk.clear()
-
-    for s in samples:
-        chunk.append(s)
-        if len(chunk) == samples_per_shard:
-            flush()
-    if chunk:
-        flush()
-    return dict(count=sum(s["count"] for s in shards), shards=shards)
-
-
-def write_manifest(out_dir, manifest: dict) -> Path:
-    """Add the content hash (over every shard's sha256, in order) and write atomically."""
-    manifest = dict(manifest)
-    h = hashlib.sha256()
-    for split in sorted(manifest["splits"]):
-        for s in manifest["splits"][split]["shards"]:
-            h.update(f"{split}/{s['name']}:{s['sha256']}\n".encode())
-    manifest["content_hash"] = h.hexdigest()
-    path = Path(out_dir) / MANIFEST_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path)
-    return path
-
-
-# ----------------------------------------------------------------------------------- reading
 
 def read_manifest(data_path) -> dict:
     data_path = Path(data_path)
@@ -156,7 +46,7 @@ def read_manifest(data_path) -> dict:
     path = data_path / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST_NAME} in --data-path {data_path} "
-                                "(write shards with megatron_apex.data.shards.write_split/write_manifest)")
+                                "(write shards with megatron_apex.data.shard_writer.write_split/write_manifest)")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -202,144 +92,6 @@ def _check_manifest(manifest, path: Path) -> None:
                                          and shard[key] >= 0):
                     raise ValueError(f"{path}: split {split!r} shard {name} has {key} {shard[key]!r}, expected a "
                                      "non-negative integer")
-
-
-_NPY_HEADERS: dict[bytes, tuple] = {}
-
-
-def _load_npy(data: bytes, where: str, member: str) -> np.ndarray:
-    """np.load without re-parsing the (identical) header of every small array; never unpickles."""
-    if data[:6] != b"\x93NUMPY" or len(data) < 10:
-        raise ValueError(f"{where}: {member} is not an .npy array")
-    start = 10 if data[6] == 1 else 12
-    end = start + int.from_bytes(data[8:start], "little")
-    info = _NPY_HEADERS.get(data[:end])
-    try:
-        if info is None:
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
-            if not arr.flags.c_contiguous or arr.dtype.hasobject:
-                return arr
-            _NPY_HEADERS[data[:end]] = info = (arr.dtype, arr.shape)
-        dtype, shape = info
-        return np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=end).reshape(shape)
-    except Exception as exc:  # numpy raises ValueError, EOFError, SyntaxError... for damaged payloads
-        if "allow_pickle" in str(exc):
-            raise ValueError(f"{where}: {member} holds a pickled object array, refused (shard arrays are read "
-                             "without unpickling)") from None
-        raise ValueError(f"{where}: {member} is not a readable .npy array ({type(exc).__name__}: "
-                         f"{_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    # webdataset appends the stream and URL to an exception's args, and the first arg to " @ <stream>"
-    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
-    text = text.split(" @ ")[0].strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _decode_image(sample: dict, where: str) -> np.ndarray:
-    if "png" in sample:
-        from PIL import Image
-
-        try:
-            img = np.asarray(Image.open(io.BytesIO(sample["png"])))
-        except Exception as exc:  # PIL's UnidentifiedImageError, OSError for truncated data
-            raise ValueError(f"{where}: png is not a readable PNG ({_first_line(exc)})") from None
-        return img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0)
-    if "image.npy" in sample:
-        image = _load_npy(sample["image.npy"], where, "image.npy")
-        if image.ndim != 3 or not (image.dtype == np.uint8 or np.issubdtype(image.dtype, np.floating)):
-            raise ValueError(f"{where}: image.npy must be uint8 pixels or float latents of shape (C, H, W), got "
-                             f"{image.dtype} {image.shape}")
-        return image
-    raise ValueError(f"{where}: sample has neither 'png' nor 'image.npy' (keys {sorted(sample)})")
-
-
-def _decode_sample(s: dict, where: str) -> dict:
-    if "ctx.npy" not in s:
-        raise ValueError(f"{where}: missing 'ctx.npy' (keys {sorted(s)})")
-    ctx = _load_npy(s["ctx.npy"], where, "ctx.npy")
-    if ctx.ndim != 2 or not np.issubdtype(ctx.dtype, np.floating):
-        raise ValueError(f"{where}: ctx.npy must be float text states (tokens, dim), got {ctx.dtype} {ctx.shape}")
-    if "mask.npy" in s:
-        mask = _load_npy(s["mask.npy"], where, "mask.npy")
-        if mask.shape != (len(ctx),) or not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.integer)):
-            raise ValueError(f"{where}: mask.npy must be a bool array of shape ({len(ctx)},) like ctx.npy's "
-                             f"tokens, got {mask.dtype} {mask.shape}")
-        mask = mask.astype(bool)
-    else:
-        mask = np.ones(len(ctx), dtype=bool)
-    try:
-        caption = s.get("txt", b"").decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"{where}: txt is not UTF-8 text") from None
-    try:
-        label = int(s["cls"]) if "cls" in s else -1
-    except ValueError:
-        raise ValueError(f"{where}: cls {s['cls'][:20]!r} is not an integer label") from None
-    return dict(key=s["__key__"], image=_decode_image(s, where), context=ctx, mask=mask, caption=caption,
-                label=label)
-
-
-_WDS_META = re.compile(r"__[^/]*__($|/)")  # webdataset's own metadata members, which it skips
-
-
-def _regular_files(stream, archive: str, links: list) -> Iterable[dict]:
-    """{fname, data, __url__} of each regular member, as webdataset's tar_file_iterator yields
-    them (which drops link members without a word); every member's name must stay inside the
-    archive. A symbolic or hard link member is never read: it goes to `links`."""
-    from megatron_apex.untrusted import safe_member_name
-
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for m in tar:
-            safe_member_name(m.name, archive)
-            if m.issym() or m.islnk():
-                links.append(m)
-            elif m.isreg() and not _WDS_META.match(m.name):
-                yield dict(fname=m.name, data=tar.extractfile(m).read(), __url__=archive)
-            tar.members = []  # read as a stream: keep no index of the (many, small) members
-
-
-def _read_shard(path: Path) -> tuple[list[dict], list[str], int]:
-    """(decoded samples, the shard's link members, how many samples they left out)."""
-    from webdataset.tariterators import base_plus_ext, group_by_keys
-
-    if not path.is_file():
-        raise FileNotFoundError(f"shard not found: {path}")
-    if path.stat().st_size == 0:
-        raise ValueError(f"shard is empty (0 bytes): {path}")
-    links: list[tarfile.TarInfo] = []
-    try:
-        with open(path, "rb") as f:
-            raw = list(group_by_keys(_regular_files(f, str(path), links)))
-        # a sample with a link member is left out whole: the link may stand for any of its parts
-        linked = {base_plus_ext(m.name)[0] for m in links}
-        kept = [s for s in raw if s["__key__"] not in linked]
-        out = [_decode_sample(s, f"shard {path}, sample {s.get('__key__')}") for s in kept]
-    except (ValueError, FileNotFoundError) as exc:
-        if str(path) in _first_line(exc):
-            raise ValueError(_first_line(exc)) from None
-        raise ValueError(f"corrupt shard {path}: {_first_line(exc)}") from None
-    except Exception as exc:  # tarfile/gzip/zlib/EOF errors of a damaged file
-        raise ValueError(f"corrupt shard {path}: {type(exc).__name__}: {_first_line(exc)}") from None
-    if not raw and not links:
-        raise ValueError(f"corrupt shard {path}: no samples in it (an empty or zeroed tar archive)")
-    named = [f"{m.name} ({'symbolic' if m.issym() else 'hard'} link to {m.linkname})" for m in links]
-    return out, named, len(raw) - len(kept)
-
-
-def _log_links(log: Callable[[str], None], path, links: list[str], left_out: int) -> None:
-    log(f"[megatron_apex] data: {path}: {len(links)} link members not followed, {left_out} samples left "
-        f"out: {', '.join(links)}")
-
-
-def read_shard(path, log: Callable[[str], None] = print) -> list[dict]:
-    """Decode every sample of one shard (webdataset's grouping of members into samples); samples
-    with link members are left out, and named in one `log` line."""
-    out, links, left_out = _read_shard(Path(path))
-    if links:
-        _log_links(log, path, links, left_out)
-    return out
 
 
 def check_samples_fit(samples: list[dict], manifest: dict, shard, reference: dict | None = None) -> dict | None:
@@ -424,6 +176,16 @@ class ShardDataset:
     def class_names(self) -> list[str] | None:
         return self.manifest.get("class_names")
 
+    # A split holds one image shape, and a damaged shard fails the load instead of being
+    # skipped: there is nothing to count (megatron_apex.data.dataset.TrainingDataset).
+    skipped = None
+
+    def sample_shape(self, index: int) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    def batch_sampler(self, global_batch_size: int, seed: int, consumed_samples: int = 0) -> GlobalBatchSampler:
+        return GlobalBatchSampler(len(self), global_batch_size, seed, consumed_samples=consumed_samples)
+
     def get_batch(self, indices) -> dict:
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
         images = self.images[idx]
@@ -440,8 +202,6 @@ _MEMO_FIELDS = ("images", "context_table", "mask_table", "context_index", "label
 def _memo_path(manifest: dict, split: str, cache_dir) -> Path | None:
     if not manifest.get("content_hash"):
         return None
-    from .builtin import default_cache_dir
-
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return root / "memo" / f"{manifest['content_hash'][:24]}-{split}.pt"
 
@@ -481,8 +241,6 @@ def load_dataset(data_path=None, split: str = "train", cache_dir=None, name: str
     line; such a split is never memoised, so every load names them again.
     """
     if data_path is None:
-        from .builtin import build_builtin_shards
-
         data_path = build_builtin_shards(cache_dir=cache_dir, name=name, max_text_len=max_text_len)
     data_path = Path(data_path)
     if data_path.is_file() and data_path.name == MANIFEST_NAME:
@@ -508,9 +266,9 @@ def load_dataset(data_path=None, split: str = "train", cache_dir=None, name: str
     samples, reference, link_members = [], None, []
     for entry in entries:
         shard = data_path / entry["name"]
-        got, links, left_out = _read_shard(shard)
+        got, links, left_out = read_shard_samples(shard)
         if links:
-            _log_links(log, shard, links, left_out)
+            log_link_members(log, shard, links, left_out)
             link_members.extend(f"{shard}:{link}" for link in links)
         if "count" in entry and len(got) + left_out != entry["count"]:
             raise ValueError(f"shard {shard} holds {len(got) + left_out} samples, its {MANIFEST_NAME} entry says "

@@ -96,7 +96,7 @@ def write_raw_dataset(root: Path, samples: list, manifest_edits: Optional[dict] 
                       member_names: Optional[Callable[[str], str]] = None) -> Path:
     """A one-shard dataset whose tar members are exactly ``samples`` ({ext: bytes} per sample),
     with a correct manifest (then ``manifest_edits``): how a broken sample reaches the reader."""
-    from megatron_apex.data.shards import SHARD_FORMAT, write_manifest
+    from megatron_apex.data.shard_writer import SHARD_FORMAT, write_manifest
 
     root.mkdir(parents=True, exist_ok=True)
     shard = root / "train-000000.tar.gz"
@@ -632,7 +632,7 @@ case("shards-empty-split", "a split with no shards", SHARDS, ("train", "no sampl
 
 
 def _read_shard(root: Path):
-    from megatron_apex.data.shards import read_shard
+    from megatron_apex.data.shard_reader import read_shard
 
     return read_shard(_shard(root))
 

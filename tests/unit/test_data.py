@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_apex.data import builtin, shards
+from megatron_apex.data import builtin, shard_writer
 from megatron_apex.data.builtin import load_idx
-from megatron_apex.data.shards import load_dataset, write_manifest, write_split
+from megatron_apex.data.shard_writer import write_manifest, write_split
+from megatron_apex.data.shards import load_dataset
 from megatron_apex.data.text_encoder import MiniLMTextEncoder
 
 
@@ -134,7 +135,7 @@ def _random_samples(n, dim=12, max_len=8, seed=0, float_images=False):
 def _write_set(root, samples, max_len=8, dim=12, **kw):
     splits = {"train": write_split(root, "train", samples, samples_per_shard=5,
                                    group_key=lambda s: s["caption"], **kw)}
-    write_manifest(root, dict(format=shards.SHARD_FORMAT, splits=splits, max_text_len=max_len,
+    write_manifest(root, dict(format=shard_writer.SHARD_FORMAT, splits=splits, max_text_len=max_len,
                               context_dim=dim, dataset="synthetic"))
     return root
 

@@ -213,7 +213,9 @@ def test_latent_loader_leaves_out_samples_with_link_members(tmp_path):
 def test_shard_reader_leaves_out_samples_with_link_members(tmp_path):
     import hashlib
 
-    from megatron_apex.data.shards import SHARD_FORMAT, encode_sample, load_dataset, read_shard, write_manifest
+    from megatron_apex.data.shard_reader import read_shard
+    from megatron_apex.data.shard_writer import SHARD_FORMAT, encode_sample, write_manifest
+    from megatron_apex.data.shards import load_dataset
 
     rng = np.random.default_rng(0)
     images = {}

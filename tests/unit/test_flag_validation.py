@@ -292,7 +292,7 @@ def fake_checkpoint(root: Path, **edits) -> Path:
 
 
 def fake_shards(root: Path, context_dim: int) -> Path:
-    from megatron_apex.data.shards import SHARD_FORMAT
+    from megatron_apex.data.shard_writer import SHARD_FORMAT
 
     root.mkdir(parents=True)
     manifest = dict(format=SHARD_FORMAT, splits={"train": dict(count=4, shards=[dict(name="train-000000.tar")])},

@@ -27,7 +27,7 @@ LORA = ["--lora-rank", "4", "--lora-targets", "attn,img_in", "--lr", "1e-2"]
 
 def _write_dataset(path):
     """16 samples of 1 x 8 x 8 images with 1-4 text tokens of width 384 (the MiniLM width)."""
-    from megatron_apex.data.shards import SHARD_FORMAT, write_manifest, write_split
+    from megatron_apex.data.shard_writer import SHARD_FORMAT, write_manifest, write_split
 
     rng = np.random.default_rng(0)
 

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from megatron_apex.data.sampler import GlobalBatchSampler, micro_batches
+from megatron_apex.data.sampler import GlobalBatchSampler, micro_batch_slices, micro_batches
 
 
 def take(sampler, n):
@@ -64,6 +64,17 @@ def test_micro_batches_partition_the_global_batch(mbs, dp):
     assert [i for mb in per_rank for m in mb for i in m] == batch
 
 
+@pytest.mark.parametrize("g,mbs,dp", [(8, 4, 1), (8, 2, 2), (16, 2, 4), (12, 3, 2), (6, 1, 6)])
+def test_micro_batch_slices_are_the_ranks_contiguous_micro_batches(g, mbs, dp):
+    # written out by hand: rank r starts at r * G / dp, micro-batch m at that plus m * mbs
+    for r in range(dp):
+        want = [(r * (g // dp) + m * mbs, r * (g // dp) + (m + 1) * mbs) for m in range(g // (mbs * dp))]
+        got = micro_batch_slices(g, mbs, r, dp)
+        assert [(s.start, s.stop) for s in got] == want
+        indices = list(range(100, 100 + g))  # the indices the slices pick are micro_batches'
+        assert [indices[s] for s in got] == micro_batches(indices, mbs, r, dp)
+
+
 def test_global_batches_do_not_depend_on_the_split():
     # The sampler has no mbs/dp input; a run with another split sees the same samples per step.
     a = take(GlobalBatchSampler(64, 16, seed=9), 6)
@@ -80,6 +91,8 @@ def test_bad_divisibility_and_arguments_are_clear():
         micro_batches(list(range(12)), 2, 0, 4)
     with pytest.raises(ValueError, match="rank 3"):
         micro_batches(list(range(12)), 2, 3, 2)
+    with pytest.raises(ValueError, match=r"--global-batch-size \(12\).*--micro-batch-size \(5\)"):
+        micro_batch_slices(12, 5, 0, 1)
     with pytest.raises(ValueError, match="--global-batch-size 20"):
         GlobalBatchSampler(10, 20, seed=0)
     assert take(GlobalBatchSampler(10, 20, seed=0, drop_last=False), 1)[0].__len__() == 10
