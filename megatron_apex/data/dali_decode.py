@@ -7,7 +7,7 @@ with a bicubic, antialiased filter, then take the centre crop. The pixels agree 
 a tolerance, not bit for bit (docs/data.md: at most 6 levels of 255 apart, 1 on average; DALI's
 and PIL's cubic filters are not the same code, and nvJPEG's IDCT is not libjpeg's).
 
-Only megatron_apex/data/prepare.py imports this module, and only when DALI is asked for.
+Only megatron_apex/data/prepare/ imports this module; nvidia.dali itself is imported only when DALI is asked for.
 """
 
 from __future__ import annotations

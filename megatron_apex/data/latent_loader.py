@@ -1,4 +1,4 @@
-"""Reader of `megatron_apex.latent_shards.v1` (megatron_apex/data/prepare.py) for the Trainer.
+"""Reader of `megatron_apex.latent_shards.v1` (megatron_apex/data/prepare/) for the Trainer.
 
 Start-up builds the index of valid samples (shard, key, bucket, member offsets). A shard that
 prepare_data gave an index (`shard-NNNNNN.idx.npy`, named with its sha256 in the manifest's shard
@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from megatron_apex.data.prepare import INDEX_COLUMNS, LATENT_FORMAT, MANIFEST_NAME
+from megatron_apex.data.latent_format import INDEX_COLUMNS, LATENT_FORMAT, MANIFEST_NAME
 
 _REQUIRED = ("latent.npy", "ctx.npy", "mask.npy", "json")
 
@@ -204,7 +204,7 @@ class LatentShardDataset:
             yield f"{key:08d}", grid, pairs
 
     def _index_rows(self, shard: _Shard, entry: dict) -> Optional[np.ndarray]:
-        """The shard's index rows (prepare.INDEX_COLUMNS), or None to scan it (no index, or one
+        """The shard's index rows (latent_format.INDEX_COLUMNS), or None to scan it (no index, or one
         that does not fit the shard: the log says why)."""
         recorded = entry.get("sample_index")
         if not isinstance(recorded, dict):

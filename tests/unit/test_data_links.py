@@ -172,7 +172,7 @@ def _npy(a) -> bytes:
 
 def test_latent_loader_leaves_out_samples_with_link_members(tmp_path):
     from megatron_apex.data.latent_loader import LatentShardDataset
-    from megatron_apex.data.prepare import LATENT_FORMAT
+    from megatron_apex.data.latent_format import LATENT_FORMAT
 
     rng = np.random.default_rng(0)
     latents = {}

@@ -12,7 +12,7 @@ import torch
 
 from megatron_apex.data.latent_loader import (BucketBatchSampler, LatentShardDataset, check_model_fits_data,
                                               is_latent_dataset)
-from megatron_apex.data.prepare import LATENT_FORMAT
+from megatron_apex.data.latent_format import LATENT_FORMAT
 
 C, D, L = 2, 6, 5
 GRIDS = [(4, 4), (2, 8), (8, 2)]

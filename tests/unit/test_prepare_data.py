@@ -47,7 +47,7 @@ def _members(tar_path):
 
 
 def test_interrupted_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, monkeypatch):
-    import megatron_apex.data.prepare as prep
+    import megatron_apex.data.prepare.run as prep  # the driver, whose build_shard the interruption replaces
 
     pixels = _images(tmp_path / "in", n=12)
     whole = tmp_path / "whole"
