@@ -59,6 +59,8 @@ class DiTConfig:
     # Set by each architecture.
     INIT_STYLES: ClassVar[Tuple[str, ...]] = ()
     POSITIVE_INT_FIELDS: ClassVar[Tuple[str, ...]] = ()
+    # Why --sequence-parallel cannot run on this architecture (None: it can).
+    SEQUENCE_PARALLEL_UNSUPPORTED: ClassVar[Optional[str]] = None
 
     @property
     def hidden_size(self) -> int:

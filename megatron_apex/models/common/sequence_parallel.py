@@ -29,15 +29,12 @@ TP_FLAG = "--tensor-model-parallel-size"
 
 def check_sequence_parallel(model_config, tensor_model_parallel_size: int, *, lora: bool = False) -> None:
     """Refuse, in one line naming the flags, what sequence parallelism cannot run with."""
-    from megatron_apex.models.sana.config import SanaConfig
-
     if tensor_model_parallel_size < 2:
         raise ValueError(f"{FLAG} needs {TP_FLAG} > 1 (it splits the sequence over the tensor-parallel ranks), "
                          f"got {TP_FLAG} {tensor_model_parallel_size}")
-    if isinstance(model_config, SanaConfig):
-        raise ValueError(f"{FLAG} is not supported for Sana models: their blocks keep activations batch-first "
-                         "([batch, tokens, hidden], so the GLUMBConv reads an image in place) while megatron's "
-                         f"sequence-parallel linears split the first dimension; drop {FLAG}")
+    unsupported = model_config.SEQUENCE_PARALLEL_UNSUPPORTED
+    if unsupported:
+        raise ValueError(f"{FLAG} is not supported for {unsupported}; drop {FLAG}")
     if lora:
         raise ValueError(f"{FLAG} cannot run with --lora-rank yet: the LoRA adapters do not gather / "
                          f"reduce-scatter the sequence; drop {FLAG} or train without LoRA")

@@ -39,6 +39,9 @@ class SanaConfig(DiTConfig):
     POSITIVE_INT_FIELDS = ("in_channels", "out_channels", "num_attention_heads", "attention_head_dim", "num_layers",
                            "num_cross_attention_heads", "cross_attention_head_dim", "cross_attention_dim",
                            "caption_channels", "sample_size", "patch_size", "timestep_channels")
+    SEQUENCE_PARALLEL_UNSUPPORTED = (
+        "Sana models: their blocks keep activations batch-first ([batch, tokens, hidden], so the GLUMBConv "
+        "reads an image in place) while megatron's sequence-parallel linears split the first dimension")
 
     @property
     def cross_attention_inner_dim(self) -> int:
