@@ -40,7 +40,13 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
-from torch.overrides import TorchFunctionMode
+import torch.cuda.random as cuda_random
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import random as mcore_random
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack, _pop_mode_temporarily
+
+from megatron_apex.models.qwen_image.model import QwenImageModel
+from megatron_apex.models.sana.model import SanaModel
 
 EXCLUDE_ENV = "MEGATRON_APEX_CPU_ADAPTATIONS_EXCLUDE"
 
@@ -100,8 +106,6 @@ _MODE = CudaToCpuMode()
 
 
 def _mode_active_in_this_thread() -> bool:
-    from torch.overrides import _get_current_function_mode_stack
-
     return any(m is _MODE for m in _get_current_function_mode_stack())
 
 
@@ -207,8 +211,6 @@ def _mcore_set_rng_state(new_state, device=-1, graph_safe: bool = False) -> None
 
 
 def _cpu_tracker_class():
-    from megatron.core.tensor_parallel import random as mcore_random
-
     class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
         """megatron's RNG tracker over the CPU generator (same names, seeds and fork contract)."""
 
@@ -254,9 +256,6 @@ _CPU_TRACKER_CLASS = None
 
 def _rng_targets() -> list[tuple[object, str, object]]:
     global _CPU_TRACKER_CLASS
-    import torch.cuda.random as cuda_random
-    from megatron.core.tensor_parallel import random as mcore_random
-
     if _CPU_TRACKER_CLASS is None:
         _CPU_TRACKER_CLASS = _cpu_tracker_class()
     targets = []
@@ -281,8 +280,6 @@ _rng_patch = _Patch(_rng_targets)
 def _reset_rng_tracker() -> None:
     # A tracker built before the switch holds states of the other kind: drop it; the next
     # get_cuda_rng_tracker()/model_parallel_cuda_manual_seed builds one of the right class.
-    from megatron.core.tensor_parallel import random as mcore_random
-
     mcore_random._CUDA_RNG_STATE_TRACKER = None
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
 
@@ -302,8 +299,6 @@ def _revert_rng() -> None:
 
 @contextlib.contextmanager
 def _mode_popped() -> Iterator[None]:
-    from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
-
     stack = _get_current_function_mode_stack()
     if stack and stack[-1] is _MODE:
         with _pop_mode_temporarily():
@@ -318,11 +313,6 @@ def _model_forward_targets() -> list[tuple[object, str, object]]:
     # tensor-parallel gathers do (torch.cuda.current_device()), and those are no-ops at TP=1.
     # So at TP=1 the model's forward runs without the mode; backward re-enters it for
     # megatron's custom backward functions and grad hooks (mode_in_backward).
-    from megatron.core import parallel_state as ps
-
-    from megatron_apex.models.qwen_image.model import QwenImageModel
-    from megatron_apex.models.sana.model import SanaModel
-
     def unintercepted(forward):
         def wrapper(self, *args, **kwargs):
             if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:

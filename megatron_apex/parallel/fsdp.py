@@ -40,6 +40,16 @@ import contextlib
 from typing import Dict, List
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing import optimizer as mcore_optimizer
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.distributed.data_parallel_base import _BaseDataParallel
+from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
+from megatron.core.utils import make_sharded_tensor_for_checkpoint
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 
 def check_fsdp_config(cfg) -> None:
@@ -62,9 +72,6 @@ def check_fsdp_config(cfg) -> None:
 
 
 def _mesh():
-    from megatron.core import parallel_state as ps
-    from torch.distributed.device_mesh import DeviceMesh
-
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     return DeviceMesh.from_group(ps.get_data_parallel_group(with_context_parallel=True), device_type)
 
@@ -80,8 +87,6 @@ def shard_model(model: torch.nn.Module, frozen: bool = False) -> torch.nn.Module
     A trained model's root keeps its own parameters (embedders, output head) gathered from the
     forward to the backward, FSDP's default; a ``frozen`` copy (teacher, EMA) never runs a
     backward, so its root reshards after every forward like its layers."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     mesh = _mesh()
     attributes = _param_attributes(model)
     # reduce-scatter in fp32 (megatron's grad_reduce_in_fp32); the shards keep the parameters' dtype
@@ -96,13 +101,7 @@ def shard_model(model: torch.nn.Module, frozen: bool = False) -> torch.nn.Module
     return model
 
 
-def _data_parallel_base():
-    from megatron.core.distributed.data_parallel_base import _BaseDataParallel
-
-    return _BaseDataParallel
-
-
-class FullyShardedModel(_data_parallel_base()):
+class FullyShardedModel(_BaseDataParallel):
     """The training loop's data-parallel wrapper around a ``shard_model``-ed model: FSDP2
     reduce-scatters the gradients inside the backward, so megatron's sync calls have little
     to do."""
@@ -127,8 +126,6 @@ class FullyShardedModel(_data_parallel_base()):
 
 
 def is_dtensor(tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
     return isinstance(tensor, DTensor)
 
 
@@ -145,8 +142,6 @@ def optimizer_matches_local_shards():
     sharded entries: it pairs them by ``id(to_local_if_dtensor(param))``, and torch's
     ``to_local()`` gives a parameter DTensor a fresh view per call (torch gh-166156), so no
     FSDP parameter would ever match; pair them by the local shard itself."""
-    from megatron.core.dist_checkpointing import optimizer as mcore_optimizer
-
     original = mcore_optimizer.to_local_if_dtensor
     mcore_optimizer.to_local_if_dtensor = local_tensor
     try:
@@ -161,9 +156,6 @@ def optimizer_matches_local_shards():
 def _row_slice(value, key: str):
     """The ShardedTensor of this rank's rows of a sharded parameter (global shape and offset
     as the whole tensor has them; rows need not divide evenly over the ranks)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     local = local_tensor(value)
     shape, offset = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
     if tuple(shape) != tuple(local.shape):
@@ -177,10 +169,6 @@ def sharded_state_dict(module: torch.nn.Module, prefix: str) -> Dict:
     """megatron's sharded state dict of a ``shard_model``-ed module under the keys a plain
     data-parallel run gives it (``prefix`` + state-dict name; TP = PP = 1): each rank is the
     one writer of its row slice of every sharded parameter, rank 0 of what is replicated."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
-    from megatron.core.utils import make_sharded_tensor_for_checkpoint
-
     dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
     out = {}
     for name, value in module.state_dict(keep_vars=True).items():
@@ -213,8 +201,6 @@ def load_local_state(module: torch.nn.Module, state: Dict[str, torch.Tensor]) ->
 
 
 def _like(value: torch.Tensor, param) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
     if tuple(value.shape) != tuple(local_tensor(param).shape):
         raise ValueError(f"optimizer state of shape {tuple(value.shape)} for a parameter shard of shape "
                          f"{tuple(local_tensor(param).shape)}")

@@ -9,6 +9,10 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_apex.parallel.cpu_adaptation import apply_cpu_adaptations
+from megatron_apex.parallel.random import set_seed
 
 # A test harness shortens every collective timeout with this (the smaller value wins), so a
 # failing rank does not keep the others waiting for minutes.
@@ -49,8 +53,6 @@ def _positive(value, flag: str) -> int:
 
 
 def _info() -> ParallelInfo:
-    from megatron.core import parallel_state as ps
-
     return ParallelInfo(
         rank=dist.get_rank(), world_size=dist.get_world_size(),
         tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
@@ -68,10 +70,6 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
     Calling it again with the same sizes returns at once (other sizes re-initialise
     parallel_state on the existing process group). ``seed`` calls set_seed afterwards.
     """
-    from megatron.core import parallel_state as ps
-
-    from megatron_apex.parallel.cpu_adaptation import apply_cpu_adaptations
-
     tp = _positive(tensor_model_parallel_size, "--tensor-model-parallel-size")
     pp = _positive(pipeline_model_parallel_size, "--pipeline-model-parallel-size")
     if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
@@ -123,16 +121,12 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
 
 def _seeded_info(seed: int | None) -> ParallelInfo:
     if seed is not None:
-        from megatron_apex.parallel.random import set_seed
-
         set_seed(seed)
     return _info()
 
 
 def destroy_distributed() -> None:
     """Tear down megatron's parallel_state and the default process group (safe to repeat)."""
-    from megatron.core import parallel_state as ps
-
     ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

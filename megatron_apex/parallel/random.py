@@ -6,6 +6,10 @@ import random
 
 import numpy as np
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+
+from megatron_apex.parallel.cpu_adaptation import apply_cpu_adaptations
 
 # megatron's own training seeds each pipeline stage differently so that stages do not build
 # identical layers; the same offset is used here.
@@ -23,11 +27,6 @@ def set_seed(seed: int, *, offset_by_pipeline_rank: bool = True) -> int:
     """
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"--seed must be a non-negative integer, got {seed!r}")
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-
-    from megatron_apex.parallel.cpu_adaptation import apply_cpu_adaptations
-
     apply_cpu_adaptations()
     initialised = ps.model_parallel_is_initialized()
     if initialised and offset_by_pipeline_rank:

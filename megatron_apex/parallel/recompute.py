@@ -10,6 +10,7 @@ piece whose activations grow with the square of the sequence.
 from __future__ import annotations
 
 import torch
+from megatron.core import tensor_parallel
 
 GRANULARITIES = ("full", "selective")
 
@@ -42,8 +43,6 @@ def checkpoint_module(module: torch.nn.Module) -> None:
     """Make ``module``'s forward run under megatron's activation checkpoint whenever autograd
     records. Parameters and state-dict keys stay as they are (the forward is wrapped in place,
     so checkpoints load unchanged)."""
-    from megatron.core import tensor_parallel
-
     forward = module.forward
 
     def checkpointed_forward(*args, **kwargs):
