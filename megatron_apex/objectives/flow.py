@@ -56,6 +56,12 @@ def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.to(dtype) - b.to(dtype)).pow(2).flatten(1).mean(dim=1)
 
 
+def flow_matching_error(velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Per sample (B,): ``||velocity - (z - x)||^2``, how far a velocity answered on the path
+    from ``x0`` to ``noise`` is from that path's own velocity."""
+    return per_sample_mse(velocity, velocity_target(x0, noise))
+
+
 def mix_weight(t: torch.Tensor, kind: str, t_eps: float = WEIGHT_T_EPS) -> torch.Tensor:
     """Per-sample weight w(t) of the mixed consistency loss (Eq. 24), shape of ``t``.
 

@@ -6,7 +6,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from megatron_apex.objectives.flow import interpolate, per_sample_mse, velocity_target
+from megatron_apex.objectives.flow import flow_matching_error, interpolate
 
 
 def fm_loss(model: Callable, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
@@ -16,5 +16,5 @@ def fm_loss(model: Callable, x0: torch.Tensor, noise: torch.Tensor, t: torch.Ten
     Returns ``dict(loss=..., l_fm=...)`` (the same scalar twice, so logs name the term)."""
     x_t = interpolate(x0, noise, t)
     velocity = model(x_t, t, context, context_mask=context_mask, fake_condition=False)
-    l_fm = per_sample_mse(velocity, velocity_target(x0, noise)).mean()
+    l_fm = flow_matching_error(velocity, x0, noise).mean()
     return {"loss": l_fm, "l_fm": l_fm}

@@ -80,16 +80,16 @@ def test_caption_dropout_flag_range_is_checked():
 
 # ---- the CFG-enhanced APEX target through the trainer ----------------------------------------
 def test_trainer_feeds_the_empty_prompt_to_the_cfg_enhanced_target(tmp_path, monkeypatch):
-    import megatron_apex.objectives.apex as apex
+    from megatron_apex.objectives.apex import released
 
     seen = []
-    real = apex.cfg_enhanced_target
+    real = released.cfg_enhanced_target
 
     def spy(reference, target, x_t, t, context, context_mask, uncond_context, uncond_context_mask, scale):
         seen.append((uncond_context, uncond_context_mask, scale))
         return real(reference, target, x_t, t, context, context_mask, uncond_context, uncond_context_mask, scale)
 
-    monkeypatch.setattr(apex, "cfg_enhanced_target", spy)
+    monkeypatch.setattr(released, "cfg_enhanced_target", spy)
     trainer = _trainer(tmp_path, "--objective", "apex", "--apex-variant", "released", "--apex-start-iter", "0",
                        "--teacher", "frozen", "--apex-option", "cfg_scale=0.8", "--caption-dropout", "0.1")
     out = trainer.train_step()

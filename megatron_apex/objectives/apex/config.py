@@ -1,0 +1,132 @@
+"""APEX's settings: the variant, the condition shift's coefficients and each term's weight and
+options, checked when an APEXConfig is made so a bad value fails before any model runs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_apex.objectives.flow import WEIGHTINGS
+
+VARIANTS = ("paper", "released")
+FAKE_GRADS = ("detach", "through")
+
+
+@dataclass
+class APEXConfig:
+    """Everything apex_loss needs; validated on construction.
+
+    Shared
+      variant:   "paper" (the paper's Eqs. 11-25) or "released" (the authors' released
+                 mechanism, docs/apex_method.md).
+      shift_a, shift_b: c_fake = shift_a*c + shift_b. Read by whoever builds the model's
+                 ConditionShift; apex_loss itself only passes fake_condition=True.
+    Variant "paper"
+      lam:       mix of the Eq. 23 target, in [0, 1] (0 = data endpoint only).
+      lambda_p, lambda_e: weights of L_fake and L_mix in the total (Eq. 25).
+      weighting: w(t) of L_mix: "paper" (1-t)/t, "endpoint" 1, "velocity" 1/t^2.
+      fake_grad: "detach" stops gradients through x_fake in L_fake (released code, what a
+                 pipeline-parallel schedule can run); "through" keeps them in the fake
+                 trajectory's input and target (paper text: dx_fake/dtheta = -t dF/dtheta).
+    Variant "released"
+      w_base, w_fake, w_dm: weights of the base flow-matching loss on data, the fake flow on
+                 generated samples, the distribution-matching correction (release: 0.5; the
+                 launcher's default: 1.0 with the clamp).
+      dm_clamp:  g is clamped to [-dm_clamp, dm_clamp] (release: 1.0); None = no clamp.
+      dm_normalize: divide g per sample by its RMS over the non-batch elements (applied
+                 before the clamp; set dm_clamp=None for normalisation alone).
+      dm_warmup_steps: the DM term is held off while step < dm_warmup_steps, so the fake
+                 branch first adapts to c_fake (the launcher's default: 80); needs
+                 apex_loss's ``step``.
+      fresh_t_min, fresh_t_max: the fresh times t', t'' are uniform on this interval.
+      cfg_scale: r of the CFG-enhanced base target z - x + r*sg(F(x_t,t,c) - F(x_t,t,uncond))
+                 (release: 0.8), queried on the teacher (the model itself when none);
+                 0 = off; > 0 needs apex_loss's ``uncond_context``.
+      w_consistency: weight of an any-step flow-map self-consistency term (a one-Euler-step
+                 stand-in for the release's RCGM target), on the base rows: the jump
+                 F(x_t, t, c, tt=0) gets the gradient of the residual of "a step of size
+                 consistency_step along the model's own velocity, then the model's jump from
+                 there to 0" (see flow_map_consistency_loss). 0 = off.
+      consistency_step: the Euler step size of that term, in (0, 1).
+      consistency_clamp: the residual is clamped to [-c, c] (release: 1.0); None = off.
+      batch_split: None = every sample feeds every term. A fraction f in (0, 1) splits the
+                 rows: the first round(f*B) rows (at least 1) feed the one-step generator and
+                 the terms built on it (fake flow, DM) with their noise as the generator's z;
+                 the remaining rows (at least 1) feed the base flow matching (and consistency)
+                 terms.
+      fuse_forwards: run the base and fake-flow queries as one batched forward with a
+                 per-sample fake_condition (and the DM fake/real queries too when no teacher
+                 is given); False = separate forwards. Same numbers either way.
+    """
+
+    variant: str = "paper"
+    shift_a: float = -1.0
+    shift_b: float = 0.0
+    # ---- variant "paper"
+    lam: float = 0.5
+    lambda_p: float = 1.0
+    lambda_e: float = 1.0
+    weighting: str = "paper"
+    fake_grad: str = "detach"
+    # ---- variant "released"
+    w_base: float = 1.0
+    w_fake: float = 1.0
+    w_dm: float = 0.5
+    dm_clamp: Optional[float] = 1.0
+    dm_normalize: bool = False
+    dm_warmup_steps: int = 0
+    fresh_t_min: float = 1e-3
+    fresh_t_max: float = 1.0
+    cfg_scale: float = 0.0
+    w_consistency: float = 0.0
+    consistency_step: float = 0.01
+    consistency_clamp: Optional[float] = 1.0
+    batch_split: Optional[float] = None
+    fuse_forwards: bool = True
+
+    def __post_init__(self):
+        def fail(name, why):
+            raise ValueError(f"APEXConfig.{name} {why}, got {getattr(self, name)!r}")
+
+        def number(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(name, "must be a finite number")
+            return float(value)
+
+        if self.variant not in VARIANTS:
+            fail("variant", f"must be one of {VARIANTS}")
+        if self.weighting not in WEIGHTINGS:
+            fail("weighting", f"must be one of {WEIGHTINGS}")
+        if self.fake_grad not in FAKE_GRADS:
+            fail("fake_grad", f"must be one of {FAKE_GRADS}")
+        number("shift_a"), number("shift_b")
+        if not 0.0 <= number("lam") <= 1.0:
+            fail("lam", "must be in [0, 1]")
+        for name in ("lambda_p", "lambda_e", "w_base", "w_fake", "w_dm", "cfg_scale", "w_consistency"):
+            if number(name) < 0:
+                fail(name, "must be >= 0")
+        if self.dm_clamp is not None and number("dm_clamp") <= 0:
+            fail("dm_clamp", "must be > 0 (or None for no clamp)")
+        if not isinstance(self.dm_normalize, bool):
+            fail("dm_normalize", "must be a bool")
+        if isinstance(self.dm_warmup_steps, bool) or not isinstance(self.dm_warmup_steps, int) \
+                or self.dm_warmup_steps < 0:
+            fail("dm_warmup_steps", "must be an integer >= 0")
+        if not 0.0 < number("fresh_t_min") < 1.0:
+            fail("fresh_t_min", "must be in (0, 1)")
+        if not self.fresh_t_min < number("fresh_t_max") <= 1.0:
+            fail("fresh_t_max", "must be in (fresh_t_min, 1]")
+        if not 0.0 < number("consistency_step") < 1.0:
+            fail("consistency_step", "must be in (0, 1)")
+        if self.consistency_clamp is not None and number("consistency_clamp") <= 0:
+            fail("consistency_clamp", "must be > 0 (or None for no clamp)")
+        if self.batch_split is not None and not 0.0 < number("batch_split") < 1.0:
+            fail("batch_split", "must be None or in (0, 1)")
+        if not isinstance(self.fuse_forwards, bool):
+            fail("fuse_forwards", "must be a bool")
+        if self.variant == "paper":
+            for name, off in (("cfg_scale", 0.0), ("w_consistency", 0.0), ("batch_split", None)):
+                if getattr(self, name) != off:
+                    fail(name, "only acts in variant 'released'; leave it at its default for 'paper'")
