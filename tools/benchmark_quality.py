@@ -280,7 +280,7 @@ def result_path(out: Path, job_name: str) -> Path:
 
 def trained_iters(path: Path) -> int:
     """Iteration of the newest complete checkpoint under a save directory (0: none)."""
-    from megatron_apex.training.checkpointing import complete_checkpoints
+    from megatron_apex.checkpoint import complete_checkpoints
 
     found = complete_checkpoints(str(path))
     return found[-1] if found else 0
@@ -323,7 +323,7 @@ def launcher_args(out: Path, job: Job) -> List[str]:
 def base_checkpoint(out: Path, job: Job) -> Path:
     """The base run's newest complete checkpoint (Table 7's runs fine-tune it with their own fixed
     shift, which the trainer allows: a fixed scalar shift holds no weights)."""
-    from megatron_apex.training.checkpointing import resolve_checkpoint
+    from megatron_apex.checkpoint import resolve_checkpoint
 
     return Path(resolve_checkpoint(str(run_dir(out, job.base_job))))
 
@@ -463,7 +463,7 @@ def _add_train_seconds(save: Path, seconds: float) -> None:
 
 
 def write_json(path: Path, payload: Dict) -> None:
-    from megatron_apex.training.checkpointing import write_json_atomic
+    from megatron_apex.checkpoint import write_json_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(str(path), payload)

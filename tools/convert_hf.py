@@ -178,9 +178,9 @@ def run(a) -> int:
     baseline = 0
     if getattr(a, "report_memory", False):  # the baseline includes the libraries the conversion loads
         import megatron.core.dist_checkpointing  # noqa: F401
+        import megatron_apex.checkpoint  # noqa: F401
         import megatron_apex.models.qwen_image.model  # noqa: F401
         import megatron_apex.models.sana.model  # noqa: F401
-        import megatron_apex.training.checkpointing  # noqa: F401
 
         baseline = _rss_bytes()
     start = time.time()

@@ -138,16 +138,16 @@ def merged_tensors(model):
 
 
 def export_merged(model, state, out: str, extras: str, dtype, max_shard_size: str, progress: bool = False) -> dict:
+    from megatron_apex import checkpoint
     from megatron_apex.conversion import hf_io
     from megatron_apex.conversion.checkpoint_io import APEX_CONFIG_NAME, write_hf_transformer
     from megatron_apex.lora.diffusers_io import resolve_family
-    from megatron_apex.training import checkpointing
 
     shard_bytes = hf_io.parse_size(max_shard_size)
     family = resolve_family(model)
     config = model.model_config
     base = state.get("lora_base")
-    base_state = checkpointing.read_train_state(base) if base else None
+    base_state = checkpoint.read_train_state(base) if base else None
     real, meta = merged_tensors(model)
     with hf_io.atomic_output_dir(out, "--out") as tmp:
         files, written_extras = write_hf_transformer(tmp, family, config, lambda is_meta: meta if is_meta else real,
@@ -165,9 +165,9 @@ def export_merged(model, state, out: str, extras: str, dtype, max_shard_size: st
 
 
 def run(a) -> int:
+    from megatron_apex import checkpoint
     from megatron_apex.conversion import hf_io
     from megatron_apex.inference.loading import load_model_for_inference
-    from megatron_apex.training import checkpointing
 
     extras_modes = MERGED_EXTRAS if a.merged else LORA_EXTRAS
     extras = a.extras or extras_modes[0]
@@ -177,8 +177,8 @@ def run(a) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("run tools/export_lora.py as ONE process (not under torchrun)")
     start = time.time()
-    ckpt = checkpointing.resolve_checkpoint(a.load, "--load")
-    if not checkpointing.read_train_state(ckpt).get("lora"):
+    ckpt = checkpoint.resolve_checkpoint(a.load, "--load")
+    if not checkpoint.read_train_state(ckpt).get("lora"):
         raise ValueError(f"--load {ckpt}: a full checkpoint (no LoRA adapters); export it with tools/convert_hf.py "
                          "export")
     hf_io.check_output_path(a.out, "--out")
@@ -186,7 +186,7 @@ def run(a) -> int:
         hf_io.parse_size(a.max_shard_size)
     model, state = load_model_for_inference(a.load, a.weights, a.pretrained_checkpoint)
     base = state.get("lora_base")
-    dtype = _out_dtype(a.dtype, checkpointing.read_train_state(base) if base else None, model)
+    dtype = _out_dtype(a.dtype, checkpoint.read_train_state(base) if base else None, model)
     what = f"{state['weights']} adapters of {state['checkpoint']} on {base or 'its randomly initialised base'}"
     if a.merged:
         result = export_merged(model, state, a.out, extras, dtype, a.max_shard_size, progress=show_progress(a))

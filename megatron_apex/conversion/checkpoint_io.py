@@ -27,9 +27,9 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import torch
 
+from megatron_apex import checkpoint
 from megatron_apex.conversion import hf_io, pipeline_io
 from megatron_apex.conversion.engine import EXTRA_STATE_SUFFIX, ParamRule, expand, iter_ours_to_hf, ours_to_hf
-from megatron_apex.untrusted import reading_checkpoint
 
 APEX_CONFIG_NAME = "megatron_apex_config.json"
 EXTRAS_MODES = ("inline", "separate", "drop")
@@ -185,9 +185,8 @@ def family_of_checkpoint(load: str, flag: str = "--load") -> ModelFamily:
     """The family of a checkpoint's model (``--model auto`` on export): the registry name its
     train_state.json records."""
     from megatron_apex.models.registry import MODEL_REGISTRY
-    from megatron_apex.training import checkpointing
 
-    state = checkpointing.read_train_state(checkpointing.resolve_checkpoint(load, flag))
+    state = checkpoint.read_train_state(checkpoint.resolve_checkpoint(load, flag))
     name = state.get("model_name")
     if name not in MODEL_REGISTRY:
         raise ValueError(f"{flag} {load}: train_state.json names model {name!r}, not a registered model")
@@ -324,13 +323,12 @@ def _write_checkpoint(save_dir: str, sharded: Dict, index: Mapping, source, trai
     """``save_dir/iter_0000000`` (tensors streamed from ``source``), its train_state.json and
     ``save_dir/latest``: the layout the trainer writes and loads."""
     from megatron_apex.conversion import streaming_save
-    from megatron_apex.training import checkpointing
 
-    ckpt = checkpointing.checkpoint_dir(save_dir, 0)
+    ckpt = checkpoint.checkpoint_dir(save_dir, 0)
     os.makedirs(ckpt)
     streaming_save.save(sharded, index, source, ckpt)
-    checkpointing.write_json_atomic(os.path.join(ckpt, checkpointing.TRAIN_STATE), train_state)
-    with open(os.path.join(save_dir, checkpointing.LATEST), "w") as f:
+    checkpoint.write_json_atomic(os.path.join(ckpt, checkpoint.TRAIN_STATE), train_state)
+    with open(os.path.join(save_dir, checkpoint.LATEST), "w") as f:
         f.write("0\n")
     return ckpt
 
@@ -460,7 +458,7 @@ class CheckpointTensors(Mapping[str, torch.Tensor]):
         if self.on_read is not None:
             self.on_read(list(group))
         # no_dist is the point: one process reads
-        with warnings.catch_warnings(), reading_checkpoint(self.ckpt, self._reader.read_metadata()):
+        with warnings.catch_warnings(), checkpoint.reading_checkpoint(self.ckpt, self._reader.read_metadata()):
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(request, storage_reader=self._reader, no_dist=True)
         return {key: request[self.entries[key][0]] for key in group}
@@ -483,7 +481,7 @@ class CheckpointTensors(Mapping[str, torch.Tensor]):
 
 def _MetadataOnceReader(path: str):
     """torch DCP's FileSystemReader reading ``.metadata`` once for all the loads it serves
-    (the caller has checked the pickle, ``untrusted.check_checkpoint_pickles``)."""
+    (the caller has checked the pickle, ``checkpoint.check_checkpoint_pickles``)."""
     from torch.distributed.checkpoint import FileSystemReader
 
     class Reader(FileSystemReader):
@@ -590,9 +588,6 @@ def export_hf(family: ModelFamily, load: str, out: str, weights: str = "model",
     stderr. Returns a summary."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    from megatron_apex.training import checkpointing
-    from megatron_apex.untrusted import check_checkpoint_pickles
-
     if weights not in WEIGHTS:
         raise ValueError(f"--weights {weights!r}: choose one of {WEIGHTS}")
     if extras not in EXTRAS_MODES:
@@ -600,8 +595,8 @@ def export_hf(family: ModelFamily, load: str, out: str, weights: str = "model",
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose auto or one of {', '.join(DTYPES)}")
     shard_bytes = hf_io.parse_size(max_shard_size)
-    ckpt = checkpointing.resolve_checkpoint(load, "--load")
-    state = checkpointing.read_train_state(ckpt)
+    ckpt = checkpoint.resolve_checkpoint(load, "--load")
+    state = checkpoint.read_train_state(ckpt)
     hf_io.check_output_path(out, "--hf-path")
     if weights == "ema" and not state.get("has_ema"):
         raise ValueError(f"--weights ema: {ckpt} holds no EMA weights (trained with --ema-decay 0)")
@@ -631,7 +626,7 @@ def export_hf(family: ModelFamily, load: str, out: str, weights: str = "model",
     else:
         out_dtype = DTYPES[dtype]
 
-    checkpointing.check_checkpoint_files(ckpt, check_checkpoint_pickles(ckpt))
+    checkpoint.check_checkpoint_files(ckpt, checkpoint.check_checkpoint_pickles(ckpt))
     _init_single_process()
     layers = family.num_layers(config)
     table = family.mapping_table(config)

@@ -7,20 +7,24 @@ loaded (the base recorded in the checkpoint, or ``pretrained_checkpoint``; a ran
 initialised base is rebuilt from the run's seed), checked against the base fingerprint the
 run saved, adapted as the run was, and then the adapters are loaded."""
 
+import dataclasses
+import json
 import os
 from typing import Dict, Optional, Tuple
 
 import torch
+from megatron.core.transformer import TransformerConfig
 
-from megatron_apex.training import checkpointing
+from megatron_apex import checkpoint
+from megatron_apex.lora import LoRAConfig, apply_lora, base_fingerprint, check_base_fingerprint, filter_trainable
+from megatron_apex.models.registry import MODEL_REGISTRY, build_model, get_model_config
+from megatron_apex.parallel import init_distributed, set_seed
 
 WEIGHTS = ("auto", "ema", "model")
 
 
 def _model_config(state: Dict, ckpt: str = "the checkpoint"):
-    from megatron_apex.models.registry import MODEL_REGISTRY, get_model_config
-
-    where = os.path.join(ckpt, checkpointing.TRAIN_STATE)
+    where = os.path.join(ckpt, checkpoint.TRAIN_STATE)
     name = state["model_name"]
     if name not in MODEL_REGISTRY:
         raise ValueError(f"{where}: model_name {name!r} is not a registered model (known: "
@@ -39,7 +43,7 @@ _REQUIRED_LORA = {"config": dict, "seed": int, "base_fingerprint": dict}
 
 def check_train_state(ckpt: str, state) -> Dict:
     """``state`` (read from ``ckpt``) has what rebuilding the model needs; errors name the key."""
-    where = os.path.join(ckpt, checkpointing.TRAIN_STATE)
+    where = os.path.join(ckpt, checkpoint.TRAIN_STATE)
     if not isinstance(state, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(state).__name__}")
     lora = state.get("lora")
@@ -60,18 +64,18 @@ def check_train_state(ckpt: str, state) -> Dict:
 
 def _load_prefixed(ckpt: str, prefix_name: str, sharded: Dict) -> Dict:
     prefix = f"{prefix_name}."
-    loaded = checkpointing.load_checkpoint(ckpt, {prefix_name: sharded})
-    return checkpointing.strip_prefix(loaded[prefix_name], prefix)
+    loaded = checkpoint.load_checkpoint(ckpt, {prefix_name: sharded})
+    return checkpoint.strip_prefix(loaded[prefix_name], prefix)
 
 
 def lora_base_of(ckpt: str, state: Dict, pretrained_checkpoint: Optional[str] = None) -> Optional[str]:
     """The base checkpoint directory of a LoRA run's checkpoint (None: random init from its seed)."""
     if pretrained_checkpoint:
-        return checkpointing.resolve_checkpoint(pretrained_checkpoint, "--pretrained-checkpoint")
+        return checkpoint.resolve_checkpoint(pretrained_checkpoint, "--pretrained-checkpoint")
     base = state["lora"].get("base")
     if base is None:
         return None
-    if not os.path.isfile(os.path.join(base, checkpointing.TRAIN_STATE)):
+    if not os.path.isfile(os.path.join(base, checkpoint.TRAIN_STATE)):
         raise FileNotFoundError(f"--load {ckpt}: its LoRA base {base} is missing; pass the base weights with "
                                 "--pretrained-checkpoint")
     return base
@@ -80,18 +84,12 @@ def lora_base_of(ckpt: str, state: Dict, pretrained_checkpoint: Optional[str] = 
 def load_lora_base(ckpt: str, state: Dict, pretrained_checkpoint: Optional[str] = None
                    ) -> Tuple[torch.nn.Module, Optional[str]]:
     """(the base model of a LoRA checkpoint, unadapted, TP=1 single stage; its checkpoint dir)."""
-    import dataclasses
-    import json
-
-    from megatron_apex.models.registry import build_model
-    from megatron_apex.parallel import set_seed
-
     config = _model_config(state, ckpt)
     base = lora_base_of(ckpt, state, pretrained_checkpoint)
     if base is None:  # the run's random initialisation, rebuilt (the fingerprint checks it)
         set_seed(int(state["lora"]["seed"]))
         return build_model(config), None
-    base_state = checkpointing.read_train_state(base)
+    base_state = checkpoint.read_train_state(base)
     if base_state.get("lora") is not None:
         raise ValueError(f"--pretrained-checkpoint {base}: a LoRA checkpoint (adapters only), not base weights")
     ours = json.loads(json.dumps(dataclasses.asdict(config)))
@@ -109,8 +107,6 @@ def load_lora_model(ckpt: str, state: Dict, weights: str, pretrained_checkpoint:
                     check_base: bool = True) -> Tuple[torch.nn.Module, Optional[str]]:
     """(the adapted model of a LoRA checkpoint with its ``weights`` ("model" | "ema") adapters,
     the base checkpoint dir)."""
-    from megatron_apex.lora import LoRAConfig, apply_lora, base_fingerprint, check_base_fingerprint, filter_trainable
-
     model, base = load_lora_base(ckpt, state, pretrained_checkpoint)
     apply_lora(model, LoRAConfig.from_dict(state["lora"]["config"]))
     if check_base:
@@ -136,8 +132,8 @@ def read_checkpoint(load: str, weights: str = "auto", pretrained_checkpoint: Opt
     without building anything: every refusal of ``load_model_for_inference`` that needs no weights."""
     if weights not in WEIGHTS:
         raise ValueError(f"--weights {weights!r}: choose one of {WEIGHTS}")
-    ckpt = checkpointing.resolve_checkpoint(load)
-    state = check_train_state(ckpt, checkpointing.read_train_state(ckpt))
+    ckpt = checkpoint.resolve_checkpoint(load, "--load")
+    state = check_train_state(ckpt, checkpoint.read_train_state(ckpt))
     if weights == "auto":
         weights = "ema" if state.get("has_ema") else "model"
     if weights == "ema" and not state.get("has_ema"):
@@ -155,8 +151,6 @@ def model_config_of(ckpt: str, state: Dict):
 def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """``model`` with parameters of ``dtype``, its forward casting inputs to it too (the models
     cast latents and text states to their config's params_dtype)."""
-    from megatron.core.transformer import TransformerConfig
-
     model.to(dtype)
     for module in model.modules():
         config = getattr(module, "config", None)
@@ -172,9 +166,6 @@ def load_model_for_inference(load: str, weights: str = "auto", pretrained_checkp
     and, for a LoRA run, ``lora_base``). ``pretrained_checkpoint`` overrides a LoRA run's base.
     ``dtype``: of the parameters; None = float32 without CUDA (a --bf16 run's checkpoint would
     otherwise sample with slow, coarse bf16 CPU matmuls), the checkpoint's own dtype with CUDA."""
-    from megatron_apex.models.registry import build_model
-    from megatron_apex.parallel import init_distributed
-
     ckpt, state, weights = read_checkpoint(load, weights, pretrained_checkpoint)
     init_distributed(1, 1)
     if state.get("lora"):
@@ -182,8 +173,8 @@ def load_model_for_inference(load: str, weights: str = "auto", pretrained_checkp
     else:
         model = build_model(_model_config(state, ckpt))
         prefix = f"{weights}."
-        loaded = checkpointing.load_checkpoint(ckpt, {weights: model.sharded_state_dict(prefix=prefix)})
-        model.load_state_dict(checkpointing.strip_prefix(loaded[weights], prefix))
+        loaded = checkpoint.load_checkpoint(ckpt, {weights: model.sharded_state_dict(prefix=prefix)})
+        model.load_state_dict(checkpoint.strip_prefix(loaded[weights], prefix))
     if dtype is None and not torch.cuda.is_available():
         dtype = torch.float32
     if dtype is not None:

@@ -33,7 +33,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_apex.training import checkpointing
+from megatron_apex import checkpoint
+from megatron_apex.training import optimizer_state
 from megatron_apex.training.arguments import RunConfig
 from megatron_apex.training.ema import frozen_copy, update_ema
 from megatron_apex.training.metrics_log import MetricsLogger
@@ -89,7 +90,7 @@ def _fixed_scalar_shift(model_config: Dict) -> bool:
 
 
 def _sharded(module, prefix: str) -> Dict:
-    return checkpointing.mark_tp_replicas(module.sharded_state_dict(prefix=prefix))
+    return checkpoint.mark_tp_replicas(module.sharded_state_dict(prefix=prefix))
 
 
 def check_lora_config(cfg: RunConfig, two_phase: bool, apex_config) -> None:
@@ -302,8 +303,8 @@ class Trainer:
 
         base = self.starting.lora_base  # checked in _check_starting_checkpoints
         if base is not None:
-            loaded = checkpointing.load_checkpoint(base, {"model": _sharded(self.model, "model.")})
-            self.model.load_state_dict(checkpointing.module_state_dict(loaded["model"], "model.", self.model))
+            loaded = checkpoint.load_checkpoint(base, {"model": _sharded(self.model, "model.")})
+            self.model.load_state_dict(checkpoint.module_state_dict(loaded["model"], "model.", self.model))
         self.lora_base = os.path.abspath(base) if base is not None else None
         apply_lora(self.model, self.lora_config)
         self.base_fingerprint = base_fingerprint(self.model)  # collective over TP/PP
@@ -338,7 +339,7 @@ class Trainer:
         base = saved.get("base")
         if base is None:
             return None, flag
-        if not os.path.isfile(os.path.join(base, checkpointing.TRAIN_STATE)):
+        if not os.path.isfile(os.path.join(base, checkpoint.TRAIN_STATE)):
             raise FileNotFoundError(f"--load {ckpt}: its LoRA base {base} is missing; pass the base weights with "
                                     "--pretrained-checkpoint")
         return base, f"the LoRA base recorded in --load {ckpt}:"
@@ -426,7 +427,7 @@ class Trainer:
                 if isinstance(v, ShardedTensor) and v.key[len(prefix):] in self._trainable_keys}
 
     def _load_module(self, module, loaded: Dict, prefix: str) -> None:
-        state = checkpointing.module_state_dict(loaded, prefix, module)
+        state = checkpoint.module_state_dict(loaded, prefix, module)
         if self.cfg.parallel.fsdp:
             from megatron_apex.parallel.fsdp import load_local_state
 
@@ -470,7 +471,7 @@ class Trainer:
     def _sharded_state_dict(self, is_loading: bool, with_teacher: bool) -> Dict:
         model_sd = self._sharded_module(self.model, "model.")
         state = {"model": model_sd,
-                 "optimizer": checkpointing.optimizer_sharded_state_dict(self.optimizer, model_sd, is_loading)}
+                 "optimizer": optimizer_state.optimizer_sharded_state_dict(self.optimizer, model_sd, is_loading)}
         if self.ema is not None:
             state["ema"] = self._sharded_module(self.ema, "ema.")
         if with_teacher:
@@ -496,9 +497,9 @@ class Trainer:
         ck = self.cfg.checkpoint
         if not ck.save:
             return
-        checkpointing.save_checkpoint(ck.save, self.iteration,
-                                      self._sharded_state_dict(False, self.teacher is not None),
-                                      self._train_state(), keep_last=ck.keep_last)
+        checkpoint.save_checkpoint(ck.save, self.iteration,
+                                   self._sharded_state_dict(False, self.teacher is not None),
+                                   self._train_state(), keep_last=ck.keep_last)
 
     def _check_starting_checkpoints(self) -> StartingCheckpoints:
         """Resolve --load and --pretrained-checkpoint and check them against the flags (model
@@ -507,12 +508,12 @@ class Trainer:
         ck = self.cfg.checkpoint
         found = StartingCheckpoints()
         if ck.pretrained_checkpoint:
-            found.pretrained = checkpointing.resolve_checkpoint(ck.pretrained_checkpoint, "--pretrained-checkpoint",
-                                                                log=self._print0)
-            found.pretrained_state = checkpointing.read_train_state(found.pretrained)
+            found.pretrained = checkpoint.resolve_checkpoint(ck.pretrained_checkpoint, "--pretrained-checkpoint",
+                                                             log=self._print0)
+            found.pretrained_state = checkpoint.read_train_state(found.pretrained)
         if ck.load and not self._first_start(ck):
-            found.load = checkpointing.resolve_checkpoint(ck.load, log=self._print0)
-            found.load_state = checkpointing.read_train_state(found.load, required=("model_config",))
+            found.load = checkpoint.resolve_checkpoint(ck.load, "--load", log=self._print0)
+            found.load_state = checkpoint.read_train_state(found.load, required=("model_config",))
         if self.lora_config is not None:
             self._check_lora_base(found)
         elif found.pretrained is not None:
@@ -536,7 +537,7 @@ class Trainer:
         if not ck.save or os.path.abspath(ck.load) != os.path.abspath(ck.save):
             return False
         if os.path.isdir(ck.load):
-            if any(name == checkpointing.LATEST or name.startswith("iter_") for name in os.listdir(ck.load)):
+            if any(name == checkpoint.LATEST or name.startswith("iter_") for name in os.listdir(ck.load)):
                 return False
         elif os.path.exists(ck.load):
             return False
@@ -553,9 +554,9 @@ class Trainer:
         if not ck.save:
             return
         start = found.load_state["iteration"] if found.load is not None and not ck.finetune else 0
-        later = [i for i in checkpointing.complete_checkpoints(ck.save) if i > start]
+        later = [i for i in checkpoint.complete_checkpoints(ck.save) if i > start]
         if later:
-            names = ", ".join(os.path.basename(checkpointing.checkpoint_dir(ck.save, i)) for i in later)
+            names = ", ".join(os.path.basename(checkpoint.checkpoint_dir(ck.save, i)) for i in later)
             raise ValueError(f"--save {ck.save} holds complete checkpoints past iteration {start}, where this run "
                              f"starts ({names}), which it would overwrite: resume the newest with --load {ck.save}, "
                              "or give another --save")
@@ -566,7 +567,7 @@ class Trainer:
         if base is None:
             return
         state = (found.pretrained_state if base == found.pretrained else found.load_state if base == found.load
-                 else checkpointing.read_train_state(base))
+                 else checkpoint.read_train_state(base))
         if state.get("lora") is not None:
             raise ValueError(f"{flag} {base}: a LoRA checkpoint (adapters only), not base weights; give the full "
                              f"checkpoint it was trained on ({state['lora'].get('base')})")
@@ -591,7 +592,7 @@ class Trainer:
             raise ValueError(f"--load {ckpt}: checkpoint holds EMA weights but --ema-decay is 0")
         if "scheduler" not in state:
             raise ValueError(f"--load {ckpt}: holds weights only (no optimizer state); add --finetune")
-        checkpointing.read_train_state(ckpt, required=("iteration", "consumed_samples"))
+        checkpoint.read_train_state(ckpt, required=("iteration", "consumed_samples"))
 
     def _maybe_load(self) -> None:
         """Load what _check_starting_checkpoints found (and checked) into the built run."""
@@ -610,9 +611,9 @@ class Trainer:
             return
         if state.get("has_teacher"):
             self.teacher = self._frozen_copy()
-        loaded = checkpointing.load_checkpoint(ckpt, self._sharded_state_dict(True, state.get("has_teacher")))
+        loaded = checkpoint.load_checkpoint(ckpt, self._sharded_state_dict(True, state.get("has_teacher")))
         self._load_module(self.model, loaded["model"], "model.")
-        checkpointing.load_optimizer_state(self.optimizer, loaded["optimizer"])
+        optimizer_state.load_optimizer_state(self.optimizer, loaded["optimizer"])
         if self.ema is not None:
             if "ema" in loaded:
                 self._load_module(self.ema, loaded["ema"], "ema.")
@@ -653,7 +654,7 @@ class Trainer:
 
     def _load_weights_only(self, ckpt: str, state: Dict) -> None:
         sharded = {"model": self._sharded_module(self.model, "model.")}
-        loaded = checkpointing.load_checkpoint(ckpt, sharded)
+        loaded = checkpoint.load_checkpoint(ckpt, sharded)
         self._load_module(self.model, loaded["model"], "model.")
         # A --bf16 optimizer copied the initial weights into its float32 main weights when it was
         # built, and its first step would copy those back over the loaded ones.

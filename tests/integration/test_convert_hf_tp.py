@@ -50,12 +50,12 @@ def worker(hf_path: str, imported: str, resave: str, out_json: str) -> None:
     from megatron_apex.conversion.hf_io import SafetensorsFolder
     from megatron_apex.models import get_model_config
     from megatron_apex.parallel import init_distributed
-    from megatron_apex.training import checkpointing
+    from megatron_apex import checkpoint
     from megatron_apex.training.pipeline_apex import build_stage_model
 
     init_distributed(2, 2)
-    ckpt = checkpointing.resolve_checkpoint(imported)
-    state = checkpointing.read_train_state(ckpt)
+    ckpt = checkpoint.resolve_checkpoint(imported)
+    state = checkpoint.read_train_state(ckpt)
     config = get_model_config(state["model_name"], **{k: tuple(v) if isinstance(v, list) else v
                                                       for k, v in state["model_config"].items()})
     tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
@@ -68,10 +68,10 @@ def worker(hf_path: str, imported: str, resave: str, out_json: str) -> None:
             p.normal_()
 
     def sharded():
-        return checkpointing.mark_tp_replicas(model.sharded_state_dict(prefix="model."))
+        return checkpoint.mark_tp_replicas(model.sharded_state_dict(prefix="model."))
 
-    loaded = checkpointing.load_checkpoint(ckpt, {"model": sharded()})
-    model.load_state_dict(checkpointing.module_state_dict(loaded["model"], "model.", model))
+    loaded = checkpoint.load_checkpoint(ckpt, {"model": sharded()})
+    model.load_state_dict(checkpoint.module_state_dict(loaded["model"], "model.", model))
 
     # expected: diffusers weights -> ours (full) -> this TP rank's slice -> this stage's keys
     with SafetensorsFolder(hf_path) as folder:
@@ -89,7 +89,7 @@ def worker(hf_path: str, imported: str, resave: str, out_json: str) -> None:
         if not torch.equal(value, expected[key]):
             mismatched.append(key)
 
-    checkpointing.save_checkpoint(resave, 0, {"model": sharded()}, state)
+    checkpoint.save_checkpoint(resave, 0, {"model": sharded()}, state)
     result = {"rank": dist.get_rank(), "tp_rank": tp_rank, "pp_rank": pp_rank, "compared": compared,
               "mismatched": mismatched, "layers": [model.layer_offset, model.num_local_layers]}
     gathered = [None] * dist.get_world_size()

@@ -58,7 +58,7 @@ def _worker(out_path):
                                     set_full_lora_weights_)
     from megatron_apex.models import build_model, get_model_config
     from megatron_apex.parallel import destroy_distributed, init_distributed, set_seed
-    from megatron_apex.training.checkpointing import mark_tp_replicas, strip_prefix
+    from megatron_apex.checkpoint import mark_tp_replicas, strip_prefix
 
     info = init_distributed(2, 1)
     config = get_model_config("qwen-image-tiny-test", **MODEL_OVERRIDES)

@@ -413,7 +413,7 @@ def _planted_byte_item(root: Path, marker: Path) -> Path:
     """A pickle written over the first non-tensor item of a .distcp file, `.metadata` untouched."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    from megatron_apex.untrusted import load_data_pickle
+    from megatron_apex.checkpoint import load_data_pickle
 
     ckpt = root / "iter_0000001"
     metadata = load_data_pickle(str(ckpt / ".metadata"))
@@ -996,7 +996,7 @@ def test_finetune_may_change_a_fixed_scalar_shift(assets, tmp_path):
     import torch
 
     from megatron_apex.inference.loading import load_model_for_inference
-    from megatron_apex.training.checkpointing import resolve_checkpoint
+    from megatron_apex.checkpoint import resolve_checkpoint
 
     save = tmp_path / "ft"
     assert train(assets, "--load", assets.base, "--finetune", "--shift-a", "-0.5", "--shift-b", "1",

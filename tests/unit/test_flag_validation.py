@@ -243,7 +243,7 @@ def test_launcher_default_start_with_a_short_run_names_both_flags(tmp_path):
 BUILDERS = [("megatron_apex.parallel", "init_distributed"),
             ("megatron_apex.training.pipeline_apex", "build_stage_model"),
             ("megatron_apex.data.shards", "load_dataset"), ("megatron_apex.data.latent_loader", "LatentShardDataset"),
-            ("megatron_apex.training.loop", "frozen_copy"), ("megatron_apex.training.checkpointing", "load_checkpoint")]
+            ("megatron_apex.training.loop", "frozen_copy"), ("megatron_apex.checkpoint", "load_checkpoint")]
 MODEL = "qwen-image-tiny-test"
 
 

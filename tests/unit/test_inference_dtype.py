@@ -11,14 +11,14 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the float32 d
 def _bf16_checkpoint(tmp_path):
     from megatron_apex.models.registry import build_model, get_model_config
     from megatron_apex.parallel import init_distributed
-    from megatron_apex.training import checkpointing
+    from megatron_apex import checkpoint
 
     init_distributed(1, 1)
     config = get_model_config("qwen-image-tiny-test", params_dtype="bfloat16")
     model = build_model(config)
     state = {"iteration": 1, "model_name": "qwen-image-tiny-test", "model_config": dataclasses.asdict(config),
              "has_ema": False, "has_teacher": False}
-    checkpointing.save_checkpoint(str(tmp_path / "run"), 1, {"model": model.sharded_state_dict(prefix="model.")},
+    checkpoint.save_checkpoint(str(tmp_path / "run"), 1, {"model": model.sharded_state_dict(prefix="model.")},
                                   state)
     return model
 

@@ -76,7 +76,7 @@ def test_skips_are_logged_and_counted_in_metrics_jsonl(tmp_path):
 
 
 def test_consecutive_skips_stop_the_run_with_the_last_good_weights(tmp_path):
-    from megatron_apex.training import checkpointing
+    from megatron_apex import checkpoint
     from megatron_apex.training.run_control import DivergedError
 
     trainer = _trainer(tmp_path, "--train-iters", "20", "--max-skipped-iters", "3")
@@ -86,11 +86,11 @@ def test_consecutive_skips_stop_the_run_with_the_last_good_weights(tmp_path):
     with pytest.raises(DivergedError, match="--max-skipped-iters 3"):
         trainer.train()
     assert trainer.iteration == 5
-    ckpt = checkpointing.resolve_checkpoint(str(tmp_path / "run"))
-    state = checkpointing.read_train_state(ckpt)
+    ckpt = checkpoint.resolve_checkpoint(str(tmp_path / "run"))
+    state = checkpoint.read_train_state(ckpt)
     assert state["iteration"] == 5 and state["skipped_iters"] == 3
-    loaded = checkpointing.load_checkpoint(ckpt, {"model": trainer.model.sharded_state_dict(prefix="model.")})
-    restored = checkpointing.strip_prefix(loaded["model"], "model.")
+    loaded = checkpoint.load_checkpoint(ckpt, {"model": trainer.model.sharded_state_dict(prefix="model.")})
+    restored = checkpoint.strip_prefix(loaded["model"], "model.")
     for k, v in good.items():
         if k in restored:
             assert torch.equal(restored[k], v), k

@@ -7,8 +7,9 @@ import pickle
 import pytest
 import torch
 
-from megatron_apex.training import checkpointing
-from megatron_apex.untrusted import UnsafePickleError, load_data_pickle, safe_member_name
+from megatron_apex import checkpoint
+from megatron_apex.checkpoint import UnsafePickleError, load_data_pickle
+from megatron_apex.untrusted import safe_member_name
 
 
 class _Payload:
@@ -52,7 +53,7 @@ def test_a_planted_payload_is_refused_without_running(tmp_path, victim):
     else:
         (ckpt / victim).write_bytes(pickle.dumps(payload))
     with pytest.raises(UnsafePickleError) as err:
-        checkpointing.load_checkpoint(str(ckpt), {})
+        checkpoint.load_checkpoint(str(ckpt), {})
     assert str(ckpt / victim) in str(err.value) and "\n" not in str(err.value)
     assert not marker.exists()
 

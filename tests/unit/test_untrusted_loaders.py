@@ -42,7 +42,7 @@ class Payload:
 def _storage(ckpt: Path):
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    from megatron_apex.untrusted import load_data_pickle
+    from megatron_apex.checkpoint import load_data_pickle
 
     metadata = load_data_pickle(str(ckpt / ".metadata"))
     for index, info in metadata.storage_data.items():
@@ -197,7 +197,7 @@ def test_truncated_and_corrupt_data_files_get_one_line_naming_the_file(assets, t
 
 def test_the_metadata_allowlist_names_classes_not_modules(tmp_path):
     """A class that lives in an allowed DCP module but is not checkpoint data is refused."""
-    from megatron_apex.untrusted import UnsafePickleError, load_data_pickle
+    from megatron_apex.checkpoint import UnsafePickleError, load_data_pickle
 
     class Smuggle:
         def __reduce__(self):
