@@ -29,3 +29,26 @@ from megatron_apex.checkpoint.sharded import (
     save_checkpoint,
     strip_prefix,
 )
+
+__all__ = [
+    "LATEST",
+    "TRAIN_STATE",
+    "UnsafePickleError",
+    "check_checkpoint_files",
+    "check_checkpoint_pickles",
+    "checkpoint_dir",
+    "complete_checkpoints",
+    "load_checkpoint",
+    "load_data_pickle",
+    "load_weights_only",
+    "mark_tp_replicas",
+    "module_state_dict",
+    "prune_checkpoints",
+    "read_train_state",
+    "reading_checkpoint",
+    "resolve_checkpoint",
+    "save_checkpoint",
+    "strip_prefix",
+    "write_json_atomic",
+    "write_text_atomic",
+]
