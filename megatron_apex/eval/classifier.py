@@ -19,6 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron_apex.data.builtin import default_cache_dir, load_builtin_arrays, resolve_builtin_name
+from megatron_apex.eval.scores import class_accuracy
+
 ARCH_VERSION = 2
 FEATURE_DIM = 64
 # Fashion-MNIST: 4 epochs (1876 steps of 128, ~30 s on one core) reach 0.908 test accuracy
@@ -96,8 +99,6 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, test_images: np.nda
 
 
 def _train(images, labels, test_images, test_labels, epochs, batch_size, lr, seed, verbose) -> SmallCNN:
-    from .metrics import class_accuracy
-
     torch.manual_seed(seed)
     x = _as_input(images)
     y = torch.from_numpy(np.array(labels, dtype=np.int64))
@@ -133,8 +134,6 @@ def _train(images, labels, test_images, test_labels, epochs, batch_size, lr, see
 
 def classifier_cache_path(dataset_name: str, cache_dir=None, epochs: int | None = None, seed: int = 0,
                           train_subset: int | None = None) -> Path:
-    from ..data.builtin import default_cache_dir
-
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     epochs = epochs or DEFAULT_EPOCHS[dataset_name]
     sub = f"-n{train_subset}" if train_subset else ""
@@ -148,8 +147,6 @@ def load_or_train_classifier(dataset_name: str | None = None, cache_dir=None, ep
 
     `train_subset` trains on the first n training images only (for fast tests).
     """
-    from ..data.builtin import load_builtin_arrays, resolve_builtin_name
-
     dataset_name = resolve_builtin_name(dataset_name)
     epochs = epochs or DEFAULT_EPOCHS[dataset_name]
     path = classifier_cache_path(dataset_name, cache_dir, epochs, seed, train_subset)

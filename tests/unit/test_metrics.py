@@ -12,8 +12,8 @@ import torch
 
 from megatron_apex.data.builtin import load_builtin_arrays
 from megatron_apex.eval import classifier as clf
-from megatron_apex.eval.metrics import (class_accuracy, diversity, evaluate_images, frechet_distance,
-                                        frechet_distance_from_stats, to_grey_uint8)
+from megatron_apex.eval.metrics import evaluate_images, to_grey_uint8
+from megatron_apex.eval.scores import class_accuracy, diversity, frechet_distance, frechet_distance_from_stats
 
 ROOT = Path(__file__).resolve().parents[2]
 
