@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from megatron_apex.eval import report as rp
+from megatron_apex.eval import report_claims as rc
+from megatron_apex.eval import report_plots as plots
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("benchmark_quality", REPO / "tools" / "benchmark_quality.py")
@@ -52,14 +54,14 @@ def test_modes_select_rows_and_seeds():
     assert {j.run.name for j in quick} < {j.run.name for j in full}
     # every cell of the paper's Table 6 and 7 grids is a row of the full plan
     cells6 = {str(j.run.cells.get("table6")) for j in full}
-    assert set(rp.TABLE6_PAPER) <= cells6
+    assert set(rc.TABLE6_PAPER) <= cells6
     # Table 7: the whole grid at the input site; at the projected site (where b is invisible) the
     # b = 0 column, the paper's best cell and one more b != 0 cell
-    grid = {(a, b) for a in rp.TABLE7_A for b in rp.TABLE7_B}
+    grid = {(a, b) for a in rc.TABLE7_A for b in rc.TABLE7_B}
     assert {tuple(j.run.cells["table7_input"]) for j in full if "table7_input" in j.run.cells} == grid
     projected = {tuple(j.run.cells["table7"]) for j in full if "table7" in j.run.cells}
-    assert {(a, 0.0) for a in rp.TABLE7_A} | {rp.TABLE7_PAPER_BEST} <= projected <= grid
-    assert any(b != 0 and a != rp.TABLE7_PAPER_BEST[0] for a, b in projected)
+    assert {(a, 0.0) for a in rc.TABLE7_A} | {rc.TABLE7_PAPER_BEST} <= projected <= grid
+    assert any(b != 0 and a != rc.TABLE7_PAPER_BEST[0] for a, b in projected)
     for j in full:
         site = "input" if "table7_input" in j.run.cells else "projected" if "table7" in j.run.cells else None
         if site is not None:
@@ -83,7 +85,7 @@ def test_every_run_of_the_full_plan_parses_with_the_trainer():
                 continue
             a, b = job.run.cells[cell]
             assert (cfg.model_overrides.get("shift_a", -1.0), cfg.model_overrides.get("shift_b", 0.0)) == (a, b)
-            assert cfg.model_overrides.get("shift_site", "projected") == rp.TABLE7_SITES[cell]
+            assert cfg.model_overrides.get("shift_site", "projected") == rc.TABLE7_SITES[cell]
         if "table6" in job.run.cells:
             lp, le = (float(x) for x in job.run.cells["table6"].split(":"))
             assert cfg.objective.apex["variant"] == "paper"
@@ -280,28 +282,28 @@ def _headline(fm1, apex1, fm50=(60.0, 62.0, 61.0)):
 
 def test_stat_matches_statistics_module():
     vals = [3.0, 5.5, 4.25, 9.0]
-    s = rp.stat(vals)
+    s = rc.stat(vals)
     assert (s.mean, s.std, s.lo, s.hi, s.n) == pytest.approx((statistics.mean(vals), statistics.stdev(vals), 3.0, 9.0, 4))
-    assert rp.stat([2.0]).std == 0 and rp.stat([]) is None and rp.stat([float("nan"), 1.0]).n == 1
+    assert rc.stat([2.0]).std == 0 and rc.stat([]) is None and rc.stat([float("nan"), 1.0]).n == 1
 
 
 def test_headline_claim_flips_with_the_numbers():
     apex1 = (120.0, 130.0, 125.0)
-    text = rp.headline_claim(rp.aggregate(_headline((300.0, 305.0, 295.0), apex1)))
+    text = rc.headline_claim(rc.aggregate(_headline((300.0, 305.0, 295.0), apex1)))
     assert text.startswith("One-step claim HOLDS")
     assert f"{statistics.mean(apex1):.1f} ± {statistics.stdev(apex1):.1f}" in text
     gap = [a - statistics.mean((60.0, 62.0, 61.0)) for a in apex1]
     assert f"{statistics.mean(gap):+.1f} ± {statistics.stdev(gap):.1f}" in text and "worse than the teacher" in text
     # overlapping seeds, or a small ratio: not a wide margin
-    assert rp.headline_claim(rp.aggregate(_headline((300.0, 305.0, 295.0), (280.0, 320.0, 300.0)))).startswith(
+    assert rc.headline_claim(rc.aggregate(_headline((300.0, 305.0, 295.0), (280.0, 320.0, 300.0)))).startswith(
         "One-step claim DOES NOT HOLD")
-    assert rp.headline_claim(rp.aggregate(_headline((300.0, 301.0, 302.0), (250.0, 251.0, 252.0)))).startswith(
+    assert rc.headline_claim(rc.aggregate(_headline((300.0, 301.0, 302.0), (250.0, 251.0, 252.0)))).startswith(
         "One-step claim DOES NOT HOLD")  # all below, but only 1.2x lower
-    assert rp.headline_claim(rp.aggregate(_headline((300.0, 305.0, 295.0), (100.0, 110.0, 310.0)))).startswith(
+    assert rc.headline_claim(rc.aggregate(_headline((300.0, 305.0, 295.0), (100.0, 110.0, 310.0)))).startswith(
         "One-step claim DOES NOT HOLD")  # 1.7x lower on average, but one seed is no better than FM
-    text = rp.headline_claim(rp.aggregate(_headline((300.0, 305.0, 295.0), (40.0, 41.0, 42.0))))
+    text = rc.headline_claim(rc.aggregate(_headline((300.0, 305.0, 295.0), (40.0, 41.0, 42.0))))
     assert "better than the teacher" in text
-    assert "cannot be checked" in rp.headline_claim(rp.aggregate(_headline((300.0,), ())))
+    assert "cannot be checked" in rc.headline_claim(rc.aggregate(_headline((300.0,), ())))
 
 
 def _table6(fd_by_cell, noise_seeds=None):
@@ -310,26 +312,26 @@ def _table6(fd_by_cell, noise_seeds=None):
 
 
 def test_table6_ordering_sentence_flips():
-    paper_order = sorted(rp.TABLE6_PAPER, key=lambda c: -rp.TABLE6_PAPER[c])  # best first
+    paper_order = sorted(rc.TABLE6_PAPER, key=lambda c: -rc.TABLE6_PAPER[c])  # best first
     same = {c: 100.0 + 10 * i for i, c in enumerate(paper_order)}
-    _, text = rp.table6_ordering(rp.aggregate(_table6(same)))
+    _, text = rc.table6_ordering(rc.aggregate(_table6(same)))
     assert text.startswith("Table 6 ordering HOLDS") and "all 5 cells" in text and "tau +1.00" in text
     swapped = dict(same, **{"1:1": same["1:0"], "1:0": same["1:1"]})
-    _, text = rp.table6_ordering(rp.aggregate(_table6(swapped)))
+    _, text = rc.table6_ordering(rc.aggregate(_table6(swapped)))
     assert text.startswith("Table 6 ordering DOES NOT HOLD") and "Best cell here: 1:0" in text
     reversed_ = {c: 200.0 - 10 * i for i, c in enumerate(paper_order)}
-    assert "tau -1.00" in rp.table6_ordering(rp.aggregate(_table6(reversed_)))[1]
+    assert "tau -1.00" in rc.table6_ordering(rc.aggregate(_table6(reversed_)))[1]
     # a subset (the quick plan) is compared on the cells that ran
-    _, text = rp.table6_ordering(rp.aggregate(_table6({"1:0": 300.0, "0:1": 200.0, "1:1": 150.0})))
+    _, text = rc.table6_ordering(rc.aggregate(_table6({"1:0": 300.0, "0:1": 200.0, "1:1": 150.0})))
     assert text.startswith("Table 6 ordering HOLDS") and "the 3 of 5 cells run here" in text
-    assert "cannot be checked" in rp.table6_ordering(rp.aggregate(_table6({"1:1": 1.0})))[1]
+    assert "cannot be checked" in rc.table6_ordering(rc.aggregate(_table6({"1:1": 1.0})))[1]
 
 
 def test_table6_noise_sentence_uses_the_seed_spread():
     rows = _table6({"1:0": 300.0, "0:1": 200.0, "1:0.5": 190.0, "1:2": 170.0})
     rows += [_result("paper-ft", {1: v}, {"table6": "1:1"}, seed=s, job=f"paper-ft-s{s}", index=9)
              for s, v in ((1, 150.0), (2, 160.0), (3, 155.0))]
-    _, text = rp.table6_ordering(rp.aggregate(rows), rp.aggregate(rows)["paper-ft"])
+    _, text = rc.table6_ordering(rc.aggregate(rows), rc.aggregate(rows)["paper-ft"])
     noise = statistics.stdev((150.0, 160.0, 155.0))
     gaps = [170.0 - 155.0, 190.0 - 170.0, 200.0 - 190.0, 300.0 - 200.0]
     assert f"is {noise:.1f}; {sum(g < noise for g in gaps)} of the 4 gaps" in text
@@ -343,7 +345,7 @@ def test_kendall_tau_matches_scipy():
     for _ in range(5):
         perm = list(rng.permutation(items))
         expected = kendalltau([items.index(x) for x in perm], list(range(len(items)))).statistic
-        assert rp.kendall_tau(perm, items) == pytest.approx(expected)
+        assert rc.kendall_tau(perm, items) == pytest.approx(expected)
 
 
 def _table7(fd_by_cell, cell="table7"):
@@ -352,29 +354,29 @@ def _table7(fd_by_cell, cell="table7"):
 
 
 def test_table7_sentence_flips():
-    grid = {(a, b): 100.0 + 5 * i for i, (a, b) in enumerate((a, b) for a in rp.TABLE7_A for b in rp.TABLE7_B)}
-    best = {**grid, rp.TABLE7_PAPER_BEST: 50.0}
-    cells, text = rp.table7_ordering(rp.aggregate(_table7(best)))
+    grid = {(a, b): 100.0 + 5 * i for i, (a, b) in enumerate((a, b) for a in rc.TABLE7_A for b in rc.TABLE7_B)}
+    best = {**grid, rc.TABLE7_PAPER_BEST: 50.0}
+    cells, text = rc.table7_ordering(rc.aggregate(_table7(best)))
     assert len(cells) == 12 and text.startswith("Table 7 ordering (projected site) HOLDS") and "ranks 1 of 12 (FD 50.0)" in text
-    worst = {**grid, rp.TABLE7_PAPER_BEST: 500.0}
-    _, text = rp.table7_ordering(rp.aggregate(_table7(worst)))
+    worst = {**grid, rc.TABLE7_PAPER_BEST: 500.0}
+    _, text = rc.table7_ordering(rc.aggregate(_table7(worst)))
     assert text.startswith("Table 7 ordering (projected site) DOES NOT HOLD") and "ranks 12 of 12 (FD 500.0)" in text
     assert "best here (a=-1, b=0)" in text
-    no_best = {k: v for k, v in grid.items() if k != rp.TABLE7_PAPER_BEST}
-    assert "CANNOT BE CHECKED" in rp.table7_ordering(rp.aggregate(_table7(no_best)))[1]
+    no_best = {k: v for k, v in grid.items() if k != rc.TABLE7_PAPER_BEST}
+    assert "CANNOT BE CHECKED" in rc.table7_ordering(rc.aggregate(_table7(no_best)))[1]
     # the input site's grid is its own table
-    _, text = rp.table7_ordering(rp.aggregate(_table7(worst, "table7_input")), cell="table7_input")
+    _, text = rc.table7_ordering(rc.aggregate(_table7(worst, "table7_input")), cell="table7_input")
     assert text.startswith("Table 7 ordering (input site) DOES NOT HOLD")
 
 
 def test_projected_table7_compares_b_cells_with_b0_of_the_same_seed():
     rows = _table7({(-1.0, 0.0): 120.0, (-1.0, 1.0): 121.5, (-0.5, 0.0): 130.0})
     rows.append(_result("table7--1.0-0.0", {1: 200.0}, {"table7": [-1.0, 0.0]}, seed=99, job="b0-seed99"))
-    text = "\n".join(rp.table7_section(rp.aggregate(rows)))
+    text = "\n".join(rp.table7_section(rc.aggregate(rows)))
     assert "b is invisible" in text
     assert f"(a=-1, b=1) 121.50 vs (a=-1, b=0) 120.00 (seed {rows[0]['seed']})" in text
     assert "200.00" not in text  # the b=0 run of another seed is not a pair
-    assert rp.table7_section(rp.aggregate(rows), "table7_input") == []  # no input-site results: no section
+    assert rp.table7_section(rc.aggregate(rows), "table7_input") == []  # no input-site results: no section
 
 
 def _all_results():
@@ -414,8 +416,8 @@ def test_write_report_reads_results_and_writes_plots(tmp_path):
         bq.write_json(tmp_path / "results" / f"{r['job']}.json", r)
     path = rp.write_report(tmp_path, expected_seconds=60.0)
     text = path.read_text()
-    assert text == rp.render_report(rp.load_results(tmp_path / "results"), 60.0, [rp.PLOT_NFE, rp.PLOT_ABLATIONS])
-    for name in (rp.PLOT_NFE, rp.PLOT_ABLATIONS):
+    assert text == rp.render_report(rp.load_results(tmp_path / "results"), 60.0, [plots.PLOT_NFE, plots.PLOT_ABLATIONS])
+    for name in (plots.PLOT_NFE, plots.PLOT_ABLATIONS):
         with Image.open(tmp_path / name) as img:
             assert img.size[0] > 200 and img.size[1] > 100
     assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]
@@ -435,7 +437,7 @@ def test_smoke_end_to_end_then_rerun(tmp_path):
     proc = _run_tool("--smoke", "--only", "fm,released-ft", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[benchmark 2/2" in proc.stdout
-    for name in ("report.md", rp.PLOT_NFE, rp.PLOT_ABLATIONS):
+    for name in ("report.md", plots.PLOT_NFE, plots.PLOT_ABLATIONS):
         assert (out / name).is_file(), name
     fm = json.loads((out / "results" / "fm.json").read_text())
     rel = json.loads((out / "results" / "released-ft.json").read_text())
@@ -475,7 +477,7 @@ def test_smoke_end_to_end_then_rerun(tmp_path):
 def test_table7_section_shows_each_cells_diversity_beside_its_fd():
     rows = _table7({(-1.0, 1.0): 115.0, (-0.5, 1.0): 104.0}, "table7_input")
     rows[0]["evals"][0]["diversity"], rows[1]["evals"][0]["diversity"] = 9.3, 5.7
-    lines = rp.table7_section(rp.aggregate(rows), "table7_input")
+    lines = rp.table7_section(rc.aggregate(rows), "table7_input")
     start = next(i for i, line in enumerate(lines) if line.startswith("NFE=1 diversity"))
     fd_rows = {line.split(" | ")[0]: line for line in lines[:start] if line.startswith("| a=")}
     div_rows = {line.split(" | ")[0]: line for line in lines[start:] if line.startswith("| a=")}
