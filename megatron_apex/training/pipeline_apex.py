@@ -13,7 +13,7 @@ A global batch runs as
      last stage from the batched output and the precomputed no-grad tensors.
 Every model forward of both phases runs inside ``forward_context()`` (the trainer's FP8
 autocast, as the direct step's forward; backward passes stay outside it). The decomposition
-itself is megatron_apex.objectives.apex.two_phase_apex. Between stages the
+itself is megatron_apex.objectives.apex.two_phase. Between stages the
 model's one [L + N + 1, rows, D] tensor carries both streams and the time embedding; a
 no-grad pass that also asks the frozen teacher carries the teacher's rows behind the
 model's in the same tensor.
@@ -27,10 +27,13 @@ from typing import Callable, ContextManager, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_apex.models.registry import build_model
 from megatron_apex.objectives.apex import (ModelQuery, TwoPhaseObjective, answer_query, batch_queries,
                                            split_output)
-from megatron_apex.objectives.flow import interpolate, per_sample_mse, velocity_target
+from megatron_apex.objectives.flow import flow_matching_error, interpolate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,10 +42,6 @@ from megatron_apex.objectives.flow import interpolate, per_sample_mse, velocity_
 def build_stage_model(config, spec=None, sequence_parallel: bool = False):
     """This rank's pipeline stage: the input embeddings on the first, the output head on the
     last, megatron's even split of the layers in between."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_apex.models.registry import build_model
-
     return build_model(config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                        spec=spec, sequence_parallel=sequence_parallel)
 
@@ -61,13 +60,13 @@ class FlowMatchingObjective(TwoPhaseObjective):
 
     def __init__(self, x0, noise, t, context, context_mask):
         self.query = ModelQuery(interpolate(x0, noise, t), t, context, context_mask)
-        self.target = velocity_target(x0, noise)
+        self.x0, self.noise = x0, noise
 
     def train_queries(self):
         return [self.query]
 
     def loss(self, outputs):
-        l_fm = per_sample_mse(outputs[0], self.target).mean()
+        l_fm = flow_matching_error(outputs[0], self.x0, self.noise).mean()
         return {"loss": l_fm, "l_fm": l_fm}
 
 
@@ -95,8 +94,6 @@ def _pass_shape(model, per_micro_batch: List[List[ModelQuery]]) -> tuple:
 
 def _pipeline_broadcast(outputs: Optional[List[torch.Tensor]], shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     """The last stage's per-micro-batch outputs, stacked, on every stage of the pipeline."""
-    from megatron.core import parallel_state as ps
-
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return torch.stack(outputs)
     if ps.is_pipeline_last_stage():
@@ -127,8 +124,6 @@ def nograd_pass(model, teacher, per_micro_batch: List[List[ModelQuery]], schedul
     """One forward-only pipeline pass: micro-batch i answers the queries per_micro_batch[i]
     (the model's rows first, then the teacher's, in one stage tensor), both inside one
     ``forward_context()``. Returns the answers, in query order, on every pipeline stage."""
-    from megatron.core import parallel_state as ps
-
     model_idx, teacher_idx = _split_by_model(per_micro_batch[0])
     if teacher_idx and teacher is None:
         raise ValueError("a no-grad query asks for the teacher, but there is none")
@@ -205,8 +200,6 @@ def two_phase_step(model, objectives: List[TwoPhaseObjective], teacher=None,
     training pass. ``model`` is the DDP-wrapped stage model; gradients land in its buffers.
     ``forward_context`` makes the context every model (and teacher) forward runs in: the
     trainer's FP8 autocast, entered per micro-batch of every pass as the direct step does."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     schedule = get_forward_backward_func()
     rounds = {objective.num_rounds for objective in objectives}
     if len(rounds) != 1:
@@ -223,6 +216,4 @@ def two_phase_step(model, objectives: List[TwoPhaseObjective], teacher=None,
 def pipeline_forward(model, query: ModelQuery) -> torch.Tensor:
     """The model's output for one query, through every pipeline stage, on every stage (e.g. to
     compare models sharded differently)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     return nograd_pass(model, None, [[query]], get_forward_backward_func())[0][0]
