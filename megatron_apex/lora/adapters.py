@@ -27,7 +27,19 @@ import math
 from typing import Iterator, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tensor_model_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    get_cuda_rng_tracker,
+    reduce_from_tensor_model_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 from torch import nn
 
 KINDS = ("column", "row", "replicated")
@@ -36,8 +48,6 @@ ADAPTER_PARAMS = ("lora_A", "lora_B")
 
 def adapter_kind(module: nn.Module) -> Optional[str]:
     """"column" / "row" / "replicated" for the linears LoRA can adapt, else None."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
     if isinstance(module, LoRAMixin):
         return module.lora_kind
     if isinstance(module, ColumnParallelLinear):
@@ -62,22 +72,16 @@ def _tp_group_of(module: nn.Module, kind: str):
         return None
     group = getattr(module, "tp_group", None)
     if group is None:
-        from megatron.core import parallel_state as ps
-
         if ps.model_parallel_is_initialized():
             group = ps.get_tensor_model_parallel_group()
     return group
 
 
 def _group_size(group) -> int:
-    import torch.distributed as dist
-
     return group.size() if group is not None and dist.is_initialized() else 1
 
 
 def _group_rank(group) -> int:
-    import torch.distributed as dist
-
     return group.rank() if group is not None and dist.is_initialized() else 0
 
 
@@ -111,8 +115,6 @@ class LoRAMixin:
         self.lora_enabled = True
         self.lora_tp_group = _tp_group_of(self, kind)
         self.lora_input_is_parallel = bool(getattr(self, "input_is_parallel", True))
-        from megatron.core.tensor_parallel import ColumnParallelLinear
-
         # megatron-core's column linear takes (input, weight=None, runtime_gather_output=None);
         # Transformer Engine's never gathers its output.
         self.lora_megatron_column = isinstance(self, ColumnParallelLinear)
@@ -154,21 +156,12 @@ class LoRAMixin:
             return x
         if self.lora_kind == "row" and _group_size(self.lora_tp_group) > 1:
             # x is sharded: each rank needs its own mask (megatron's TP-distinct RNG stream)
-            from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
             with get_cuda_rng_tracker().fork():
                 return F.dropout(x, self.lora_dropout, True)
         return F.dropout(x, self.lora_dropout, True)
 
     def lora_delta(self, x: torch.Tensor, gather_output: bool = False) -> torch.Tensor:
         """``scale * B A x`` laid out like the base's output on this rank."""
-        from megatron.core.tensor_parallel import (
-            copy_to_tensor_model_parallel_region,
-            gather_from_tensor_model_parallel_region,
-            reduce_from_tensor_model_parallel_region,
-            scatter_to_tensor_model_parallel_region,
-        )
-
         group = self.lora_tp_group
         parallel = _group_size(group) > 1
         kind = self.lora_kind
@@ -205,13 +198,9 @@ class LoRAMixin:
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """The base's entries, with A and B sharded along their partition dims (the base's
         own implementation would call them replicated)."""
-        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
-
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         group = self.lora_tp_group
         if group is None:
-            from megatron.core import parallel_state as ps
-
             group = ps.get_tensor_model_parallel_group() if ps.model_parallel_is_initialized() else None
         base = getattr(super(), "sharded_state_dict", None)
         if base is not None:
@@ -314,8 +303,6 @@ def adapters_disabled(model: nn.Module):
 
 # ---------------------------------------------------------------------- full (unsharded) views
 def _gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
-    import torch.distributed as dist
-
     size = _group_size(group)
     if size == 1:
         return t

@@ -25,6 +25,7 @@ from megatron_apex.lora.adapters import (
     kaiming_uniform_A,
 )
 from megatron_apex.lora.config import PRESETS, LoRAConfig
+from megatron_apex.models.common.condition_shift import ConditionShift
 
 _LAYER = re.compile(r"^layers\.(\d+)(?=\.|$)")
 _MAX_LISTED = 8
@@ -129,8 +130,6 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> List[str]:
 def set_trainable_(model: nn.Module, cfg: LoRAConfig) -> List[str]:
     """Freeze everything, then unfreeze adapters and the extras ``cfg`` names; returns the
     global names of the trainable parameters."""
-    from megatron_apex.models.common.condition_shift import ConditionShift
-
     root = unwrap(model)
     for p in root.parameters():
         p.requires_grad_(False)

@@ -9,6 +9,9 @@ import os
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from torch import nn
 
 from megatron_apex.lora.adapters import is_adapter_param_name
@@ -68,8 +71,6 @@ def load_trainable_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
 def filter_trainable(sharded_state_dict: Dict, model: nn.Module) -> Dict:
     """The entries of a model's ``sharded_state_dict`` that hold trainable parameters: a
     small distributed checkpoint (resharded across TP/PP on load like any other)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
     ids = {id(p) for p in unwrap(model).parameters() if p.requires_grad}
     return {k: v for k, v in sharded_state_dict.items() if isinstance(v, ShardedTensor) and id(v.data) in ids}
 
@@ -80,16 +81,12 @@ def trainable_sharded_state_dict(model: nn.Module, prefix: str = "model.") -> Di
 
 # ============================================================================ base fingerprint
 def _groups():
-    from megatron.core import parallel_state as ps
-
     if not ps.model_parallel_is_initialized():
         return None, None
     return ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
 
 
 def _size(group) -> int:
-    import torch.distributed as dist
-
     return group.size() if group is not None and dist.is_initialized() else 1
 
 
@@ -110,8 +107,6 @@ def base_fingerprint(model: nn.Module) -> Dict:
     non-adapter parameter: one read of the weights, no copy of them. The same for every
     TP/PP layout of the same weights; collective over TP and PP when they are > 1 (every
     rank must call it)."""
-    import torch.distributed as dist
-
     root = unwrap(model)
     tp_group, pp_group = _groups()
     tp = _size(tp_group)
@@ -173,8 +168,6 @@ def check_base_fingerprint(expected: Mapping, actual: Mapping, source: str = "th
 
 # ============================================================================ one-file checkpoints
 def _check_single_process_layout(what: str) -> None:
-    from megatron.core import parallel_state as ps
-
     if ps.model_parallel_is_initialized() and (ps.get_tensor_model_parallel_world_size() > 1
                                                or ps.get_pipeline_model_parallel_world_size() > 1):
         raise ValueError(f"{what} handles one TP=1, PP=1 model; at TP/PP > 1 save "
@@ -271,8 +264,6 @@ def parameter_summary(model: nn.Module, dp_size: int = 1, distributed_optimizer:
     both divided over ``dp_size`` with the distributed optimizer, and the gradient buffer
     (``grad_bytes_per_param``: 4 with grad_reduce_in_fp32). ``*_model`` counts are this
     pipeline stage's parameters unsharded (TP-sharded tensors times the TP size)."""
-    from megatron.core import parallel_state as ps
-
     tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
     out = {"trainable": 0, "total": 0, "adapter": 0, "trainable_model": 0, "total_model": 0, "master_params": 0}
     for name, p in global_named_parameters(model):
