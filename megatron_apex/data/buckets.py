@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from PIL import Image
 
 # height / width ratios of the table; a symmetric set keeps portrait and landscape alike
 ASPECT_RATIOS = (1 / 2, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 2.0)
@@ -51,8 +52,6 @@ def cover_and_crop(height: int, width: int, bucket: tuple[int, int]) -> tuple[in
 
 def resize_to_bucket(image, bucket: tuple[int, int]) -> np.ndarray:
     """PIL image -> uint8 array (H, W[, C]) of exactly the bucket size: cover, then centre-crop."""
-    from PIL import Image
-
     h, w = bucket
     new_h, new_w, top, left = cover_and_crop(image.height, image.width, bucket)
     resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)

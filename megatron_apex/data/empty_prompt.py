@@ -13,13 +13,13 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from megatron_apex.data.text_encoder import ENCODER_NAME, MiniLMTextEncoder
+
 EMPTY_PROMPT = ""
 EMPTY_PROMPT_FILE = "empty_prompt.npy"
 
 
 def _encoder_is_minilm(manifest: dict) -> bool:
-    from .text_encoder import ENCODER_NAME
-
     encoder = manifest.get("text_encoder")
     if isinstance(encoder, dict):
         return encoder.get("kind") == "minilm" or encoder.get("name") == ENCODER_NAME
@@ -41,8 +41,6 @@ def empty_prompt_context(manifest: dict, data_path: Optional[str], needed_by: st
             raise ValueError(f"{path}: {states.dtype} {tuple(states.shape)}, expected float (<= {length}, {dim}) "
                              "(the empty prompt's text states)")
     elif _encoder_is_minilm(manifest):
-        from .text_encoder import MiniLMTextEncoder
-
         full, mask = MiniLMTextEncoder().encode([EMPTY_PROMPT], max_length=length)
         states = full[0][mask[0]]
     else:

@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
+
+from megatron_apex.data.text_encoder import ENCODER_DIM, ENCODER_NAME, MiniLMTextEncoder
 
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLQwenImage", "AutoencoderDC")
 
@@ -76,8 +79,6 @@ _FAMILY_OF_MODEL_TYPE = {"qwen2_5_vl": "qwen-image", "gemma2": "sana"}
 
 def torch_dtype(dtype):
     """None / 'float32' / 'bfloat16' / a torch.dtype -> torch.dtype (None: float32)."""
-    import torch
-
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -163,8 +164,6 @@ def encode_images(vae, geom: dict, pixels):
     """(B, C, H, W) float tensor in [-1, 1] -> normalised latents (B, c, H/f, W/f) float32 on the
     VAE's device (the pixels are moved there and cast to its dtype; the normalisation runs in
     float32)."""
-    import torch
-
     if vae is None:
         return pixels
     weight = next(vae.parameters())
@@ -200,8 +199,6 @@ def text_encoder_info(text_encoder: str, complex_human_instruction: bool = True)
     default text length and, for Sana, the complex human instruction of --text-encoder, without
     loading weights. `complex_human_instruction=False` encodes Sana captions without it."""
     if text_encoder == "minilm":
-        from megatron_apex.data.text_encoder import ENCODER_DIM, ENCODER_NAME
-
         return dict(name=ENCODER_NAME, kind="minilm", dim=ENCODER_DIM, template="", drop=0, family=None,
                     complex_human_instruction="", default_max_text_len=DEFAULT_MAX_TEXT_LEN)
     folder = Path(text_encoder)
@@ -255,7 +252,6 @@ class TransformersTextEncoder:
 
     def __init__(self, folder: str, device=None, dtype=None, complex_human_instruction: bool = True,
                  tokenizer: Optional[str] = None):
-        import torch
         import transformers
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: fail fast instead of reaching out
@@ -294,8 +290,6 @@ class TransformersTextEncoder:
     def _states(self, texts: list[str], limit: int):
         """(last hidden states (B, T, D) float32 on the CPU, attention mask (B, T) bool) of
         `texts` cut at `limit` tokens, right-padded to the longest."""
-        import torch
-
         enc = self.tokenizer(texts, max_length=limit, padding=True, truncation=True, add_special_tokens=True,
                              return_tensors="pt")
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
@@ -340,8 +334,6 @@ class MiniLMStates:
     CPU in float32 whatever the device: the tiny models' encoder)."""
 
     def __init__(self):
-        from megatron_apex.data.text_encoder import MiniLMTextEncoder
-
         self.encoder = MiniLMTextEncoder()
 
     def encode(self, captions: list[str], max_length: int, negative: bool = False) -> list[np.ndarray]:

@@ -11,6 +11,7 @@ import os
 import threading
 
 import numpy as np
+import torch
 
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 ENCODER_DIM = 384
@@ -68,8 +69,6 @@ class MiniLMTextEncoder:
             raise ValueError("prompts must be a list of strings, got a single str")
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (room for [CLS] and [SEP]), got {max_length}")
-        import torch
-
         tokenizer, model = _load_minilm()
         states = np.zeros((len(prompts), max_length, self.dim), dtype=np.float32)
         masks = np.zeros((len(prompts), max_length), dtype=bool)
