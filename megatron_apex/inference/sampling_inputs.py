@@ -28,6 +28,14 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from megatron_apex.data.builtin import build_builtin_shards
+from megatron_apex.data.encoders import text_encoder_info, vae_geometry
+from megatron_apex.data.latent_loader import is_latent_dataset, read_latent_manifest
+from megatron_apex.data.shards import read_manifest
+from megatron_apex.data.text_encoder import ENCODER_DIM
+from megatron_apex.inference.decoding import geometry_mismatch
+from megatron_apex.inference.prompts import dataset_captions
+
 DEFAULT_CAPTIONS = 10  # default prompts taken from a dataset without class prompts
 NEEDS_FOLDERS = "--pipeline DIR, or --text-encoder DIR and --vae DIR"
 
@@ -80,9 +88,6 @@ def _pipeline_parts(pipeline: str) -> dict:
 
 def _read_data(data_path: str):
     """(manifest, "latent" | "shards") of a run's data folder."""
-    from megatron_apex.data.latent_loader import is_latent_dataset, read_latent_manifest
-    from megatron_apex.data.shards import read_manifest
-
     if is_latent_dataset(data_path):
         return read_latent_manifest(data_path), "latent"
     return read_manifest(data_path), "shards"
@@ -97,10 +102,6 @@ def resolve(ckpt: str, state: dict, config, text_encoder: Optional[str] = None, 
             pipeline: Optional[str] = None, max_text_len: Optional[int] = None) -> SamplingInputs:
     """The SamplingInputs of checkpoint ``ckpt`` (its train_state ``state``, model ``config``);
     every refusal is one line naming the flag, the data or the checkpoint."""
-    from megatron_apex.data.encoders import text_encoder_info, vae_geometry
-
-    from .decoding import geometry_mismatch
-
     parts = _pipeline_parts(pipeline) if pipeline else {}
     te_flag = "--text-encoder" if text_encoder else "--pipeline"
     vae_flag = "--vae" if vae else "--pipeline"
@@ -127,8 +128,6 @@ def resolve(ckpt: str, state: dict, config, text_encoder: Optional[str] = None, 
             raise FileNotFoundError(f"--load {ckpt} was trained on --data-path {data_path}, which is not there; "
                                     f"give its encoders with {NEEDS_FOLDERS} (and the size with --height/--width)")
     elif not explicit:
-        from megatron_apex.data.builtin import build_builtin_shards
-
         data_path = str(build_builtin_shards())
         manifest, kind = _read_data(data_path)
         shape = manifest.get("image_shape") or [None, 0, 0]
@@ -145,8 +144,6 @@ def resolve(ckpt: str, state: dict, config, text_encoder: Optional[str] = None, 
     if text_encoder is None:
         recorded = (manifest or {}).get("text_encoder")
         if kind == "shards":  # MiniLM states, unless their width says otherwise
-            from megatron_apex.data.text_encoder import ENCODER_DIM
-
             if manifest["context_dim"] != ENCODER_DIM:
                 raise ValueError(f"{where} holds {manifest['context_dim']}-wide text states of an encoder it does "
                                  "not record (not MiniLM's); give it with --text-encoder DIR or --pipeline DIR")
@@ -225,8 +222,6 @@ def resolve(ckpt: str, state: dict, config, text_encoder: Optional[str] = None, 
             inputs.prompts = list(manifest["class_prompts"])
             inputs.labels = np.arange(len(inputs.prompts))
         else:
-            from .prompts import dataset_captions
-
             names = [s.get("name") for s in _shard_entries(manifest, kind)]
             inputs.prompts = dataset_captions(data_path, names, DEFAULT_CAPTIONS) or None
     return inputs
