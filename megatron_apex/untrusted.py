@@ -1,5 +1,5 @@
 """Files that come from elsewhere stay inside the place they were given in: checks that run
-before anything is read or extracted. (What a checkpoint holds is kept data by
+before anything is read or extracted. (A checkpoint's pickles are read as data by
 megatron_apex.checkpoint.safety.)
 
 Tar members with absolute paths or `..` components are refused by `safe_member_name`; shards
