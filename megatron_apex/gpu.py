@@ -235,25 +235,6 @@ def model_overrides(options: GpuOptions) -> Dict[str, Any]:
     return {"params_dtype": "bfloat16"} if options.bf16 else {}
 
 
-def layer_spec(config, options: GpuOptions):
-    """The layer spec of ``config``'s model family for these options (pass it to
-    ``build_model(config, spec=...)``). With TE's core attention it also sets the NVTE_*
-    variables that pick TE's attention kernel, as megatron's LanguageModule does."""
-    from megatron_apex.models.qwen_image.config import QwenImageConfig
-    from megatron_apex.models.sana.config import SanaConfig
-    from megatron_apex.models.specs import get_qwen_image_layer_spec, get_sana_layer_spec
-
-    if options.transformer_impl == "auto":
-        raise ValueError("layer_spec needs resolved options (gpu_options_from_args / resolve_gpu_options)")
-    if options.te_core_attention:
-        set_te_attention_environment(options.attention_backend)
-    if isinstance(config, QwenImageConfig):
-        return get_qwen_image_layer_spec(options.spec_backend, attention_backend=options.attention_backend)
-    if isinstance(config, SanaConfig):
-        return get_sana_layer_spec(options.spec_backend, attention_backend=options.attention_backend)
-    raise ValueError(f"no layer spec for a config of type {type(config).__name__}")
-
-
 def set_te_attention_environment(backend: str) -> None:
     """NVTE_FLASH_ATTN / NVTE_FUSED_ATTN / NVTE_UNFUSED_ATTN for TE's DotProductAttention; a
     conflicting value already in the environment is an error (megatron's rule)."""

@@ -131,29 +131,21 @@ def bench_step(a):
 
 
 # --------------------------------------------------------------------------------- forward
-def family_of_model(name: str):
-    from megatron_apex.conversion.checkpoint_io import FAMILIES
-
-    for make in FAMILIES.values():
-        family = make()
-        if name in family.model_names():
-            return family
-    raise ValueError(f"--model {name!r} belongs to no family with a diffusers counterpart ({', '.join(FAMILIES)})")
-
-
 def diffusers_twin(name: str, config, seed: int = 0):
     """(family, ours, diffusers') with the same weights: random, converted from diffusers'."""
     import diffusers
 
+    from megatron_apex.conversion import hf_to_megatron
     from megatron_apex.conversion.random_weights import randomize_weights_
+    from megatron_apex.families import family_of_model_name
 
-    family = family_of_model(name)
+    family = family_of_model_name(name)
     arch = dict(family.config_to_diffusers(config))
     hf_class = getattr(diffusers, arch.pop("_class_name"))
     with torch.no_grad():
         hf = randomize_weights_(hf_class(**arch), seed).eval()
-    ours = family.build_model(config).eval()
-    result = ours.load_state_dict(family.hf_to_ours(hf.state_dict(), config), strict=False)
+    ours = family.whole_model(config).eval()
+    result = ours.load_state_dict(hf_to_megatron(hf.state_dict(), config, family=family), strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
         raise RuntimeError(f"converting diffusers' weights: missing {missing}, unexpected {result.unexpected_keys}")
@@ -168,8 +160,8 @@ def without_torch_function_modes():
 
 
 def bench_forward(a):
-    from megatron_apex.conversion.checkpoint_io import text_mask
-    from megatron_apex.models.registry import get_model_config
+    from megatron_apex.conversion.verify import text_mask
+    from megatron_apex.families import get_model_config
     from megatron_apex.parallel import init_distributed
 
     init_distributed(1, 1)  # no-op when the step section already set megatron up
@@ -181,7 +173,7 @@ def bench_forward(a):
     side = -(-side // p) * p
     x = torch.randn(a.batch_size, config.out_channels, side, side, generator=gen)
     t = torch.rand(a.batch_size, generator=gen)
-    ctx = torch.randn(a.batch_size, a.text_len, family.context_dim(config), generator=gen)
+    ctx = torch.randn(a.batch_size, a.text_len, config.context_dim, generator=gen)
     mask = text_mask(a.batch_size, a.text_len)
 
     def run_ours():

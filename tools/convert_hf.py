@@ -27,6 +27,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_apex.cli import OneLineErrorParser, add_progress_option, show_progress  # noqa: E402
+from megatron_apex.conversion import checkpoint_io, hf_export, hf_import, verify  # noqa: E402
+from megatron_apex.conversion.hf_io import SafetensorsFolder, return_freed_memory_promptly  # noqa: E402
+from megatron_apex.inference.loading import load_model_for_inference  # noqa: E402
 
 
 def _grid(text: str):
@@ -131,8 +134,6 @@ def _report_memory(baseline: int, folder: str) -> None:
     forked and share the parent's pages) against the size of the weights converted."""
     import resource
 
-    from megatron_apex.conversion.hf_io import SafetensorsFolder
-
     with SafetensorsFolder(folder) as f:
         sizes = [_numel(f.shape(k)) * f.dtype(k).itemsize for k in f]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -153,8 +154,6 @@ def _numel(shape) -> int:
 
 
 def _family(a):
-    from megatron_apex.conversion import checkpoint_io
-
     if a.model != checkpoint_io.AUTO:
         return checkpoint_io.get_family(a.model)
     if a.command == "export":
@@ -172,8 +171,6 @@ def _loading_hint(pipeline_class: str) -> str:
 
 
 def run(a) -> int:
-    from megatron_apex.conversion import checkpoint_io
-
     family = _family(a)
     baseline = 0
     if getattr(a, "report_memory", False):  # the baseline includes the libraries the conversion loads
@@ -186,7 +183,7 @@ def run(a) -> int:
     start = time.time()
     if a.command == "import":
         _require_dir(a.hf_path, "--hf-path")
-        state = checkpoint_io.import_hf(family, a.hf_path, a.save, a.tensor_model_parallel_size,
+        state = hf_import.import_hf(family, a.hf_path, a.save, a.tensor_model_parallel_size,
                                         a.pipeline_model_parallel_size, _overrides(a), a.model_name,
                                         progress=show_progress(a))
         match = state["source"]["registry_match"]
@@ -204,8 +201,8 @@ def run(a) -> int:
         return 0
     if a.command == "export":
         _require_dir(a.load, "--load")
-        result = checkpoint_io.export_hf(family, a.load, a.hf_path, a.weights, a.max_shard_size, a.dtype, a.extras,
-                                         a.base_pipeline, progress=show_progress(a))
+        result = hf_export.export_hf(family, a.load, a.hf_path, a.weights, a.max_shard_size, a.dtype, a.extras,
+                                     a.base_pipeline, progress=show_progress(a))
         where = a.hf_path
         if a.base_pipeline is not None:
             where = os.path.join(a.hf_path, "transformer")
@@ -224,7 +221,8 @@ def run(a) -> int:
         _require_dir(a.load, "--load")
     if not a.tolerance >= 0:
         raise ValueError(f"--tolerance must be >= 0, got {a.tolerance}")
-    result = checkpoint_io.verify(family, a.hf_path, a.load, a.weights, a.batch, a.grid, a.text_len, a.seed)
+    result = verify.verify(family, a.hf_path, a.load, a.weights, a.batch, a.grid, a.text_len, a.seed,
+                           load_model=load_model_for_inference)
     ok = result["max_abs_diff"] <= a.tolerance
     print(f"convert_hf.py verify: max abs diff {result['max_abs_diff']:.3e} (reference max abs "
           f"{result['ref_max_abs']:.3e}, output {list(result['shape'])}); tolerance {a.tolerance:g}: "
@@ -242,7 +240,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from megatron_apex.conversion.hf_io import return_freed_memory_promptly
-
     return_freed_memory_promptly()  # RSS = what the streaming holds (see its docstring)
     sys.exit(main())

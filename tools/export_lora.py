@@ -88,10 +88,9 @@ def _info(state, weights, extras) -> dict:
 
 def export_lora_file(model, state, out: str, extras: str, dtype) -> dict:
     from megatron_apex.conversion import hf_io
-    from megatron_apex.lora import LORA_WEIGHT_NAME, export_diffusers_lora
-    from megatron_apex.lora.diffusers_io import _unexportable_extras
+    from megatron_apex.conversion.lora_diffusers import LORA_WEIGHT_NAME, export_diffusers_lora, unexportable_extras
 
-    extra = _unexportable_extras(model)
+    extra = unexportable_extras(model)
     dropped = [] if extras == "separate" else extra
     beside = [hf_io.EXTRAS_NAME] if extras == "separate" and extra else []
     with hf_io.atomic_output_dir(out, "--out") as tmp:
@@ -112,12 +111,12 @@ def merged_tensors(model):
     import torch
 
     from megatron_apex.conversion.engine import LazyStateDict
+    from megatron_apex.conversion.lora_diffusers import check_whole_model
     from megatron_apex.lora.adapters import ADAPTER_PARAMS, iter_lora_modules, merged_weight
     from megatron_apex.lora.apply import unwrap
-    from megatron_apex.lora.diffusers_io import _check_whole_model
 
     root = unwrap(model)
-    _check_whole_model(root, "merged export", allow_tp=False)
+    check_whole_model(root, "merged export", allow_tp=False)
     real, meta = LazyStateDict(), LazyStateDict()
     for key, tensor in root.state_dict().items():  # references to the parameters, not copies
         real[key] = tensor
@@ -140,8 +139,9 @@ def merged_tensors(model):
 def export_merged(model, state, out: str, extras: str, dtype, max_shard_size: str, progress: bool = False) -> dict:
     from megatron_apex import checkpoint
     from megatron_apex.conversion import hf_io
-    from megatron_apex.conversion.checkpoint_io import APEX_CONFIG_NAME, write_hf_transformer
-    from megatron_apex.lora.diffusers_io import resolve_family
+    from megatron_apex.conversion.checkpoint_io import APEX_CONFIG_NAME
+    from megatron_apex.conversion.hf_export import write_hf_transformer
+    from megatron_apex.conversion.lora_diffusers import resolve_family
 
     shard_bytes = hf_io.parse_size(max_shard_size)
     family = resolve_family(model)

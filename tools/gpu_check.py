@@ -327,10 +327,10 @@ def gpu_options(**fields):
 def build_ours(config, options, device):
     """Our model for ``options`` (resolved GpuOptions), no init (the caller sets the weights)."""
     from megatron_apex import gpu
-    from megatron_apex.models.registry import build_model
+    from megatron_apex.families import build_model, layer_spec
 
     config = config.replace(perform_initialization=False, **gpu.model_overrides(options))
-    return build_model(config, spec=gpu.layer_spec(config, options)).to(device)
+    return build_model(config, spec=layer_spec(config, options)).to(device)
 
 
 def load_same_weights(model, state) -> None:
@@ -344,8 +344,9 @@ def load_same_weights(model, state) -> None:
 def part_parity(ctx: Context, report: Report) -> None:
     import torch
 
-    from megatron_apex.conversion import config_from_diffusers, load_diffusers_state_dict
-    from megatron_apex.models.registry import build_model, get_model_config
+    from megatron_apex.conversion import load_diffusers_state_dict
+    from megatron_apex.families import build_model, get_model_config, layer_spec
+    from megatron_apex.families.qwen_image import config_from_diffusers
     from megatron_apex.models.qwen_image.model import pack_latents, unpack_latents
 
     part = "parity"
@@ -366,7 +367,7 @@ def part_parity(ctx: Context, report: Report) -> None:
         from megatron_apex import gpu
 
         cfg = config_from_diffusers(hf.config, perform_initialization=False, **gpu.model_overrides(options))
-        model = build_model(cfg, spec=gpu.layer_spec(cfg, options)).to(dev)
+        model = build_model(cfg, spec=layer_spec(cfg, options)).to(dev)
         load_diffusers_state_dict(model, hf.state_dict())
         return model
 
@@ -451,7 +452,7 @@ def attention_kernels(ctx: Context, report: Report, part: str) -> List[tuple]:
 def part_attention(ctx: Context, report: Report) -> None:
     import torch
 
-    from megatron_apex.models.registry import get_model_config
+    from megatron_apex.families import get_model_config
 
     part = "attention"
     name, (b, h, w, l), lengths = (("qwen-image-tiny-test", (2, 8, 8, 8), (3, 6)) if ctx.smoke
@@ -654,7 +655,7 @@ def part_step(ctx: Context, report: Report, deadline: float) -> None:
         flags = bench.launcher_flags(name, b, str(tmp / "data")) + ["--num-layers", str(layers)]
         flags += ["--bf16"] if ctx.cuda else []
         run_cfg = parse_args(flags)
-        from megatron_apex.models.registry import get_model_config
+        from megatron_apex.families import get_model_config
 
         config = get_model_config(run_cfg.model, **run_cfg.model_overrides)
         write_latent_dataset(tmp / "data", config, b, h, w, l)
@@ -750,7 +751,7 @@ def part_step(ctx: Context, report: Report, deadline: float) -> None:
 # ---------------------------------------------------------------------------------- throughput
 def cases(quick: bool, smoke: bool) -> List[Dict]:
     """(model family, config, batch, latent H, W, text length) of each benchmarked stack."""
-    from megatron_apex.models.registry import get_model_config
+    from megatron_apex.families import get_model_config
 
     if smoke:
         return [dict(name="qwen-image (smoke)", config=get_model_config("qwen-image-tiny-test", num_layers=2),

@@ -1,9 +1,9 @@
 """A small, generic, table-driven converter between Hugging Face (diffusers) state dicts and
 ours, with tensor-parallel sharding and merging driven by the same table.
 
-A table is a list of :class:`ParamRule`: our key pattern, the HF key pattern(s) it is made
-of, how (``transform``), and the dimension megatron shards it along (``tp_split_dim``,
-None = replicated). Patterns may contain ``{i}``, expanded over layers.
+The tables are the families' (megatron_apex/families/, their vocabulary in
+families/mapping_rules.py); this module applies them to tensors: each rule's ``transform``
+names a pair of functions here (``TRANSFORMS``), and ``{i}`` patterns are expanded over layers.
 """
 
 from __future__ import annotations
@@ -15,20 +15,9 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 
 import torch
 
+from megatron_apex.families.mapping_rules import ParamRule
+
 EXTRA_STATE_SUFFIX = "_extra_state"
-
-
-@dataclass(frozen=True)
-class ParamRule:
-    ours: str
-    hf: Tuple[str, ...]
-    transform: str = "copy"
-    tp_split_dim: Optional[int] = None
-    optional: bool = False  # may be absent (APEX extras that plain diffusers checkpoints lack)
-
-    @property
-    def per_layer(self) -> bool:
-        return "{i}" in self.ours
 
 
 # ----------------------------------------------------------------------------- transforms

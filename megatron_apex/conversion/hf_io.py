@@ -15,6 +15,7 @@ is complete.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -380,8 +381,6 @@ def return_freed_memory_promptly(threshold: int = 1 << 20) -> bool:
     every tensor it made, then shows an RSS that creeps up with the model (measured: +25 MB per
     GB of weights) although it holds a few tensors. A fixed threshold keeps RSS at what is
     alive. For the conversion tools (whole processes); False where there is no glibc."""
-    import ctypes
-
     try:
         mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # this process's own libc
     except OSError:

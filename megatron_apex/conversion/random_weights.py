@@ -5,6 +5,8 @@ from typing import Dict, Iterator, Tuple
 
 import torch
 
+from megatron_apex.conversion import hf_io
+
 
 def _random_like(name: str, shape, gen: torch.Generator) -> torch.Tensor:
     if name.endswith("norm.weight") or ".norm_" in name:
@@ -28,9 +30,7 @@ def write_random_diffusers_folder(path: str, diffusers_class: str, config: Dict,
     with :func:`randomize_weights_`'s weights, written one tensor at a time: a model larger
     than memory can be made (the model is built on the meta device for its keys and shapes).
     Returns {"bytes": total size, "largest": the largest tensor's size}."""
-    import diffusers
-
-    from megatron_apex.conversion import hf_io
+    import diffusers  # optional (the hf extra)
 
     with torch.device("meta"):
         model = getattr(diffusers, diffusers_class)(**config)

@@ -16,8 +16,8 @@ import torch
 from megatron.core.transformer import TransformerConfig
 
 from megatron_apex import checkpoint
+from megatron_apex.families import build_model, get_model_config, model_names
 from megatron_apex.lora import LoRAConfig, apply_lora, base_fingerprint, check_base_fingerprint, filter_trainable
-from megatron_apex.models.registry import MODEL_REGISTRY, build_model, get_model_config
 from megatron_apex.parallel import init_distributed, set_seed
 
 WEIGHTS = ("auto", "ema", "model")
@@ -26,9 +26,9 @@ WEIGHTS = ("auto", "ema", "model")
 def _model_config(state: Dict, ckpt: str = "the checkpoint"):
     where = os.path.join(ckpt, checkpoint.TRAIN_STATE)
     name = state["model_name"]
-    if name not in MODEL_REGISTRY:
+    if name not in model_names():
         raise ValueError(f"{where}: model_name {name!r} is not a registered model (known: "
-                         f"{', '.join(sorted(MODEL_REGISTRY))}); written by a newer or other version?")
+                         f"{', '.join(sorted(model_names()))}); written by a newer or other version?")
     saved = state["model_config"]
     try:
         return get_model_config(name, **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})

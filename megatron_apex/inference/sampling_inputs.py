@@ -33,6 +33,7 @@ from megatron_apex.data.encoders import text_encoder_info, vae_geometry
 from megatron_apex.data.latent_loader import is_latent_dataset, read_latent_manifest
 from megatron_apex.data.shards import read_manifest
 from megatron_apex.data.text_encoder import ENCODER_DIM
+from megatron_apex.families import family_of_config
 from megatron_apex.inference.decoding import geometry_mismatch
 from megatron_apex.inference.prompts import dataset_captions
 
@@ -63,12 +64,7 @@ class SamplingInputs:
 
 def _family_grid(config, factor: int) -> Tuple[int, int]:
     """The latent grid of the family's diffusers pipeline's default image size."""
-    from megatron_apex.models.sana.config import SanaConfig
-
-    if isinstance(config, SanaConfig):
-        return config.sample_size, config.sample_size  # SanaPipeline: sample_size x vae_scale_factor px
-    side = max(1, 1024 // factor)  # QwenImagePipeline: 1024 x 1024 px
-    return side, side
+    return family_of_config(config).default_latent_grid(config, factor)
 
 
 def _folder(flag: str, path: str, what: str) -> str:

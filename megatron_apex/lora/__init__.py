@@ -1,5 +1,6 @@
 """LoRA for the megatron-core DiTs: tensor-parallel adapters, apply/freeze, small checkpoints
-tied to their base, merging, and diffusers/PEFT LoRA files (docs/lora.md)."""
+tied to their base, merging (docs/lora.md). diffusers/PEFT LoRA files go through the families'
+mapping tables: megatron_apex/conversion/lora_diffusers.py."""
 
 from megatron_apex.lora.adapters import (
     LoRAMixin,
@@ -12,14 +13,6 @@ from megatron_apex.lora.adapters import (
 )
 from megatron_apex.lora.apply import apply_lora, global_named_parameters, lora_modules, select_modules, unwrap
 from megatron_apex.lora.config import PRESETS, LoRAConfig
-from megatron_apex.lora.diffusers_io import (
-    LORA_WEIGHT_NAME,
-    diffusers_lora_state_dict,
-    export_diffusers_lora,
-    load_diffusers_lora,
-    lora_key_map,
-    merged_diffusers_state_dict,
-)
 from megatron_apex.lora.merge import merge_lora_, merged_state_dict
 from megatron_apex.lora.state import (
     base_fingerprint,
@@ -42,6 +35,5 @@ __all__ = [
     "merged_weight", "merge_lora_", "merged_state_dict", "trainable_parameters", "trainable_state_dict",
     "load_trainable_state_dict", "filter_trainable", "trainable_sharded_state_dict", "base_fingerprint",
     "check_base_fingerprint", "save_lora_checkpoint", "load_lora_checkpoint", "read_lora_checkpoint_metadata",
-    "parameter_summary", "format_parameter_summary", "LORA_WEIGHT_NAME", "diffusers_lora_state_dict",
-    "export_diffusers_lora", "load_diffusers_lora", "lora_key_map", "merged_diffusers_state_dict",
+    "parameter_summary", "format_parameter_summary",
 ]

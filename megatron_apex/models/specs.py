@@ -1,4 +1,7 @@
-"""ModuleSpecs: which implementation each swappable piece of a block uses.
+"""What every family's layer spec decides the same way: which implementation backend the
+swappable pieces of a block use. Each family's spec itself lives beside its layers
+(models/qwen_image/layer_spec.py, models/sana/layer_spec.py), as megatron-core keeps
+gpt_layer_specs.py beside the GPT model.
 
 ``local``: megatron-core's tensor-parallel linears (with the bias inside the matmul,
 models/common/linear.py), our SDPA core attention and norms
@@ -17,33 +20,9 @@ TE's linears; on ``local`` it is always our SDPAttention, running the kernel of
 from __future__ import annotations
 
 import torch
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_apex.gpu import TE_ATTENTION_BACKENDS, kernel_for, transformer_engine_unavailable
-from megatron_apex.models.common.linear import FusedBiasColumnParallelLinear, FusedBiasRowParallelLinear
-from megatron_apex.models.common.mlp import DenseMLP
-from megatron_apex.models.common.norms import LayerNormNoAffine, RMSNorm
-from megatron_apex.models.qwen_image.layers import (
-    JointAttention,
-    JointAttentionSubmodules,
-    QwenImageLayer,
-    QwenImageLayerSubmodules,
-    SDPAttention,
-)
-from megatron_apex.models.sana.layers import (
-    DepthwiseConv3x3,
-    GLUMBConv,
-    GLUMBConvSubmodules,
-    MaskedSDPAttention,
-    ReLULinearAttention,
-    SanaCrossAttention,
-    SanaCrossAttentionSubmodules,
-    SanaLayer,
-    SanaLayerSubmodules,
-    SanaSelfAttention,
-    SanaSelfAttentionSubmodules,
-)
+from megatron_apex.gpu import kernel_for, transformer_engine_unavailable
 
 BACKENDS = ("auto", "local", "te", "transformer_engine")
 
@@ -60,13 +39,14 @@ def resolve_backend(backend: str) -> str:
     return "te" if backend == "transformer_engine" else backend
 
 
-def _local_core_attention(module, attention_backend: str):
+def local_core_attention(module, attention_backend: str):
     """``module`` (our SDPA-based core attention) running the kernel of ``attention_backend``."""
     kernel = kernel_for(attention_backend)
     return module if kernel == "auto" else ModuleSpec(module=module, params={"attention_backend": kernel})
 
 
-def _te_modules():
+def te_modules():
+    """Transformer Engine's (column linear, row linear, core attention, norm) megatron wrappers."""
     try:
         import transformer_engine  # noqa: F401  (megatron's wrappers import without it)
         from megatron.core.extensions.transformer_engine import (
@@ -81,75 +61,3 @@ def _te_modules():
             f"use backend 'local' instead ({exc})"
         ) from exc
     return TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention, TENorm
-
-
-def get_qwen_image_layer_spec(backend: str = "auto", attention_backend: str = "auto") -> ModuleSpec:
-    """Spec of one Qwen-Image dual-stream block for the given backends."""
-    backend = resolve_backend(backend)
-    if backend == "te":
-        column, row, core_attention, qk_norm = _te_modules()
-        if attention_backend not in TE_ATTENTION_BACKENDS:
-            core_attention = _local_core_attention(SDPAttention, attention_backend)
-    else:
-        column, row, qk_norm = FusedBiasColumnParallelLinear, FusedBiasRowParallelLinear, RMSNorm
-        core_attention = _local_core_attention(SDPAttention, attention_backend)
-    return ModuleSpec(
-        module=QwenImageLayer,
-        submodules=QwenImageLayerSubmodules(
-            # Local on every backend: it must gather its output (TE's column linear cannot).
-            modulation_linear=FusedBiasColumnParallelLinear,
-            # Parameter-free LayerNorm; nothing for TE to fuse.
-            adaln_norm=LayerNormNoAffine,
-            attention=ModuleSpec(
-                module=JointAttention,
-                submodules=JointAttentionSubmodules(
-                    linear_qkv=column, linear_proj=row, core_attention=core_attention, qk_norm=qk_norm,
-                ),
-            ),
-            # TE's linears add the bias in their GEMM: megatron's MLP; the local path: DenseMLP
-            mlp=ModuleSpec(module=MLP if backend == "te" else DenseMLP,
-                           submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
-        ),
-        metainfo={"backend": backend, "attention_backend": attention_backend},
-    )
-
-
-def get_sana_layer_spec(backend: str = "auto", attention_backend: str = "auto") -> ModuleSpec:
-    """Spec of one Sana block for the given backend. ``te`` swaps the tensor-parallel linears
-    for Transformer Engine's; the attention cores stay local on every backend (the ReLU
-    linear attention is Sana's own, and the cross-attention keeps diffusers' additive -10000
-    caption bias, which TE's padding mask does not reproduce for an all-padded caption); the
-    cross-attention core runs the kernel of ``attention_backend`` (TE's names map to the SDPA
-    kernels of the same name)."""
-    backend = resolve_backend(backend)
-    cross_core = _local_core_attention(MaskedSDPAttention, attention_backend)
-    if backend == "te":
-        column, row, _, _ = _te_modules()
-    else:
-        column, row = FusedBiasColumnParallelLinear, FusedBiasRowParallelLinear
-    return ModuleSpec(
-        module=SanaLayer,
-        submodules=SanaLayerSubmodules(
-            # The model's adaLN-single linear (the blocks have none): local on every backend,
-            # it must gather its output (TE's column linear cannot).
-            time_modulation_linear=FusedBiasColumnParallelLinear,
-            adaln_norm=LayerNormNoAffine,
-            attention=ModuleSpec(
-                module=SanaSelfAttention,
-                submodules=SanaSelfAttentionSubmodules(
-                    linear_qkv=column, linear_proj=row, core_attention=ReLULinearAttention,
-                ),
-            ),
-            cross_attention=ModuleSpec(
-                module=SanaCrossAttention,
-                submodules=SanaCrossAttentionSubmodules(
-                    linear_q=column, linear_kv=column, linear_proj=row, core_attention=cross_core,
-                ),
-            ),
-            mlp=ModuleSpec(
-                module=GLUMBConv,
-                submodules=GLUMBConvSubmodules(linear_fc1=column, depthwise=DepthwiseConv3x3, linear_fc2=row),
-            ),
-        ),
-        metainfo={"backend": backend, "attention_backend": attention_backend},
-    )

@@ -36,6 +36,19 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from megatron_apex.families import build_model, get_model_config
+from megatron_apex.lora import LoRAConfig, apply_lora
+from megatron_apex.models.common.sequence_parallel import check_sequence_parallel
+from megatron_apex.objectives.apex import APEXConfig, apex_loss
+from megatron_apex.objectives.fm import fm_loss
+from megatron_apex.parallel.cpu_adaptation import apply_cpu_adaptations
+from megatron_apex.parallel.recompute import enable_activation_recompute
 
 GIB = 1024 ** 3
 
@@ -83,8 +96,6 @@ class MemoryPlanConfig:
                 if value not in (0, 1):
                     raise ValueError(f"--fsdp cannot run with {flag} {value} (FSDP: full-parameter, TP = PP = 1)")
         if self.sequence_parallel:
-            from megatron_apex.models.common.sequence_parallel import check_sequence_parallel
-
             check_sequence_parallel(_model_config(self), self.tensor_model_parallel_size, lora=self.lora_rank > 0)
         return self
 
@@ -123,13 +134,6 @@ class _AllOnMeta(torch.overrides.TorchFunctionMode):
 def fake_parallel_world(tp: int, pp: int, dp: int, stage: int = 0):
     """megatron's parallel_state for the rank (tp 0, dp 0, pipeline ``stage``) of a
     tp x pp x dp job, in this one process, without communication or allocation."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from megatron_apex.parallel.cpu_adaptation import apply_cpu_adaptations
-
     if dist.is_initialized():
         raise RuntimeError("the memory estimate builds its own (fake) process group: run it in a process "
                            "without torch.distributed initialised (tools/estimate_memory.py)")
@@ -157,23 +161,15 @@ def _bytes(tensors) -> int:
 
 
 def _model_config(plan: MemoryPlanConfig, **extra):
-    from megatron_apex.models.registry import get_model_config
-
     return get_model_config(plan.model, params_dtype=plan.params_dtype, **{**plan.model_overrides, **extra})
 
 
 def _apply_lora(model, plan: MemoryPlanConfig) -> None:
     if plan.lora_rank:
-        from megatron_apex.lora import LoRAConfig, apply_lora
-
         apply_lora(model, LoRAConfig(rank=plan.lora_rank, targets=plan.lora_targets))
 
 
 def _build_stage(plan: MemoryPlanConfig, config):
-    from megatron.core import parallel_state as ps
-
-    from megatron_apex.models.registry import build_model
-
     with torch.device("meta"):
         model = build_model(config, pre_process=ps.is_pipeline_first_stage(),
                             post_process=ps.is_pipeline_last_stage(), backend="local",
@@ -244,8 +240,6 @@ class _FlashAttentionSaves(torch.autograd.Function):
 
 @contextlib.contextmanager
 def _flash_attention_on_meta():
-    import torch.nn.functional as F
-
     original = F.scaled_dot_product_attention
 
     def sdpa(q, k, v, *args, **kwargs):
@@ -262,15 +256,12 @@ def _flash_attention_on_meta():
 
 def saved_activation_bytes(model, plan: MemoryPlanConfig, config, teacher=None) -> int:
     """Bytes autograd keeps for the backward of one micro-batch of the objective (meta trace)."""
-    from megatron_apex.objectives.apex import APEXConfig, apex_loss
-    from megatron_apex.objectives.fm import fm_loss
-
     b = plan.micro_batch_size
     p = config.patch_size
     meta = dict(device="meta", dtype=torch.float32)
     x0 = torch.empty(b, config.out_channels, plan.latent_grid[0] * p, plan.latent_grid[1] * p, **meta)
     noise, t = torch.empty_like(x0), torch.empty(b, **meta)
-    context = torch.empty(b, plan.text_len, _context_dim(config), **meta)
+    context = torch.empty(b, plan.text_len, config.context_dim, **meta)
     mask = torch.ones(b, plan.text_len, dtype=torch.bool, device="meta")
     saved: Dict[int, torch.Tensor] = {}
 
@@ -290,15 +281,9 @@ def saved_activation_bytes(model, plan: MemoryPlanConfig, config, teacher=None) 
     return sum(base.untyped_storage().nbytes() for base in saved.values())
 
 
-def _context_dim(config) -> int:
-    return getattr(config, "joint_attention_dim", None) or getattr(config, "caption_channels")
-
-
 def layer_activation_bytes(plan: MemoryPlanConfig) -> Tuple[int, int, int]:
     """(bytes per layer, bytes outside the layers, bytes per layer without recompute) of one
     micro-batch, from traces of 1- and 2-layer models at this TP."""
-    from megatron_apex.parallel.recompute import enable_activation_recompute
-
     def trace(num_layers: int, recompute: Optional[str]) -> int:
         config = _model_config(plan, num_layers=num_layers)
         with fake_parallel_world(plan.tensor_model_parallel_size, 1, 1):
@@ -417,8 +402,6 @@ def search(plan: MemoryPlanConfig, gpus: int, budget_gib: float, recomputes=(Non
     if plan.fsdp and plan.lora_rank:
         raise ValueError(f"--fsdp cannot run with --lora-rank {plan.lora_rank} (FSDP: full-parameter, TP = PP = 1)")
     if plan.sequence_parallel:  # what else refuses it (the model family, LoRA), before any layout is traced
-        from megatron_apex.models.common.sequence_parallel import check_sequence_parallel
-
         check_sequence_parallel(config, 2, lora=plan.lora_rank > 0)
     fits = []
     for (tp, pp, dp), fsdp in _search_layouts(plan, gpus, config):

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_apex.models.registry import build_model
+from megatron_apex.families import build_model
 from megatron_apex.objectives.apex import (ModelQuery, TwoPhaseObjective, answer_query, batch_queries,
                                            split_output)
 from megatron_apex.objectives.flow import flow_matching_error, interpolate

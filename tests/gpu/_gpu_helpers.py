@@ -6,7 +6,7 @@ import torch
 
 from megatron_apex import gpu
 from megatron_apex.conversion.random_weights import randomize_weights_
-from megatron_apex.models import build_model, get_model_config
+from megatron_apex.families import build_model, get_model_config, layer_spec
 
 # qwen-image-tiny: D = 4 x 24, 4 layers, 4x4 patches, text width 384; sana-tiny: D = 4 x 32.
 # Latent 16 x 24 (4 x 6 = 24 tokens), 8 text tokens: every TE GEMM dimension FP8 can take.
@@ -16,7 +16,7 @@ FAMILIES = ("qwen-image-tiny", "sana-tiny")
 def model_for(name: str, options: gpu.GpuOptions, state=None, seed: int = 0, device="cpu"):
     """``name`` built for ``options`` (resolved), with ``state`` or random weights, on ``device``."""
     config = get_model_config(name, **gpu.model_overrides(options))
-    model = build_model(config, spec=gpu.layer_spec(config, options))
+    model = build_model(config, spec=layer_spec(config, options))
     if state is None:
         randomize_weights_(model, seed)
     else:

@@ -7,10 +7,11 @@ import pytest
 import torch
 from _gpu_helpers import rel
 
-from megatron_apex.conversion import config_from_diffusers, load_diffusers_state_dict
-from megatron_apex.conversion import sana_mapping as sm
+from megatron_apex.conversion import load_diffusers_state_dict, megatron_to_hf
 from megatron_apex.conversion.random_weights import randomize_weights_
-from megatron_apex.models import build_model
+from megatron_apex.families import build_model
+from megatron_apex.families import sana as sm
+from megatron_apex.families.qwen_image import config_from_diffusers
 from megatron_apex.models.qwen_image.model import pack_latents, unpack_latents
 
 diffusers = pytest.importorskip("diffusers")
@@ -57,7 +58,7 @@ def test_sana_float32_matches_diffusers(device):
     hf = randomize_weights_(diffusers.SanaTransformer2DModel(**arch), 1)
     config = sm.config_from_diffusers(hf.config)
     ours = build_model(config, backend="local")
-    sm.load_diffusers_state_dict(ours, hf.state_dict())
+    load_diffusers_state_dict(ours, hf.state_dict())
     hf, ours = hf.to(device), ours.to(device)
     gen = torch.Generator().manual_seed(2)
     B, H, W, L = 3, 6, 10, 7
@@ -70,7 +71,7 @@ def test_sana_float32_matches_diffusers(device):
     (out * weight).sum().backward()
     (ref * weight).sum().backward()
     assert (out - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
-    ours_grads = sm.megatron_to_hf({n: p.grad for n, p in ours.named_parameters()}, config)
+    ours_grads = megatron_to_hf({n: p.grad for n, p in ours.named_parameters()}, config)
     for key, param in hf.named_parameters():  # absolute: some gradients are zero up to rounding (key biases)
         ref_grad = param.grad
         assert (ours_grads[key] - ref_grad).abs().max().item() <= 1e-4 * max(1.0, ref_grad.abs().max().item()), key

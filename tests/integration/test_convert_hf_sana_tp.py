@@ -50,10 +50,10 @@ def worker(hf_path: str, imported: str, resave: str, out_json: str) -> None:
     from diffusers import SanaTransformer2DModel
     from megatron.core import parallel_state as ps
 
-    from megatron_apex.conversion import shard_for_tp
+    from megatron_apex.conversion import hf_to_megatron, shard_for_tp
     from megatron_apex.conversion.hf_io import SafetensorsFolder
-    from megatron_apex.conversion.sana_mapping import hf_to_megatron, sana_mapping_table
-    from megatron_apex.models import get_model_config
+    from megatron_apex.families.sana import sana_mapping_table
+    from megatron_apex.families import get_model_config
     from megatron_apex.parallel import init_distributed
     from megatron_apex import checkpoint
     from megatron_apex.training.pipeline_apex import build_stage_model
@@ -206,7 +206,7 @@ def test_trainer_finetunes_and_sample_py_samples_from_an_imported_checkpoint(tmp
     import pytest
 
     pytest.importorskip("diffusers")
-    from megatron_apex.models import get_model_config
+    from megatron_apex.families import get_model_config
 
     tiny = get_model_config("sana-tiny")
     arch = {k: getattr(tiny, k) for k in ("in_channels", "out_channels", "num_attention_heads", "attention_head_dim",

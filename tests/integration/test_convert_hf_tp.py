@@ -46,9 +46,10 @@ def worker(hf_path: str, imported: str, resave: str, out_json: str) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_apex.conversion import hf_to_megatron, qwen_image_mapping_table, shard_for_tp
+    from megatron_apex.conversion import hf_to_megatron, shard_for_tp
+    from megatron_apex.families.qwen_image import qwen_image_mapping_table
     from megatron_apex.conversion.hf_io import SafetensorsFolder
-    from megatron_apex.models import get_model_config
+    from megatron_apex.families import get_model_config
     from megatron_apex.parallel import init_distributed
     from megatron_apex import checkpoint
     from megatron_apex.training.pipeline_apex import build_stage_model

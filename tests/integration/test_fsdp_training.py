@@ -202,7 +202,7 @@ def test_fsdp_checkpoint_holds_whole_tensors_like_one_process(runs):
 # ---- the memory planner counts what an FSDP rank holds ----------------------------------------
 
 def test_planner_counts_the_shards_an_fsdp_rank_holds(runs):
-    from megatron_apex.models.registry import count_parameters, get_model_config
+    from megatron_apex.families import count_parameters, get_model_config
 
     ranks = [json.loads((runs.root / "fsdp_bytes" / f"state_bytes_rank{r}.json").read_text()) for r in (0, 1)]
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "estimate_memory.py"), "--json", "--fsdp", "--dp", "2",

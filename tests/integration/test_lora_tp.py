@@ -52,11 +52,12 @@ def _worker(out_path):
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    from megatron_apex.conversion import merge_tp_shards, qwen_image_mapping_table, shard_for_tp
+    from megatron_apex.conversion import merge_tp_shards, shard_for_tp
+    from megatron_apex.families.qwen_image import qwen_image_mapping_table
     from megatron_apex.lora import (LoRAConfig, apply_lora, base_fingerprint, check_base_fingerprint, filter_trainable,
                                     full_lora_grads, full_lora_weights, load_trainable_state_dict, lora_modules,
                                     set_full_lora_weights_)
-    from megatron_apex.models import build_model, get_model_config
+    from megatron_apex.families import build_model, get_model_config
     from megatron_apex.parallel import destroy_distributed, init_distributed, set_seed
     from megatron_apex.checkpoint import mark_tp_replicas, strip_prefix
 

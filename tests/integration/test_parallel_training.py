@@ -277,7 +277,7 @@ def test_configs_that_cannot_work_fail_at_start_naming_the_flags(tmp_path, capsy
 def test_recompute_replays_the_forward_in_backward():
     """Same gradients with and without recompute, and the checkpointed piece runs twice per
     training step with it (forward, then again in backward) but once without it."""
-    from megatron_apex.models import build_model, get_model_config
+    from megatron_apex.families import build_model, get_model_config
     from megatron_apex.parallel import init_distributed, set_seed
     from megatron_apex.parallel.recompute import enable_activation_recompute
 

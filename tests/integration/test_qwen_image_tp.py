@@ -27,7 +27,7 @@ def test_tp2_equals_single_process(tmp_path):
     assert r["num_replicated"] > 0 and r["replicated_rank_diff"] <= 1e-6
 
     # the same seed gives the same full weights for TP=1 and TP=2
-    from megatron_apex.models import build_model, count_parameters, get_model_config
+    from megatron_apex.families import build_model, count_parameters, get_model_config
     from megatron_apex.parallel import init_distributed, set_seed
 
     init_distributed(1, 1)

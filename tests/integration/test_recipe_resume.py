@@ -33,12 +33,11 @@ COMPARED = ("loss", "l_base", "l_fake", "l_dm", "grad_norm", "lr", "consumed_sam
 def base(tmp_path_factory):
     """BASE as a user makes it: a diffusers folder (random bf16 weights of the tiny model)
     imported with tools/convert_hf.py."""
-    from megatron_apex.conversion import qwen_image_mapping
     from megatron_apex.conversion.random_weights import write_random_diffusers_folder
-    from megatron_apex.models.registry import get_model_config
+    from megatron_apex.families import get_model_config, qwen_image
 
     root = tmp_path_factory.mktemp("base")
-    arch = dict(qwen_image_mapping.config_to_diffusers(get_model_config("qwen-image-tiny")))
+    arch = dict(qwen_image.config_to_diffusers(get_model_config("qwen-image-tiny")))
     write_random_diffusers_folder(str(root / "hf"), arch.pop("_class_name"), arch, seed=1, dtype=torch.bfloat16)
     subprocess.run([sys.executable, "tools/convert_hf.py", "import", "--hf-path", str(root / "hf"), "--save",
                     str(root / "ckpt")], check=True, capture_output=True, env=child_env(), cwd=REPO)

@@ -33,10 +33,10 @@ def worker(out_path: str) -> None:
     import torch.distributed as dist
     from diffusers import SanaTransformer2DModel
 
-    from megatron_apex.conversion import merge_tp_shards, shard_for_tp
-    from megatron_apex.conversion import sana_mapping as sm
+    from megatron_apex.conversion import hf_to_megatron, merge_tp_shards, shard_for_tp
     from megatron_apex.conversion.random_weights import randomize_weights_
-    from megatron_apex.models import build_model, count_parameters, get_model_config
+    from megatron_apex.families import build_model, count_parameters, get_model_config
+    from megatron_apex.families import sana as sm
     from megatron_apex.parallel import destroy_distributed, init_distributed, set_seed
 
     info = init_distributed(2, 1)
@@ -62,7 +62,7 @@ def worker(out_path: str) -> None:
     randomize_weights_(hf, SEED + 1)
     config2 = sm.config_from_diffusers(hf.config, target_time_embedder=False)
     model2 = build_model(config2, backend="local")
-    full = sm.hf_to_megatron(hf.state_dict(), config2)
+    full = hf_to_megatron(hf.state_dict(), config2)
     local = shard_for_tp(full, sm.sana_mapping_table(config2), config2.num_layers, info.tp_rank, info.tp)
     result = model2.load_state_dict(local, strict=False)
     assert not result.unexpected_keys and all(k.endswith("_extra_state") for k in result.missing_keys), result
@@ -89,7 +89,7 @@ def worker(out_path: str) -> None:
     ref = hf(hidden_states=x, encoder_hidden_states=ctx, encoder_attention_mask=mask, timestep=t * 1000,
              return_dict=False)[0]
     (ref * weights).sum().backward()
-    ref_grads = sm.hf_to_megatron({n: p.grad for n, p in hf.named_parameters()}, config2)
+    ref_grads = hf_to_megatron({n: p.grad for n, p in hf.named_parameters()}, config2)
 
     if info.rank == 0:
         init_path = os.path.join(os.path.dirname(out_path), "tp2_init.pt")
@@ -140,7 +140,7 @@ def test_tp2_equals_single_process(tmp_path):
     assert r["num_replicated"] > 0 and r["replicated_rank_diff"] <= 1e-6
 
     # the same seed gives the same full weights for TP=1 and TP=2
-    from megatron_apex.models import build_model, count_parameters, get_model_config
+    from megatron_apex.families import build_model, count_parameters, get_model_config
     from megatron_apex.parallel import init_distributed, set_seed
 
     init_distributed(1, 1)

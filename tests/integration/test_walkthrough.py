@@ -47,11 +47,10 @@ def pipeline_folder(root):
     qwen-image-tiny (384-wide text states, one latent channel)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
 
-    from megatron_apex.conversion import qwen_image_mapping
-    from megatron_apex.models.registry import get_model_config
+    from megatron_apex.families import get_model_config, qwen_image
 
     text_encoder, tokenizer = tiny_text_encoder("qwen2_5_vl", root / "te", CAPTIONS, hidden_size=384)
-    arch = dict(qwen_image_mapping.config_to_diffusers(get_model_config("qwen-image-tiny")))
+    arch = dict(qwen_image.config_to_diffusers(get_model_config("qwen-image-tiny")))
     arch.pop("_class_name")
     torch.manual_seed(0)
     transformer = QwenImageTransformer2DModel(**arch).eval()

@@ -848,13 +848,13 @@ def _not_empty(path: Path) -> Path:
     return path
 
 
-# ---- LoRA files (megatron_apex.lora.load_diffusers_lora)
+# ---- LoRA files (megatron_apex.conversion.lora_diffusers.load_diffusers_lora)
 LORA_FILE = "`load_diffusers_lora` file"
 
 
 def adapted_model(rank: int):
     from megatron_apex.lora import LoRAConfig, apply_lora
-    from megatron_apex.models.registry import build_model
+    from megatron_apex.families import build_model
     from megatron_apex.parallel import init_distributed
 
     init_distributed(1, 1)
@@ -866,7 +866,7 @@ def adapted_model(rank: int):
 def lora_file(tmp: Path, rank: int = 2, edit=None) -> Path:
     from safetensors.torch import load_file, save_file
 
-    from megatron_apex.lora import LORA_WEIGHT_NAME, export_diffusers_lora
+    from megatron_apex.conversion.lora_diffusers import LORA_WEIGHT_NAME, export_diffusers_lora
 
     export_diffusers_lora(adapted_model(rank), str(tmp / "lora"), extras="drop")
     path = tmp / "lora" / LORA_WEIGHT_NAME
@@ -878,7 +878,7 @@ def lora_file(tmp: Path, rank: int = 2, edit=None) -> Path:
 
 
 def load_lora(path: Path, rank: int = 2):
-    from megatron_apex.lora import load_diffusers_lora
+    from megatron_apex.conversion.lora_diffusers import load_diffusers_lora
 
     return load_diffusers_lora(adapted_model(rank), str(path))
 

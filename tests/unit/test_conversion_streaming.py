@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("safetensors")
 
-from megatron_apex.conversion import checkpoint_io, hf_io, streaming_save  # noqa: E402
+from megatron_apex.conversion import checkpoint_io, hf_export, hf_import, hf_io, streaming_save  # noqa: E402
 from megatron_apex.conversion.random_weights import write_random_diffusers_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +64,7 @@ def hf_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def imported(hf_dir, tmp_path_factory):
     save = tmp_path_factory.mktemp("ckpt") / "tp2"
-    checkpoint_io.import_hf(checkpoint_io.get_family("qwen-image"), str(hf_dir[0]), str(save), 2)
+    hf_import.import_hf(checkpoint_io.get_family("qwen-image"), str(hf_dir[0]), str(save), 2)
     return save
 
 
@@ -90,7 +90,7 @@ def test_import_reads_converts_and_writes_one_tensor_at_a_time(hf_dir, tmp_path,
     monkeypatch.setattr(hf_io.SafetensorsFolder, "__getitem__", counting_read)
     monkeypatch.setattr(streaming_save.PieceSource, "piece", counting_piece)
     family = checkpoint_io.get_family("qwen-image")
-    checkpoint_io.import_hf(family, str(path), str(tmp_path / "ckpt"), 2,
+    hf_import.import_hf(family, str(path), str(tmp_path / "ckpt"), 2,
                             on_convert=lambda key, tensor: converted.add(tensor))
     monkeypatch.undo()
 
@@ -107,7 +107,7 @@ def test_import_reads_converts_and_writes_one_tensor_at_a_time(hf_dir, tmp_path,
     assert converted.peak_bytes + pieces.peak_bytes <= 3 * sizes["largest"]
 
     # and the checkpoint is right: exported back, it is the HF folder bit for bit
-    checkpoint_io.export_hf(family, str(tmp_path / "ckpt"), str(tmp_path / "out"))
+    hf_export.export_hf(family, str(tmp_path / "ckpt"), str(tmp_path / "out"))
     original, exported = read_folder(path), read_folder(tmp_path / "out")
     assert all(torch.equal(exported[k], v) for k, v in original.items())
 
@@ -131,7 +131,7 @@ def test_export_reads_and_writes_one_group_at_a_time_whatever_the_shard_size(hf_
 
     family = checkpoint_io.get_family("qwen-image")
     # the default 5GB: one shard, which a buffering writer would hold entirely
-    checkpoint_io.export_hf(family, str(imported), str(tmp_path / "out"), on_read=on_read)
+    hf_export.export_hf(family, str(imported), str(tmp_path / "out"), on_read=on_read)
     monkeypatch.undo()
 
     out = read_folder(tmp_path / "out")
@@ -147,10 +147,12 @@ def test_export_reads_and_writes_one_group_at_a_time_whatever_the_shard_size(hf_
 def test_merged_lora_export_merges_one_weight_at_a_time(hf_dir, tmp_path, monkeypatch):
     """tools/export_lora.py --merged: the folder equals the eager merged_diffusers_state_dict,
     while at most two merged weights exist at once."""
-    from megatron_apex.conversion import config_from_diffusers, load_diffusers_state_dict
-    from megatron_apex.lora import LoRAConfig, apply_lora, lora_modules, merged_diffusers_state_dict
+    from megatron_apex.conversion import load_diffusers_state_dict
+    from megatron_apex.families.qwen_image import config_from_diffusers
+    from megatron_apex.conversion.lora_diffusers import merged_diffusers_state_dict
+    from megatron_apex.lora import LoRAConfig, apply_lora, lora_modules
     from megatron_apex.lora import adapters
-    from megatron_apex.models import build_model
+    from megatron_apex.families import build_model
     from megatron_apex.parallel import init_distributed
 
     init_distributed(1, 1)

@@ -19,7 +19,7 @@ pytest.importorskip("safetensors")
 from diffusers import QwenImageTransformer2DModel  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from megatron_apex.conversion import checkpoint_io, hf_io  # noqa: E402
+from megatron_apex.conversion import checkpoint_io, hf_export, hf_import, hf_io  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 ARCH = dict(patch_size=2, in_channels=8, out_channels=2, num_layers=2, attention_head_dim=8,
@@ -212,7 +212,7 @@ def test_a_failure_while_writing_leaves_no_output(hf_dir, imported, tmp_path):
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        checkpoint_io.import_hf(family, str(hf_dir), str(tmp_path / "ckpt"), 2, on_convert=dies_at_the_fifth)
+        hf_import.import_hf(family, str(hf_dir), str(tmp_path / "ckpt"), 2, on_convert=dies_at_the_fifth)
     assert len(converted) == 5
     reads = []
 
@@ -222,7 +222,7 @@ def test_a_failure_while_writing_leaves_no_output(hf_dir, imported, tmp_path):
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        checkpoint_io.export_hf(family, str(imported), str(tmp_path / "hf"), max_shard_size="10KB",
+        hf_export.export_hf(family, str(imported), str(tmp_path / "hf"), max_shard_size="10KB",
                                 read_group_bytes=1, on_read=dies_at_the_third)
     assert len(reads) == 3
     assert os.listdir(tmp_path) == []

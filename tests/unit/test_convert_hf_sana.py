@@ -21,7 +21,7 @@ pytest.importorskip("safetensors")
 from diffusers import SanaTransformer2DModel  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from megatron_apex.conversion import checkpoint_io, hf_io  # noqa: E402
+from megatron_apex.conversion import checkpoint_io, hf_export, hf_io  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 ARCH = dict(in_channels=2, out_channels=2, num_attention_heads=4, attention_head_dim=8, num_layers=2,
@@ -243,7 +243,7 @@ def test_a_failure_while_writing_leaves_no_output(hf_dir, imported, tmp_path, mo
 
     monkeypatch.setattr(hf_io.PlannedSafetensorsWriter, "close", dies_in_close)
     with pytest.raises(RuntimeError, match="disk full"):
-        checkpoint_io.export_hf(family, str(imported), str(tmp_path / "hf"))
+        hf_export.export_hf(family, str(imported), str(tmp_path / "hf"))
     assert os.listdir(tmp_path) == []
 
 

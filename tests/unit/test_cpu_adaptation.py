@@ -395,7 +395,7 @@ def test_cpu_rng_tracker_fork():
 def test_unintercepted_model_math_pops_the_mode_and_changes_no_number(name):
     from torch.overrides import _get_current_function_mode_stack
 
-    from megatron_apex.models.registry import build_model, get_model_config
+    from megatron_apex.families import build_model, get_model_config
 
     config = get_model_config(name)
     set_seed(0)

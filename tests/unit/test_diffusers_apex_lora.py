@@ -16,7 +16,7 @@ pytest.importorskip("peft")  # diffusers' LoRA loading runs on PEFT
 
 import test_convert_hf as qwen_tests  # noqa: E402  (their ARCH)
 import test_convert_hf_sana as sana_tests  # noqa: E402
-from megatron_apex.conversion import checkpoint_io, hf_io  # noqa: E402
+from megatron_apex.conversion import checkpoint_io, hf_io, verify  # noqa: E402
 from megatron_apex.conversion.random_weights import randomize_weights_  # noqa: E402
 from megatron_apex.inference.diffusers_apex import (  # noqa: E402
     ApexQwenImagePipeline,
@@ -25,7 +25,8 @@ from megatron_apex.inference.diffusers_apex import (  # noqa: E402
     ApexSanaTransformer2DModel,
 )
 from megatron_apex.inference.samplers import sample  # noqa: E402
-from megatron_apex.lora import LORA_WEIGHT_NAME, LoRAConfig, apply_lora, export_diffusers_lora, lora_modules  # noqa: E402
+from megatron_apex.conversion.lora_diffusers import LORA_WEIGHT_NAME, export_diffusers_lora  # noqa: E402
+from megatron_apex.lora import LoRAConfig, apply_lora, lora_modules  # noqa: E402
 from megatron_apex.models.qwen_image.model import pack_latents, unpack_latents  # noqa: E402
 
 TOL = 1e-4
@@ -128,7 +129,7 @@ def lora_run(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(fam.family)
     torch.manual_seed(0)
     randomize_weights_(fam.apex(**fam.arch), 3).save_pretrained(root / "base")
-    model, _ = checkpoint_io.load_ours_from_hf(checkpoint_io.get_family(fam.family), str(root / "base"))
+    model, _ = verify.load_ours_from_hf(checkpoint_io.get_family(fam.family), str(root / "base"))
     apply_lora(model, LoRAConfig(rank=4, alpha=8.0, targets=fam.targets))  # the embedder trains with the adapters
     gen = torch.Generator().manual_seed(11)
     with torch.no_grad():

@@ -65,7 +65,7 @@ def test_rope_rotations_first_built_under_inference_mode_serve_a_training_forwar
 
 
 def test_column_linear_at_tp1_skips_megatrons_identity_mappings(monkeypatch):
-    from megatron_apex.models.registry import get_model_config
+    from megatron_apex.families import get_model_config
 
     def refuse(*args, **kwargs):
         raise AssertionError("megatron's mapping was called at TP=1")
@@ -85,7 +85,7 @@ def test_column_linear_at_tp1_skips_megatrons_identity_mappings(monkeypatch):
 
 
 def test_no_grad_query_without_target_time_skips_the_zero_term():
-    from megatron_apex.models import build_model, get_model_config
+    from megatron_apex.families import build_model, get_model_config
 
     config = get_model_config("qwen-image-tiny-test", target_time_init="copy")
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ def _megatron():
 
 
 def _config():
-    from megatron_apex.models.registry import get_model_config
+    from megatron_apex.families import get_model_config
 
     return get_model_config("qwen-image-tiny-test").to_transformer_config()
 

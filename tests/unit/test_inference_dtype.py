@@ -9,7 +9,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the float32 d
 
 
 def _bf16_checkpoint(tmp_path):
-    from megatron_apex.models.registry import build_model, get_model_config
+    from megatron_apex.families import build_model, get_model_config
     from megatron_apex.parallel import init_distributed
     from megatron_apex import checkpoint
 

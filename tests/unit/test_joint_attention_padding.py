@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_apex.conversion.random_weights import randomize_weights_
-from megatron_apex.models import build_model, get_model_config
+from megatron_apex.families import build_model, get_model_config
 from megatron_apex.models.qwen_image import layers as qwen_layers
 from megatron_apex.models.qwen_image import model as qwen_model
 from megatron_apex.models.qwen_image.model import QwenImageModel
-from megatron_apex.models.specs import get_qwen_image_layer_spec
+from megatron_apex.models.qwen_image.layer_spec import get_qwen_image_layer_spec
 
 # valid text tokens per sample: full, partial, a single one, none (an all-padded prompt)
 TEXT_LEN = 6

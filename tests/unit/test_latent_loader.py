@@ -172,7 +172,7 @@ def test_no_valid_sample_is_one_clear_error(tmp_path):
 
 
 def test_model_data_mismatch_names_both_flags(tmp_path):
-    from megatron_apex.models.registry import get_model_config
+    from megatron_apex.families import get_model_config
 
     path, _ = _dataset(tmp_path, sizes=(4, 4, 4))
     manifest = json.loads((path / "manifest.json").read_text())

@@ -31,7 +31,7 @@ from megatron_apex.lora import (
     save_lora_checkpoint,
     trainable_state_dict,
 )
-from megatron_apex.models import build_model, get_model_config
+from megatron_apex.families import build_model, get_model_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -322,7 +322,7 @@ def test_target_selection_errors():
 
 def test_pipeline_stage_uses_global_names_and_the_same_initialisation():
     from megatron_apex.models.qwen_image.model import QwenImageModel
-    from megatron_apex.models.specs import get_qwen_image_layer_spec
+    from megatron_apex.models.qwen_image.layer_spec import get_qwen_image_layer_spec
 
     config = get_model_config("qwen-image-tiny-test")
     full = build_model(config, backend="local")

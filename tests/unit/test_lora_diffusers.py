@@ -10,19 +10,18 @@ import json
 import pytest
 import torch
 
-from megatron_apex.conversion import config_from_diffusers, load_diffusers_state_dict
-from megatron_apex.conversion.random_weights import randomize_weights_
-from megatron_apex.lora import (
+from megatron_apex.conversion import load_diffusers_state_dict
+from megatron_apex.conversion.lora_diffusers import (
     LORA_WEIGHT_NAME,
-    LoRAConfig,
-    apply_lora,
     diffusers_lora_state_dict,
     export_diffusers_lora,
     load_diffusers_lora,
-    lora_modules,
     merged_diffusers_state_dict,
 )
-from megatron_apex.models import build_model
+from megatron_apex.conversion.random_weights import randomize_weights_
+from megatron_apex.families import build_model
+from megatron_apex.families.qwen_image import config_from_diffusers
+from megatron_apex.lora import LoRAConfig, apply_lora, lora_modules
 from megatron_apex.models.qwen_image.model import pack_latents, unpack_latents
 
 pytest.importorskip("diffusers")

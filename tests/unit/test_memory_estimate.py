@@ -76,7 +76,7 @@ def test_activations_within_20_percent_of_the_measured_peak(trainer):
 
 
 def test_pipeline_stages_hold_the_whole_model():
-    from megatron_apex.models.registry import count_parameters, get_model_config
+    from megatron_apex.families import count_parameters, get_model_config
 
     stages = run_estimate("--model", "qwen-image-tiny", "--pp", "2", "--dp", "2", "--latent-grid", "7x7",
                           "--text-len", "16")
@@ -93,7 +93,7 @@ def test_tensor_parallel_rank_holds_its_shards():
     independently on a TP=1 meta model through megatron's tensor_model_parallel marks."""
     from megatron.core import parallel_state
 
-    from megatron_apex.models.registry import build_model, get_model_config
+    from megatron_apex.families import build_model, get_model_config
 
     (stage,) = run_estimate("--model", "qwen-image-tiny", "--tp", "2", "--latent-grid", "7x7", "--text-len", "16")
     if not parallel_state.model_parallel_is_initialized():

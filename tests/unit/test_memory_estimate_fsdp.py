@@ -55,7 +55,7 @@ def test_benchmark_counts_the_state_a_rank_holds(tmp_path):
     weights, DDP's fp32 grad buffer, Adam's two moments and the frozen teacher, 5 model sizes."""
     import importlib.util
 
-    from megatron_apex.models.registry import count_parameters, get_model_config
+    from megatron_apex.families import count_parameters, get_model_config
     from megatron_apex.training.arguments import parse_args
     from megatron_apex.training.loop import Trainer
 

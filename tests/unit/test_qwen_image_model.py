@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_apex.models import build_model, count_parameters, get_model_config
+from megatron_apex.families import build_model, count_parameters, get_model_config
 from megatron_apex.models.qwen_image.config import QwenImageConfig
 
 
@@ -231,7 +231,7 @@ def test_two_stage_split_equals_single_stage():
     config, full = model_for(num_layers=3, target_time_init="copy")
     sd = full.state_dict()
     from megatron_apex.models.qwen_image.model import QwenImageModel
-    from megatron_apex.models.specs import get_qwen_image_layer_spec
+    from megatron_apex.models.qwen_image.layer_spec import get_qwen_image_layer_spec
 
     spec = get_qwen_image_layer_spec("local")
     first = QwenImageModel(config, spec, pre_process=True, post_process=False, layer_range=(0, 2)).eval()
@@ -323,9 +323,9 @@ def test_registry_errors_list_known_names():
 
 
 def test_registry_configs_build_and_count():
-    from megatron_apex.models import MODEL_REGISTRY
+    from megatron_apex.families import model_names
 
-    for name in sorted(set(MODEL_REGISTRY) - {"qwen-image-20b"}):
+    for name in sorted(set(model_names()) - {"qwen-image-20b"}):
         config = get_model_config(name)
         model = build_model(config, backend="local")
         assert count_parameters(config) == sum(p.numel() for p in model.parameters())
@@ -338,8 +338,9 @@ def test_registry_configs_build_and_count():
 def test_layer_spec_backends():
     from megatron_apex.models.common.linear import FusedBiasColumnParallelLinear
     from megatron_apex.models.common.mlp import DenseMLP
+    from megatron_apex.models.qwen_image.layer_spec import get_qwen_image_layer_spec
     from megatron_apex.models.qwen_image.layers import SDPAttention
-    from megatron_apex.models.specs import get_qwen_image_layer_spec, transformer_engine_available
+    from megatron_apex.models.specs import transformer_engine_available
 
     local = get_qwen_image_layer_spec("local")
     assert local.submodules.attention.submodules.core_attention is SDPAttention

@@ -7,9 +7,9 @@ import pytest
 import torch
 from megatron_apex.conversion.random_weights import randomize_weights_
 
-from megatron_apex.conversion import (config_from_diffusers, hf_to_megatron, load_diffusers_state_dict,
-                                      megatron_to_hf)
-from megatron_apex.models import build_model, count_parameters, get_model_config
+from megatron_apex.conversion import hf_to_megatron, load_diffusers_state_dict, megatron_to_hf
+from megatron_apex.families import build_model, count_parameters, get_model_config
+from megatron_apex.families.qwen_image import config_from_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel  # noqa: E402

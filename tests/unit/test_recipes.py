@@ -22,10 +22,9 @@ RUNS = [(r, {}) for r in RECIPES if r != "sana_full.sh"] + [("sana_full.sh", {"S
 def diffusers_count(model_name: str) -> int:
     import diffusers
 
-    from megatron_apex.conversion import qwen_image_mapping, sana_mapping
-    from megatron_apex.models.registry import get_model_config
+    from megatron_apex.families import get_model_config, qwen_image, sana
 
-    mapping = sana_mapping if model_name.startswith("sana") else qwen_image_mapping
+    mapping = sana if model_name.startswith("sana") else qwen_image
     arch = dict(mapping.config_to_diffusers(get_model_config(model_name)))
     with torch.device("meta"):
         model = getattr(diffusers, arch.pop("_class_name"))(**arch)

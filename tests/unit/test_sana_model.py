@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_apex.models import build_model, count_parameters, get_model_config
-from megatron_apex.models.registry import MODEL_REGISTRY
+from megatron_apex.families import build_model, count_parameters, get_model_config, model_names
 from megatron_apex.models.sana import SanaConfig
 
 
@@ -255,7 +254,7 @@ def test_registry_dispatches_on_the_config_type():
     for name in ("sana-tiny", "sana-tiny-test"):  # the meta-device count against a real model's
         model = build_model(name, backend="local")
         assert count_parameters(name) == sum(p.numel() for p in model.parameters())
-    assert set(MODEL_REGISTRY) >= {"sana-0.6b", "sana-1.6b", "sana-tiny", "sana-tiny-test", "qwen-image-20b"}
+    assert set(model_names()) >= {"sana-0.6b", "sana-1.6b", "sana-tiny", "sana-tiny-test", "qwen-image-20b"}
     with pytest.raises(ValueError, match="no model family"):
         build_model(object())
 
@@ -275,8 +274,9 @@ def test_sana_tiny_takes_the_builtin_data():
 def test_spec_pieces_and_te_backend():
     from megatron_apex.models.common.linear import FusedBiasColumnParallelLinear as ColumnParallelLinear
     from megatron_apex.models.common.linear import FusedBiasRowParallelLinear as RowParallelLinear
+    from megatron_apex.models.sana.layer_spec import get_sana_layer_spec
     from megatron_apex.models.sana.layers import ReLULinearAttention, SanaLayer
-    from megatron_apex.models.specs import get_sana_layer_spec, transformer_engine_available
+    from megatron_apex.models.specs import transformer_engine_available
 
     spec = get_sana_layer_spec("local")
     assert spec.module is SanaLayer and spec.metainfo["backend"] == "local"

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_apex.conversion import sana_mapping as sm
+from megatron_apex.conversion import hf_to_megatron, load_diffusers_state_dict, megatron_to_hf
 from megatron_apex.conversion.random_weights import randomize_weights_
-from megatron_apex.models import build_model, count_parameters, get_model_config
+from megatron_apex.families import build_model, count_parameters, get_model_config
+from megatron_apex.families import sana as sm
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import SanaTransformer2DModel  # noqa: E402
@@ -84,7 +85,7 @@ def test_forward_matches_diffusers(case):
     hf = random_diffusers(7, **arch(case))
     config = sm.config_from_diffusers(hf.config)
     model = build_model(config, backend="local").eval()
-    sm.load_diffusers_state_dict(model, hf.state_dict())
+    load_diffusers_state_dict(model, hf.state_dict())
     x, t, ctx, mask = inputs(case)
     with torch.no_grad():
         ref = diffusers_velocity(hf, x, t, ctx, mask)
@@ -101,12 +102,12 @@ def test_gradients_match_diffusers():
     hf = random_diffusers(5, **arch(case))
     config = sm.config_from_diffusers(hf.config, target_time_embedder=False)
     model = build_model(config, backend="local")
-    sm.load_diffusers_state_dict(model, hf.state_dict())
+    load_diffusers_state_dict(model, hf.state_dict())
     x, t, ctx, mask = inputs(case, seed=8)
     weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     (model(x, t, ctx, mask) * weights).sum().backward()
     (diffusers_velocity(hf, x, t, ctx, mask) * weights).sum().backward()
-    ours = sm.megatron_to_hf({n: p.grad for n, p in model.named_parameters()}, config)
+    ours = megatron_to_hf({n: p.grad for n, p in model.named_parameters()}, config)
     theirs = {n: p.grad for n, p in hf.named_parameters()}
     assert ours.keys() == theirs.keys()
     for key, ref in theirs.items():
@@ -121,7 +122,7 @@ def test_zero_initialised_target_embedder_keeps_a_flow_matching_checkpoint_exact
     hf = random_diffusers(11, **arch(case, layers=1))
     config = sm.config_from_diffusers(hf.config, target_time_embedder=True, target_time_init="zero")
     model = build_model(config, backend="local").eval()
-    sm.load_diffusers_state_dict(model, hf.state_dict())
+    load_diffusers_state_dict(model, hf.state_dict())
     x, t, ctx, _ = inputs(case)
     with torch.no_grad():
         ref = diffusers_velocity(hf, x, t, ctx, None)
@@ -141,13 +142,13 @@ def test_state_dict_round_trips_bit_exactly(shift_kind):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
     ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    hf_sd = sm.megatron_to_hf(ours, config)
+    hf_sd = megatron_to_hf(ours, config)
     assert "time_embed_2.emb.timestep_embedder.linear_2.weight" in hf_sd
     assert ("condition_shift.A" in hf_sd) == (shift_kind == "full")
-    back = sm.hf_to_megatron(hf_sd, config)
+    back = hf_to_megatron(hf_sd, config)
     assert back.keys() == ours.keys()
     assert all(torch.equal(back[k], ours[k]) for k in ours)
-    again = sm.megatron_to_hf(back, config)
+    again = megatron_to_hf(back, config)
     assert again.keys() == hf_sd.keys() and all(torch.equal(again[k], hf_sd[k]) for k in hf_sd)
 
     # diffusers' layouts: q of head 1 at rows [3*hd, 4*hd) of the fused weight; the GLUMBConv
@@ -168,7 +169,7 @@ def test_diffusers_state_dict_round_trips_bit_exactly():
     hf = random_diffusers(2, **arch(CASES[1]))
     config = sm.config_from_diffusers(hf.config, target_time_embedder=False)
     hf_sd = hf.state_dict()
-    back = sm.megatron_to_hf(sm.hf_to_megatron(hf_sd, config), config)
+    back = megatron_to_hf(hf_to_megatron(hf_sd, config), config)
     assert back.keys() == hf_sd.keys() and all(torch.equal(back[k], hf_sd[k]) for k in hf_sd)
 
 
@@ -179,10 +180,10 @@ def test_conversion_errors_name_the_key():
     missing = dict(sd)
     del missing["transformer_blocks.0.ff.conv_depth.bias"]
     with pytest.raises(ValueError, match=r"transformer_blocks\.0\.ff\.conv_depth\.bias"):
-        sm.hf_to_megatron(missing, config)
+        hf_to_megatron(missing, config)
     extra = dict(sd, **{"time_embed_2.emb.timestep_embedder.linear_1.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"time_embed_2"):
-        sm.hf_to_megatron(extra, config)  # this model has no target embedder to put it in
+        hf_to_megatron(extra, config)  # this model has no target embedder to put it in
     for key, value in (("guidance_embeds", True), ("qk_norm", "rms_norm_across_heads"),
                        ("interpolation_scale", 1.0), ("timestep_scale", 1000.0), ("norm_elementwise_affine", True)):
         with pytest.raises(ValueError, match=key):

@@ -5,7 +5,7 @@ import pytest
 
 from megatron_apex.models.common.sequence_parallel import (check_sequence_parallel, padded_length,
                                                            replicated_input_config)
-from megatron_apex.models.registry import get_model_config
+from megatron_apex.families import get_model_config
 from megatron_apex.training.arguments import parse_args
 from megatron_apex.training.dry_run import plan_of
 

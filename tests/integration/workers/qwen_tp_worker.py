@@ -36,9 +36,9 @@ def random_diffusers(seed):
 def main(out_path):
     from megatron.core import parallel_state as ps
 
-    from megatron_apex.conversion import (config_from_diffusers, hf_to_megatron, merge_tp_shards,
-                                          qwen_image_mapping_table, shard_for_tp)
-    from megatron_apex.models import build_model, count_parameters
+    from megatron_apex.conversion import hf_to_megatron, merge_tp_shards, shard_for_tp
+    from megatron_apex.families.qwen_image import config_from_diffusers, qwen_image_mapping_table
+    from megatron_apex.families import build_model, count_parameters
     from megatron_apex.models.qwen_image.model import pack_latents, unpack_latents
     from megatron_apex.parallel import destroy_distributed, init_distributed, set_seed
 
@@ -49,7 +49,7 @@ def main(out_path):
         return merge_tp_shards(gather_objects(tensors), qwen_image_mapping_table(config), config.num_layers)
 
     # 1. initialisation from a seed
-    from megatron_apex.models import get_model_config
+    from megatron_apex.families import get_model_config
 
     config = get_model_config("qwen-image-tiny-test", **INIT_OVERRIDES)
     set_seed(SEED)

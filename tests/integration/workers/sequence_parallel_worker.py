@@ -48,7 +48,7 @@ def main(out_path):
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
 
-    from megatron_apex.models import build_model, get_model_config
+    from megatron_apex.families import build_model, get_model_config
     from megatron_apex.parallel import destroy_distributed, init_distributed, set_seed
 
     info = init_distributed(2, 1)

@@ -1,6 +1,6 @@
 """LoRA adapters <-> diffusers / PEFT LoRA files (``pytorch_lora_weights.safetensors``).
 
-Key names come from the model family's conversion table (conversion/checkpoint_io.FAMILIES):
+Key names come from the model family's mapping table (megatron_apex/families/):
 the adapter on our ``M`` becomes ``transformer.<hf module>.lora_A.weight`` / ``.lora_B.weight``
 for each HF module the rule for ``M.weight`` lists. B goes through the rule's own transform
 (a fused rule such as Qwen-Image's per-head ``linear_qkv`` = to_q, to_k, to_v splits B's rows);
@@ -25,16 +25,20 @@ import os
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
+from megatron.core import parallel_state as ps
 from torch import nn
 
-from megatron_apex.conversion.engine import EXTRA_STATE_SUFFIX, TRANSFORMS, expand, ours_to_hf
+from megatron_apex.conversion import hf_io
+from megatron_apex.conversion.engine import TRANSFORMS, expand, ours_to_hf
+from megatron_apex.families import ModelFamily, family_names, family_of_config, get_family
 from megatron_apex.lora.adapters import is_adapter_param_name, set_full_lora_weights_
 from megatron_apex.lora.apply import _listing, global_named_parameters, lora_modules, unwrap
 from megatron_apex.lora.merge import merged_state_dict
 from megatron_apex.lora.state import METADATA_KEY
+from megatron_apex.models.common.condition_shift import ConditionShift
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-EXTRAS_NAME = "apex_extras.safetensors"  # conversion.hf_io.EXTRAS_NAME: the side file of every export
+EXTRAS_NAME = hf_io.EXTRAS_NAME  # the side file of every export
 DIFFUSERS_PREFIX = "transformer"
 EXTRAS_MODES = ("error", "drop", "separate")
 # Table transforms that act on output rows (and the weight's shape) only, so B can go through
@@ -45,11 +49,9 @@ _A, _B = ".lora_A.weight", ".lora_B.weight"
 
 
 # ----------------------------------------------------------------------------- family / names
-def resolve_family(model: nn.Module, family=None):
-    """The conversion ``ModelFamily`` of ``model``: given (name or instance), or the registered
-    family whose mapping table covers every parameter of the model."""
-    from megatron_apex.conversion.checkpoint_io import FAMILIES, ModelFamily, get_family
-
+def resolve_family(model: nn.Module, family=None) -> ModelFamily:
+    """The ``ModelFamily`` of ``model``: given (name or instance), or the registered family of
+    its config."""
     if isinstance(family, ModelFamily):
         return family
     if isinstance(family, str):
@@ -57,23 +59,12 @@ def resolve_family(model: nn.Module, family=None):
     root = unwrap(model)
     config = getattr(root, "model_config", None)
     if config is None:
-        raise ValueError(f"{type(root).__name__} has no model_config; pass family= (one of {', '.join(FAMILIES)})")
-    keys = {k for k in root.state_dict() if not k.endswith(EXTRA_STATE_SUFFIX) and not is_adapter_param_name(k)}
-    for make in FAMILIES.values():
-        candidate = make()
-        try:
-            table_keys = {o for o, _, _ in expand(candidate.mapping_table(config), candidate.num_layers(config))}
-        except (AttributeError, KeyError, TypeError, ValueError):
-            continue  # a table written for another config class
-        if keys <= table_keys:
-            return candidate
-    raise ValueError(f"no conversion family ({', '.join(FAMILIES)}) has a mapping table covering "
-                     f"{type(root).__name__}; pass family=")
+        raise ValueError(f"{type(root).__name__} has no model_config; pass family= "
+                         f"(one of {', '.join(family_names())})")
+    return family_of_config(config)
 
 
-def _check_whole_model(root: nn.Module, what: str, allow_tp: bool) -> None:
-    from megatron.core import parallel_state as ps
-
+def check_whole_model(root: nn.Module, what: str, allow_tp: bool) -> None:
     if ps.model_parallel_is_initialized() and not allow_tp and ps.get_tensor_model_parallel_world_size() > 1:
         raise ValueError(f"{what} needs a TP=1 model; load the LoRA checkpoint into one first "
                          "(dist checkpoints reshard)")
@@ -121,11 +112,9 @@ def _fuse_adapter(A_hf: torch.Tensor, Bs: List[torch.Tensor], transform: str, ct
     return A, TRANSFORMS[transform][0](Bs, ctx)
 
 
-def _unexportable_extras(root: nn.Module) -> List[str]:
+def unexportable_extras(root: nn.Module) -> List[str]:
     """Trainable non-adapter parameters that matter outside training. The condition shift is
     only used by the fake-condition branch of the training objective, so it does not count."""
-    from megatron_apex.models.common.condition_shift import ConditionShift
-
     shift = {id(p) for m in root.modules() if isinstance(m, ConditionShift) for p in m.parameters()}
     return [n for n, p in global_named_parameters(root)
             if p.requires_grad and not is_adapter_param_name(n) and id(p) not in shift]
@@ -143,9 +132,9 @@ def diffusers_lora_state_dict(model: nn.Module, family=None, prefix: str = DIFFU
     if extras not in EXTRAS_MODES:
         raise ValueError(f"extras={extras!r}: choose one of {EXTRAS_MODES}")
     root = unwrap(model)
-    _check_whole_model(root, "diffusers LoRA export", allow_tp=False)
+    check_whole_model(root, "diffusers LoRA export", allow_tp=False)
     fam = resolve_family(root, family)
-    dropped = _unexportable_extras(root)
+    dropped = unexportable_extras(root)
     if dropped and extras == "error":
         raise ValueError(f"trainable {_listing(dropped)} cannot go into a diffusers LoRA file (it holds lora_A/lora_B "
                          "of existing linears only); pass extras='separate' (written beside it, for the APEX "
@@ -168,18 +157,18 @@ def diffusers_lora_state_dict(model: nn.Module, family=None, prefix: str = DIFFU
 @torch.no_grad()
 def diffusers_extras_state_dict(model: nn.Module, family=None, dtype: Optional[torch.dtype] = None
                                 ) -> Dict[str, torch.Tensor]:
-    """The trainable non-adapter parameters (``_unexportable_extras``: the target-time embedder,
+    """The trainable non-adapter parameters (``unexportable_extras``: the target-time embedder,
     ``extra_trainable`` ones) under diffusers' transformer names, through the family's table
     (TP=1, one stage); empty when there are none."""
     root = unwrap(model)
-    _check_whole_model(root, "diffusers extras export", allow_tp=False)
+    check_whole_model(root, "diffusers extras export", allow_tp=False)
     fam = resolve_family(root, family)
     config = root.model_config
     rules = {ours: (hf, rule) for ours, hf, rule in expand(fam.mapping_table(config), fam.num_layers(config))}
     ctx = fam.transform_context(config)
     params = dict(global_named_parameters(root))
     out = {}
-    for name in _unexportable_extras(root):
+    for name in unexportable_extras(root):
         if name not in rules:
             raise ValueError(f"trainable {name}: the {fam.name} mapping table has no rule for it, so it has no "
                              "diffusers name")
@@ -190,7 +179,7 @@ def diffusers_extras_state_dict(model: nn.Module, family=None, dtype: Optional[t
 
 
 def _save_atomically(tensors: Dict[str, torch.Tensor], path: str, metadata: Dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # optional (the hf extra)
 
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
@@ -218,7 +207,7 @@ def export_diffusers_lora(model: nn.Module, out_dir: str, family=None, extras: s
         "scale_folded_into_lora_B": True,
         "adapters": {n: {"kind": m.lora_kind, "rank": m.lora_rank, "alpha": m.lora_alpha}
                      for n, m in lora_modules(root).items()},
-        "dropped_extras": [] if extras == "separate" else _unexportable_extras(root),
+        "dropped_extras": [] if extras == "separate" else unexportable_extras(root),
         "extras_file": EXTRAS_NAME if side else None,
     }
     os.makedirs(out_dir, exist_ok=True)
@@ -234,7 +223,7 @@ def merged_diffusers_state_dict(model: nn.Module, family=None) -> Dict[str, torc
     """The full model with adapters merged, under diffusers' names (via the conversion table;
     APEX extras included as the table writes them). TP=1, one stage."""
     root = unwrap(model)
-    _check_whole_model(root, "merged export", allow_tp=False)
+    check_whole_model(root, "merged export", allow_tp=False)
     fam = resolve_family(root, family)
     config = root.model_config
     return ours_to_hf(merged_state_dict(root), fam.mapping_table(config), fam.num_layers(config),
@@ -243,7 +232,7 @@ def merged_diffusers_state_dict(model: nn.Module, family=None) -> Dict[str, torc
 
 # ----------------------------------------------------------------------------- import
 def _read(source: Union[str, Mapping[str, torch.Tensor]], weight_name: str):
-    from safetensors import safe_open
+    from safetensors import safe_open  # optional (the hf extra)
     from safetensors.torch import load_file
 
     if isinstance(source, Mapping):
@@ -272,7 +261,7 @@ def load_diffusers_lora(model: nn.Module, source: Union[str, Mapping[str, torch.
     without an adapter (``strict``), keys of another LoRA format, distinct lora_A for the parts
     of a fused projection."""
     root = unwrap(model)
-    _check_whole_model(root, "LoRA import", allow_tp=True)
+    check_whole_model(root, "LoRA import", allow_tp=True)
     fam = resolve_family(root, family)
     tensors, ours, label = _read(source, weight_name)
     if ours.get("family") not in (None, fam.name):

@@ -1,22 +1,19 @@
-"""What every model family's conversion does the same way: the APEX parameters diffusers has
-no place for (the second timestep embedder, the condition shift) and loading a converted
-state dict into a one-stage TP=1 model."""
+"""A family's whole diffusers state dict <-> ours (TP=1, every layer), through its mapping
+table, and what every family's conversion does the same way: the APEX parameters diffusers
+has no place for (the second timestep embedder, the condition shift) filled in when a
+diffusers checkpoint lacks them, and loading a converted state dict into a one-stage model."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, MutableMapping
+from typing import Callable, Dict, Mapping, MutableMapping, Optional
 
 import torch
 
-from megatron_apex.conversion.engine import LazyStateDict
+from megatron_apex.conversion.engine import LazyStateDict, hf_to_ours, ours_to_hf
+from megatron_apex.families import ModelFamily, family_of_config
+from megatron_apex.models.common.condition_shift import ConditionShift
 
 _TARGET_KEYS = {f"target_time_embedder.linear_{j}.{p}" for j in (1, 2) for p in ("weight", "bias")}
-
-
-def shift_is_learnable(config) -> bool:
-    if config.shift_learnable is None:
-        return config.shift_kind != "scalar"
-    return bool(config.shift_learnable)
 
 
 def _put(sd: MutableMapping, key: str, make: Callable[[], torch.Tensor]) -> None:
@@ -29,8 +26,6 @@ def _put(sd: MutableMapping, key: str, make: Callable[[], torch.Tensor]) -> None
 
 
 def _fresh_shift(config, shift_dim: int) -> Dict[str, torch.Tensor]:
-    from megatron_apex.models.common.condition_shift import ConditionShift
-
     return ConditionShift(shift_dim, kind=config.shift_kind, a=config.shift_a, b=config.shift_b,
                           learnable=config.shift_learnable).state_dict()
 
@@ -57,10 +52,28 @@ def fill_apex_extras(sd: MutableMapping, missing, config, shift_dim: int, embedd
     return sd
 
 
-def load_converted_state_dict(model, hf_sd: Mapping[str, torch.Tensor],
-                              hf_to_megatron: Callable[..., Dict[str, torch.Tensor]]) -> None:
-    """Convert with ``hf_to_megatron`` and load into a TP=1, single-stage model (strict). For
-    TP > 1, load ``shard_for_tp(hf_to_megatron(...), <family table>, ...)`` instead."""
+def hf_to_megatron(hf_sd: Mapping[str, torch.Tensor], config, source: str = "the diffusers state dict",
+                   lazy: bool = False, family: Optional[ModelFamily] = None) -> Mapping[str, torch.Tensor]:
+    """diffusers state dict -> ours (TP=1, all layers), APEX extras filled where absent.
+    ``lazy``: a ``LazyStateDict`` that reads and converts each tensor when it is asked for
+    (the extras, small, are filled eagerly). ``family``: the config's registered one by default."""
+    family = family or family_of_config(config)
+    sd, missing = hf_to_ours(hf_sd, family.mapping_table(config), family.num_layers(config),
+                             family.transform_context(config), source=source, lazy=lazy)
+    return fill_apex_extras(sd, missing, config, family.shift_dim(config), family.target_embedder_hf, source)
+
+
+def megatron_to_hf(sd: Mapping[str, torch.Tensor], config, source: str = "the model state dict",
+                   family: Optional[ModelFamily] = None) -> Dict[str, torch.Tensor]:
+    """Ours (TP=1, all layers) -> diffusers names, APEX extras included."""
+    family = family or family_of_config(config)
+    return ours_to_hf(sd, family.mapping_table(config), family.num_layers(config), family.transform_context(config),
+                      source=source)
+
+
+def load_diffusers_state_dict(model, hf_sd: Mapping[str, torch.Tensor]) -> None:
+    """Convert and load into a TP=1, single-stage model (strict). For TP > 1, load
+    ``shard_for_tp(hf_to_megatron(...), <family table>, ...)`` instead."""
     config = model.model_config
     if model.config.tensor_model_parallel_size != 1:
         raise ValueError("load_diffusers_state_dict loads TP=1 models; shard the converted state dict "
