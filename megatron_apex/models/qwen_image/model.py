@@ -22,29 +22,25 @@ masked key gets exactly zero attention). The velocity is gathered after ``proj_o
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
-from megatron.core.enums import ModelType
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from megatron.core.transformer.utils import sharded_state_dict_default
 from torch import nn
 
-from megatron_apex.models.common.inputs import check_model_inputs, embed_any_step_time
+from megatron_apex.models.common.condition_shift import ConditionShift, FakeCondition
+from megatron_apex.models.common.inputs import check_model_inputs
 from megatron_apex.models.common.modulation import AdaLNModulation, modulate
 from megatron_apex.models.common.norms import RMSNorm
 from megatron_apex.models.common.rope import qwen_image_rope_angles
-from megatron_apex.models.common.sequence_parallel import (check_image_tokens, check_sequence_parallel, gather_sequence,
-                                                           mark_sequence_parallel, padded_length, scatter_sequence)
+from megatron_apex.models.common.sequence_parallel import (check_image_tokens, gather_sequence, mark_sequence_parallel,
+                                                           padded_length, scatter_sequence)
+from megatron_apex.models.common.staged_dit import StagedDiT
 from megatron_apex.models.common.timestep import TimestepEmbedder
 from megatron_apex.models.qwen_image.config import QwenImageConfig
+from megatron_apex.models.qwen_image.layer_spec import get_qwen_image_layer_spec
 from megatron_apex.models.qwen_image.layers import SDPAttention, join_streams, zeros_init
-from megatron_apex.models.common.condition_shift import ConditionShift, apply_condition_shift
-
-FakeCondition = Union[bool, torch.Tensor]
 
 
 def pack_latents(x: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -65,20 +61,7 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int, patch_size: in
     return x.reshape(b, c, height, width)
 
 
-def _parallel_groups():
-    """(tp_size, pp_size, tp_group, cp_group); sizes 1 and no groups before megatron is set up
-    (enough to build the model, e.g. on the meta device; running it needs the groups)."""
-    if parallel_state.model_parallel_is_initialized():
-        return (
-            parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_pipeline_model_parallel_world_size(),
-            parallel_state.get_tensor_model_parallel_group(),
-            parallel_state.get_context_parallel_group(),
-        )
-    return 1, 1, None, None
-
-
-class QwenImageModel(MegatronModule):
+class QwenImageModel(StagedDiT):
     """See the module docstring. ``spec`` defaults to ``get_qwen_image_layer_spec("auto")``;
     ``layer_range`` = (first, stop) global layer indices overrides megatron's per-stage split.
 
@@ -95,30 +78,9 @@ class QwenImageModel(MegatronModule):
     def __init__(self, config: QwenImageConfig, spec: Optional[ModuleSpec] = None,
                  pre_process: bool = True, post_process: bool = True,
                  layer_range: Optional[tuple] = None, sequence_parallel: bool = False):
-        tp_size, pp_size, tp_group, cp_group = _parallel_groups()
-        config.validate(tp_size)
-        if sequence_parallel:
-            check_sequence_parallel(config, tp_size)
-        transformer_config = config.to_transformer_config(tp_size, pp_size, sequence_parallel)
-        super().__init__(config=transformer_config)
-        # megatron-core's schedules read this off the model
-        self.model_type = ModelType.encoder_or_decoder
-        # megatron's finalize_model_grads asks whether the first and last pipeline stages hold
-        # a tied weight to all-reduce; this model ties none.
-        self.share_embeddings_and_output_weights = False
-        if spec is None:
-            from megatron_apex.models.specs import get_qwen_image_layer_spec
-
-            spec = get_qwen_image_layer_spec("auto")
-        self.model_config = config
-        self.spec = spec
-        self.pre_process = pre_process
-        self.post_process = post_process
-        self.input_tensor = None
-        self.cp_group = cp_group
-        self.tp_group = tp_group
-        self.sequence_parallel = sequence_parallel
-        self.sp_size = tp_size if sequence_parallel else 1  # ranks each stream's tokens are split over
+        super().__init__(config, spec if spec is not None else get_qwen_image_layer_spec("auto"),
+                         pre_process, post_process, sequence_parallel)
+        transformer_config = self.config  # megatron's TransformerConfig (config: ours)
         hidden = config.hidden_size
         dtype = config.torch_dtype
 
@@ -135,18 +97,7 @@ class QwenImageModel(MegatronModule):
             if config.target_time_embedder:
                 self.target_time_embedder = TimestepEmbedder(hidden, config.timestep_channels, dtype=dtype)
 
-        if layer_range is None:
-            self.num_local_layers, self.layer_offset = self._stage_layers(transformer_config, pp_size)
-        else:
-            start, stop = layer_range
-            if not 0 <= start <= stop <= config.num_layers:
-                raise ValueError(f"layer_range {layer_range} must lie within [0, --num-layers={config.num_layers}]")
-            self.num_local_layers, self.layer_offset = stop - start, start
-        self.layers = nn.ModuleList([
-            build_module(spec, config=transformer_config, layer_number=self.layer_offset + i + 1,
-                         tp_group=tp_group, cp_group=cp_group)
-            for i in range(self.num_local_layers)
-        ])
+        self.layers = self._build_layers(layer_range, tp_group=self.tp_group, cp_group=self.cp_group)
 
         # Transformer Engine's DotProductAttention may read the padding mask as per-sample
         # lengths (its cuDNN kernel); our SDPAttention honours every mask by position.
@@ -155,9 +106,9 @@ class QwenImageModel(MegatronModule):
 
         if post_process:
             self.final_modulation = AdaLNModulation(
-                transformer_config, spec.submodules.modulation_linear, hidden, 2, zeros_init, tp_group
+                transformer_config, self.spec.submodules.modulation_linear, hidden, 2, zeros_init, self.tp_group
             )
-            self.final_norm = build_module(spec.submodules.adaln_norm, config=transformer_config,
+            self.final_norm = build_module(self.spec.submodules.adaln_norm, config=transformer_config,
                                            hidden_size=hidden, eps=config.norm_eps)
             self.proj_out = nn.Linear(hidden, config.patch_size ** 2 * config.out_channels, dtype=dtype)
             if sequence_parallel:  # applied to this rank's tokens, gathered after
@@ -167,15 +118,6 @@ class QwenImageModel(MegatronModule):
             self._init_replicated_weights()
 
     # ------------------------------------------------------------------ construction helpers
-    @staticmethod
-    def _stage_layers(transformer_config, pp_size):
-        if pp_size == 1:
-            return transformer_config.num_layers, 0
-        from megatron.core.transformer.transformer_block import get_num_layers_to_build
-        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
-        return get_num_layers_to_build(transformer_config), get_transformer_layer_offset(transformer_config)
-
     @torch.no_grad()
     def _init_replicated_weights(self):
         """DiT-style init of the modules megatron does not initialise (see class docstring)."""
@@ -193,26 +135,7 @@ class QwenImageModel(MegatronModule):
             nn.init.zeros_(self.proj_out.weight)
             nn.init.zeros_(self.proj_out.bias)
 
-    @torch.no_grad()
-    def init_target_time_embedder(self):
-        """``copy``: the first embedder's weights (the authors' release); ``zero``: the
-        first's ``linear_1`` and a zero ``linear_2``, so emb_2 = 0 and a flow-matching
-        checkpoint computes exactly what it did before."""
-        target = self.target_time_embedder
-        target.load_state_dict(self.time_embedder.state_dict())
-        if self.model_config.target_time_init == "zero":
-            nn.init.zeros_(target.linear_2.weight)
-            nn.init.zeros_(target.linear_2.bias)
-
     # ------------------------------------------------------------------ pipeline plumbing
-    def set_input_tensor(self, input_tensor) -> None:
-        """Receive the previous stage's [L + N + 1, B, D] tensor (megatron passes a list)."""
-        if isinstance(input_tensor, (list, tuple)):
-            if len(input_tensor) != 1:
-                raise ValueError(f"QwenImageModel takes one input tensor per stage, got {len(input_tensor)}")
-            input_tensor = input_tensor[0]
-        self.input_tensor = input_tensor
-
     def stage_tensor_shape(self, batch_size: int, text_len: int, height: int, width: int) -> tuple:
         """Shape of the tensor this rank sends between pipeline stages (under sequence
         parallelism its share of each stream, and the time row)."""
@@ -228,18 +151,8 @@ class QwenImageModel(MegatronModule):
                                   channels_flag="--out-channels", patch_size=cfg.patch_size,
                                   context_dim=cfg.joint_attention_dim, context_flag="--joint-attention-dim")
 
-    def _embed_time(self, t, t_target):
-        target = self.target_time_embedder if self.model_config.target_time_embedder else None
-        return embed_any_step_time(self.time_embedder, target, t, t_target)
-
-    def _embed_text(self, context, fake_condition):
-        site = self.model_config.shift_site
-        if site == "input":
-            context = apply_condition_shift(self.condition_shift, context, fake_condition)
-        txt = self.txt_in(self.txt_norm(context))
-        if site == "projected":
-            txt = apply_condition_shift(self.condition_shift, txt, fake_condition)
-        return txt
+    def _project_text(self, context):
+        return self.txt_in(self.txt_norm(context))
 
     @staticmethod
     def _attention_mask(context_mask, num_image_tokens):
@@ -291,19 +204,14 @@ class QwenImageModel(MegatronModule):
         if self.pre_process:
             img = self.img_in(pack_latents(x_t.to(dtype), p))
             txt = self._embed_text(context.to(dtype), fake_condition)
-            temb = self._embed_time(t, t_target)
+            temb = self._any_step_time(t, t_target)
             img = img.transpose(0, 1).contiguous()
             txt = txt.transpose(0, 1).contiguous()
             if self.sequence_parallel:
                 txt = F.pad(txt, (0, 0, 0, 0, 0, text_rows - text_len))
                 img, txt = scatter_sequence(img, self.tp_group), scatter_sequence(txt, self.tp_group)
         else:
-            if self.input_tensor is None:
-                raise RuntimeError("a non-first pipeline stage needs set_input_tensor() before forward")
-            stage = self.input_tensor
-            expected = self.stage_tensor_shape(x_t.shape[0], text_len, height, width)
-            if tuple(stage.shape) != expected:
-                raise ValueError(f"pipeline input tensor has shape {tuple(stage.shape)}, expected {expected}")
+            stage = self._stage_input(x_t.shape[0], text_len, height, width)
             local_text = text_rows // sp
             txt, img, temb = stage[:local_text], stage[local_text:-1], stage[-1]
 
@@ -324,18 +232,3 @@ class QwenImageModel(MegatronModule):
         if self.sequence_parallel:
             out = gather_sequence(out, self.tp_group)
         return unpack_latents(out.transpose(0, 1), height, width, p).to(x_t.dtype)
-
-    # ------------------------------------------------------------------ checkpoints
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
-        """Like the default, but layers are keyed by their GLOBAL index so pipeline stages
-        (and re-partitionings of them) address the same checkpoint entries."""
-        sharded = {}
-        for name, module in self.named_children():
-            if name == "layers":
-                continue
-            sharded.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
-        for i, layer in enumerate(self.layers):
-            sharded.update(sharded_state_dict_default(
-                layer, f"{prefix}layers.{self.layer_offset + i}.", sharded_offsets, metadata
-            ))
-        return sharded

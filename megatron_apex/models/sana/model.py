@@ -17,26 +17,23 @@ the six adaLN-single vectors t6, then the embedded timestep e.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
-from megatron.core.enums import ModelType
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from megatron.core.transformer.utils import sharded_state_dict_default
 from torch import nn
 
-from megatron_apex.models.common.inputs import check_model_inputs, embed_any_step_time
+from megatron_apex.models.common.condition_shift import ConditionShift, FakeCondition
+from megatron_apex.models.common.config import gelu_tanh
+from megatron_apex.models.common.inputs import check_model_inputs
 from megatron_apex.models.common.modulation import modulate
 from megatron_apex.models.common.norms import RMSNorm
-from megatron_apex.models.common.config import gelu_tanh
+from megatron_apex.models.common.staged_dit import StagedDiT
 from megatron_apex.models.sana.config import SanaConfig
+from megatron_apex.models.sana.layer_spec import get_sana_layer_spec
 from megatron_apex.models.sana.layers import MASK_BIAS, SanaTimestepEmbedder, ScaleShiftTable
-from megatron_apex.models.common.condition_shift import ConditionShift, apply_condition_shift
 
-FakeCondition = Union[bool, torch.Tensor]
 CAPTION_NORM_EPS = 1e-5  # diffusers' caption_norm
 FINAL_NORM_EPS = 1e-6  # diffusers' norm_out (SanaModulatedNorm), whatever norm_eps is
 TIME_ROWS = 7  # t6 (6 rows) and e (1 row) in the stage tensor
@@ -55,17 +52,6 @@ def unpatchify(tokens: torch.Tensor, height: int, width: int, patch_size: int) -
     return x.reshape(b, -1, height, width)
 
 
-def _parallel_groups():
-    """(tp_size, pp_size, tp_group); sizes 1 and no group before megatron is set up."""
-    if parallel_state.model_parallel_is_initialized():
-        return (
-            parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_pipeline_model_parallel_world_size(),
-            parallel_state.get_tensor_model_parallel_group(),
-        )
-    return 1, 1, None
-
-
 class CaptionProjection(nn.Module):
     """diffusers' ``PixArtAlphaTextProjection``: linear -> GELU(tanh) -> linear. Replicated."""
 
@@ -78,7 +64,7 @@ class CaptionProjection(nn.Module):
         return self.linear_2(gelu_tanh(self.linear_1(caption)))
 
 
-class SanaModel(MegatronModule):
+class SanaModel(StagedDiT):
     """See the module docstring. ``spec`` defaults to ``get_sana_layer_spec("auto")``;
     ``layer_range`` = (first, stop) global layer indices overrides megatron's per-stage split.
 
@@ -96,27 +82,9 @@ class SanaModel(MegatronModule):
     def __init__(self, config: SanaConfig, spec: Optional[ModuleSpec] = None,
                  pre_process: bool = True, post_process: bool = True,
                  layer_range: Optional[tuple] = None, sequence_parallel: bool = False):
-        tp_size, pp_size, tp_group = _parallel_groups()
-        config.validate(tp_size)
-        if sequence_parallel:  # refused for Sana, in one line saying why
-            from megatron_apex.models.common.sequence_parallel import check_sequence_parallel
-
-            check_sequence_parallel(config, tp_size)
-        transformer_config = config.to_transformer_config(tp_size, pp_size)
-        super().__init__(config=transformer_config)
-        # megatron-core's schedules read this off the model
-        self.model_type = ModelType.encoder_or_decoder
-        # finalize_model_grads asks whether first and last stages hold a tied weight; none here.
-        self.share_embeddings_and_output_weights = False
-        if spec is None:
-            from megatron_apex.models.specs import get_sana_layer_spec
-
-            spec = get_sana_layer_spec("auto")
-        self.model_config = config
-        self.spec = spec
-        self.pre_process = pre_process
-        self.post_process = post_process
-        self.input_tensor = None
+        super().__init__(config, spec if spec is not None else get_sana_layer_spec("auto"),
+                         pre_process, post_process, sequence_parallel)  # refuses sequence_parallel for Sana
+        transformer_config = self.config  # megatron's TransformerConfig (config: ours)
         hidden = config.hidden_size
         dtype = config.torch_dtype
         p = config.patch_size
@@ -135,29 +103,19 @@ class SanaModel(MegatronModule):
                 self.target_time_embedder = SanaTimestepEmbedder(hidden, config.timestep_channels, dtype=dtype)
             # adaLN-single: e -> six per-sample vectors shared by every block.
             self.time_modulation = build_module(
-                spec.submodules.time_modulation_linear, hidden, 6 * hidden, config=transformer_config,
+                self.spec.submodules.time_modulation_linear, hidden, 6 * hidden, config=transformer_config,
                 init_method=self._normal_init, bias=True, gather_output=True, skip_bias_add=False,
-                tp_group=tp_group,
+                tp_group=self.tp_group,
             )
 
-        if layer_range is None:
-            self.num_local_layers, self.layer_offset = self._stage_layers(transformer_config, pp_size)
-        else:
-            start, stop = layer_range
-            if not 0 <= start <= stop <= config.num_layers:
-                raise ValueError(f"layer_range {layer_range} must lie within [0, --num-layers={config.num_layers}]")
-            self.num_local_layers, self.layer_offset = stop - start, start
-        self.layers = nn.ModuleList([
-            build_module(spec, config=transformer_config, layer_number=self.layer_offset + i + 1, tp_group=tp_group,
-                         num_cross_attention_heads=config.num_cross_attention_heads,
-                         cross_attention_head_dim=config.cross_attention_head_dim,
-                         attention_bias=config.attention_bias)
-            for i in range(self.num_local_layers)
-        ])
+        self.layers = self._build_layers(layer_range, tp_group=self.tp_group,
+                                         num_cross_attention_heads=config.num_cross_attention_heads,
+                                         cross_attention_head_dim=config.cross_attention_head_dim,
+                                         attention_bias=config.attention_bias)
 
         if post_process:
             self.final_modulation = ScaleShiftTable(transformer_config, 2, hidden)
-            self.final_norm = build_module(spec.submodules.adaln_norm, config=transformer_config,
+            self.final_norm = build_module(self.spec.submodules.adaln_norm, config=transformer_config,
                                            hidden_size=hidden, eps=FINAL_NORM_EPS)
             self.proj_out = nn.Linear(hidden, p * p * config.out_channels, dtype=dtype)
 
@@ -167,15 +125,6 @@ class SanaModel(MegatronModule):
     # ------------------------------------------------------------------ construction helpers
     def _normal_init(self, weight: torch.Tensor) -> torch.Tensor:
         return nn.init.normal_(weight, std=self.model_config.init_std)
-
-    @staticmethod
-    def _stage_layers(transformer_config, pp_size):
-        if pp_size == 1:
-            return transformer_config.num_layers, 0
-        from megatron.core.transformer.transformer_block import get_num_layers_to_build
-        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
-        return get_num_layers_to_build(transformer_config), get_transformer_layer_offset(transformer_config)
 
     @torch.no_grad()
     def _init_replicated_weights(self):
@@ -195,26 +144,7 @@ class SanaModel(MegatronModule):
             nn.init.zeros_(self.proj_out.weight)
             nn.init.zeros_(self.proj_out.bias)
 
-    @torch.no_grad()
-    def init_target_time_embedder(self):
-        """``copy``: the first embedder's weights; ``zero``: the first's ``linear_1`` and a
-        zero ``linear_2``, so emb_2 = 0 and a flow-matching checkpoint computes exactly what
-        it did before."""
-        target = self.target_time_embedder
-        target.load_state_dict(self.time_embedder.state_dict())
-        if self.model_config.target_time_init == "zero":
-            nn.init.zeros_(target.linear_2.weight)
-            nn.init.zeros_(target.linear_2.bias)
-
     # ------------------------------------------------------------------ pipeline plumbing
-    def set_input_tensor(self, input_tensor) -> None:
-        """Receive the previous stage's [L + N + 7, B, D] tensor (megatron passes a list)."""
-        if isinstance(input_tensor, (list, tuple)):
-            if len(input_tensor) != 1:
-                raise ValueError(f"SanaModel takes one input tensor per stage, got {len(input_tensor)}")
-            input_tensor = input_tensor[0]
-        self.input_tensor = input_tensor
-
     def stage_tensor_shape(self, batch_size: int, text_len: int, height: int, width: int) -> tuple:
         """Shape of the tensor sent between pipeline stages, for the p2p schedule."""
         p = self.model_config.patch_size
@@ -229,19 +159,12 @@ class SanaModel(MegatronModule):
 
     def _embed_time(self, t, t_target):
         """(t6 (B, 6D), e (B, D)): e = emb(t) [+ emb_2(tt) * (t - tt)], t6 = Linear(SiLU(e))."""
-        target = self.target_time_embedder if self.model_config.target_time_embedder else None
-        e = embed_any_step_time(self.time_embedder, target, t, t_target)
+        e = self._any_step_time(t, t_target)
         t6, _ = self.time_modulation(F.silu(e))
         return t6, e
 
-    def _embed_text(self, context, fake_condition):
-        site = self.model_config.shift_site
-        if site == "input":
-            context = apply_condition_shift(self.condition_shift, context, fake_condition)
-        txt = self.caption_norm(self.caption_projection(context))
-        if site == "projected":  # what the blocks' cross-attention sees
-            txt = apply_condition_shift(self.condition_shift, txt, fake_condition)
-        return txt
+    def _project_text(self, context):
+        return self.caption_norm(self.caption_projection(context))
 
     @staticmethod
     def _attention_bias(context_mask, dtype):
@@ -267,13 +190,7 @@ class SanaModel(MegatronModule):
             txt = self._embed_text(context.to(dtype), fake_condition)
             t6, e = self._embed_time(t, t_target)
         else:
-            if self.input_tensor is None:
-                raise RuntimeError("a non-first pipeline stage needs set_input_tensor() before forward")
-            stage = self.input_tensor
-            expected = self.stage_tensor_shape(batch, text_len, height, width)
-            if tuple(stage.shape) != expected:
-                raise ValueError(f"pipeline input tensor has shape {tuple(stage.shape)}, expected {expected}")
-            stage = stage.transpose(0, 1)
+            stage = self._stage_input(batch, text_len, height, width).transpose(0, 1)
             num_image = grid_h * grid_w
             txt, img = stage[:, :text_len], stage[:, text_len:text_len + num_image].contiguous()
             t6, e = stage[:, -TIME_ROWS:-1].reshape(batch, -1), stage[:, -1]
@@ -289,18 +206,3 @@ class SanaModel(MegatronModule):
         shift, scale = self.final_modulation(e[:, None])  # diffusers' order: (shift, scale), from e
         img = modulate(self.final_norm(img), shift, scale)
         return unpatchify(self.proj_out(img), height, width, p).to(x_t.dtype)
-
-    # ------------------------------------------------------------------ checkpoints
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
-        """Like the default, but layers are keyed by their GLOBAL index so pipeline stages
-        (and re-partitionings of them) address the same checkpoint entries."""
-        sharded = {}
-        for name, module in self.named_children():
-            if name == "layers":
-                continue
-            sharded.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
-        for i, layer in enumerate(self.layers):
-            sharded.update(sharded_state_dict_default(
-                layer, f"{prefix}layers.{self.layer_offset + i}.", sharded_offsets, metadata
-            ))
-        return sharded
