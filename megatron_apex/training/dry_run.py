@@ -13,7 +13,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from megatron_apex.cli import OneLineErrorParser
-from megatron_apex.training.arguments import RunConfig, parse_args
+from megatron_apex.training.arguments import parse_args
+from megatron_apex.training.config import RunConfig
 from megatron_apex.training.memory_estimate import GIB, MemoryPlanConfig, estimate, format_table, peak
 
 

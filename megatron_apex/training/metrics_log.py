@@ -3,7 +3,10 @@ TensorBoard scalars, written by the last pipeline stage's first data-parallel ra
 
 import json
 import os
+import time
 from typing import Dict, Optional
+
+from tqdm import tqdm
 
 
 class MetricsLogger:
@@ -59,6 +62,35 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+class ProgressReport:
+    """What the loop reports after each iteration: a record every --log-interval iterations, at
+    the last one and at every skipped update, with the throughput since the previous record; and
+    the progress bar."""
+
+    def __init__(self, logger: MetricsLogger, global_batch_size: int, log_interval: int, total: int,
+                 start_iteration: int, bar: bool):
+        self.logger, self.global_batch_size, self.log_interval, self.total = logger, global_batch_size, log_interval, total
+        self.bar = tqdm(total=total, initial=start_iteration, desc="train", dynamic_ncols=True) if bar else None
+        self.window_start, self.window_iters = time.time(), 0
+
+    def iteration_done(self, iteration: int, metrics: Dict, consumed_samples: int, objective: str) -> None:
+        self.window_iters += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
+        if iteration % self.log_interval == 0 or iteration == self.total or metrics["update_skipped"]:
+            elapsed = max(time.time() - self.window_start, 1e-9)
+            self.logger.log({"iteration": iteration, **metrics,
+                             "samples_per_sec": self.window_iters * self.global_batch_size / elapsed,
+                             "consumed_samples": consumed_samples, "objective": objective})
+            self.window_start, self.window_iters = time.time(), 0
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.logger.close()
 
 
 def _iteration_of(line: str):

@@ -35,7 +35,7 @@ def test_apex_trains_and_samples_on_the_device(tmp_path, device, monkeypatch):
     trainer = Trainer(parse_args([*FLAGS, *bf16, "--save", str(tmp_path / "run")]))
     assert {p.device.type for p in trainer.model.parameters()} == {device.type}
     fused_calls = _expect_fused_adam(trainer, device, monkeypatch)
-    batches = trainer._micro_batches(list(range(16)))
+    batches = trainer.micro_batches(list(range(16)))
     assert {v.device.type for b in batches for v in b.values() if torch.is_tensor(v)} == {device.type}
     trainer.train()
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]

@@ -701,7 +701,8 @@ def test_every_forward_of_a_step_runs_in_fp8_and_no_backward_does(monkeypatch, t
     if schedule == "direct":  # one context per micro-batch's forward step
         assert recorder.entered == 2 * micro_batches
     else:  # one per micro-batch of every pass: the no-grad rounds, then the training pass
-        rounds = trainer._two_phase_objective(trainer._micro_batches(list(range(4)))[0]).num_rounds
+        batch = trainer.micro_batches(list(range(4)))[0]
+        rounds = trainer.step.two_phase_objective(batch, trainer.iteration, trainer.teacher).num_rounds
         assert recorder.entered == 2 * micro_batches * (rounds + 1)
     # the FP8 weight cache is refreshed once per iteration: the first forward of each step
     # quantizes the weights the optimizer just changed, the others reuse them

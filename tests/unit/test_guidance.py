@@ -58,7 +58,7 @@ def test_caption_dropout_replaces_the_drawn_rows_and_nothing_else(tmp_path):
     indices = list(range(8))
     for iteration in (0, 3):
         plain.iteration = dropping.iteration = iteration
-        ref, got = plain._micro_batches(indices), dropping._micro_batches(indices)
+        ref, got = plain.micro_batches(indices), dropping.micro_batches(indices)
         # the draw the flag adds, after the noise and times: independent re-computation
         gen = stream_generator(plain.cfg.train.seed, iteration, RandomPurpose.GLOBAL_BATCH)
         torch.randn((8, *plain.dataset.images.shape[1:]), generator=gen)

@@ -116,7 +116,7 @@ def test_inference_loading_rebuilds_base_and_adapters(runs):
 def test_resume_without_the_base_path_reads_it_from_the_checkpoint(runs):
     root, trainer, _ = runs
     resumed = _trainer(root, *LORA, "--train-iters", "4", "--ema-decay", "0.5", "--load", str(root / "lora"))
-    assert resumed.iteration == 3 and resumed.lora_base == str(root / "base" / "iter_0000002")
+    assert resumed.iteration == 3 and resumed.strategy.lora_base == str(root / "base" / "iter_0000002")
     ours = dict(resumed.model.named_parameters())
     assert all(torch.equal(ours[n], p) for n, p in trainer.model.named_parameters())
 
@@ -250,7 +250,7 @@ def test_base_fake_reference_routes_no_grad_fake_rows_to_the_base():
 
 def test_base_fake_reference_with_frozen_teacher_two_phase_refused_at_start():
     from megatron_apex.objectives.apex import APEXConfig
-    from megatron_apex.training.loop import check_lora_config
+    from megatron_apex.training.validation import check_lora_config
 
     cfg = parse_args([*COMMON, *LORA, "--lora-fake-reference", "base", "--apex-schedule", "two-phase"])
     with pytest.raises(ValueError, match="--lora-fake-reference base cannot run with --teacher frozen in the "

@@ -16,11 +16,11 @@ def test_micro_batches_land_on_the_compute_device(tmp_path):
     from megatron_apex.training.loop import Trainer
 
     trainer = Trainer(parse_args([*FLAGS, "--save", str(tmp_path / "run")]))
-    host = trainer._micro_batches(list(range(8)))
+    host = trainer.micro_batches(list(range(8)))
     meta = torch.device("meta")
     trainer.info = dataclasses.replace(trainer.info, device=meta)
     trainer.empty_prompt = tuple(x.to(meta) for x in trainer.empty_prompt)
-    moved = trainer._micro_batches(list(range(8)))
+    moved = trainer.micro_batches(list(range(8)))
     for ref, got in zip(host, moved):
         tensors = {k for k, v in ref.items() if torch.is_tensor(v)}
         assert {"image", "noise", "t", "context", "context_mask"} <= tensors
