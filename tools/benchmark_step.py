@@ -103,10 +103,10 @@ def bench_step(a):
 
     def use(objective):
         config = objectives[objective]
-        # _apex_active() reads apex_start_iter: FM steps are the iterations before it
+        # the step's apex_active() reads apex_start_iter: FM steps are the iterations before it
         trainer.cfg.objective.apex_start_iter = 0 if config is not None else 10 ** 10
         if config is not None:
-            trainer.apex_config = config
+            trainer.step.apex_config = config
 
     def timed(objective, n):
         use(objective)

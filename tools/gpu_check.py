@@ -675,10 +675,10 @@ def part_step(ctx: Context, report: Report, deadline: float) -> None:
         flops = 3 * qwen_image_forward_flops(trainer.model_config, b, grid[0], grid[1], l)
         times, peaks = {}, {}
         for label, apex_config in objectives.items():
-            # _apex_active() reads apex_start_iter: FM steps are the iterations before it
+            # the step's apex_active() reads apex_start_iter: FM steps are the iterations before it
             trainer.cfg.objective.apex_start_iter = 0 if apex_config is not None else 10 ** 10
             if apex_config is not None:
-                trainer.apex_config = apex_config
+                trainer.step.apex_config = apex_config
                 if ctx.cuda:
                     torch.cuda.reset_peak_memory_stats()
             times[label] = time_steps(trainer.train_step, ctx.device, iters, warmup)

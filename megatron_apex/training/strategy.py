@@ -46,7 +46,7 @@ class FullParameters:
     pretrained_is_lora_base = False  # --pretrained-checkpoint's weights are loaded as they are
 
     def __init__(self, cfg: RunConfig, model_config, log: Log):
-        self.cfg, self.model_config, self._print0 = cfg, model_config, log
+        self.cfg, self.model_config, self._log = cfg, model_config, log
         self._build_model = None
 
     # ---- the starting checkpoints, before anything is built -------------------------------
@@ -58,7 +58,7 @@ class FullParameters:
             raise ValueError(f"--pretrained-checkpoint {found.pretrained}: a LoRA checkpoint (adapters only); "
                              f"give --lora-rank {state['lora']['config']['rank']} and the LoRA flags to train it "
                              "further, or export a merged model with tools/export_lora.py --merged")
-        check_model_config(found.pretrained, state, "--pretrained-checkpoint", self.model_config, self._print0,
+        check_model_config(found.pretrained, state, "--pretrained-checkpoint", self.model_config, self._log,
                            weights_only=True)
 
     def check_load(self, ckpt: str, state: Dict) -> None:
@@ -150,7 +150,7 @@ class LoRAParameters:
     pretrained_is_lora_base = True  # --pretrained-checkpoint names the base, loaded by prepare()
 
     def __init__(self, cfg: RunConfig, model_config, log: Log):
-        self.cfg, self.model_config, self._print0 = cfg, model_config, log
+        self.cfg, self.model_config, self._log = cfg, model_config, log
         self.lora_config = cfg.lora.lora_config()
         self.fake_reference_is_base = cfg.lora.fake_reference == "base"
         self._build_model = None
@@ -169,7 +169,7 @@ class LoRAParameters:
         if state.get("lora") is not None:
             raise ValueError(f"{flag} {base}: a LoRA checkpoint (adapters only), not base weights; give the full "
                              f"checkpoint it was trained on ({state['lora'].get('base')})")
-        check_model_config(base, state, flag, self.model_config, self._print0, weights_only=True)
+        check_model_config(base, state, flag, self.model_config, self._log, weights_only=True)
 
     def _base_checkpoint(self, found: StartingCheckpoints):
         """(the checkpoint directory of this LoRA run's base weights, None = random init from
@@ -241,13 +241,13 @@ class LoRAParameters:
         trainable = filter_trainable(sharded_state_dict(model, "model."), model)
         self._trainable_keys = {v.key[len("model."):] for v in trainable.values()}
         where = self.lora_base or f"random initialisation (--seed {self.cfg.train.seed})"
-        self._print0(f"[megatron_apex] LoRA rank {self.lora_config.rank} on {self.lora_config.targets} over the frozen "
+        self._log(f"[megatron_apex] LoRA rank {self.lora_config.rank} on {self.lora_config.targets} over the frozen "
                      f"base {where}")
 
     def report(self, model, dp_size: int) -> None:
         summary = parameter_summary(model, dp_size=dp_size,
                                     distributed_optimizer=self.cfg.parallel.use_distributed_optimizer)
-        self._print0(f"[megatron_apex] {format_parameter_summary(summary)}")
+        self._log(f"[megatron_apex] {format_parameter_summary(summary)}")
 
     def frozen_copy(self, model) -> torch.nn.Module:
         """A frozen copy that owns only the trainable parameters and shares the base's tensors
