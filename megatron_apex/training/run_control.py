@@ -9,6 +9,7 @@ skips every rank at the same iteration; otherwise the ranks' collectives would n
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from typing import Iterable, List, Optional
 
@@ -50,8 +51,6 @@ class SignalWatcher:
             self.received = signal.Signals(signum)
 
     def __enter__(self) -> "SignalWatcher":
-        import threading
-
         if threading.current_thread() is threading.main_thread():  # handlers live on the main thread
             for s in self.signals:
                 self._previous[s] = signal.getsignal(s)
