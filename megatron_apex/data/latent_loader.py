@@ -25,6 +25,7 @@ an uninterrupted run.
 from __future__ import annotations
 
 import ast
+import gzip
 import hashlib
 import io
 import json
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 from megatron_apex.data.latent_format import INDEX_COLUMNS, LATENT_FORMAT, MANIFEST_NAME
+from megatron_apex.untrusted import safe_member_name
 
 _REQUIRED = ("latent.npy", "ctx.npy", "mask.npy", "json")
 
@@ -122,8 +124,6 @@ class _Shard:
         self.blob: Optional[bytes] = None
         self.fd: Optional[int] = None
         if path.name.endswith((".gz", ".tgz")):
-            import gzip
-
             with gzip.open(path, "rb") as f:
                 self.blob = f.read()
         self.size = len(self.blob) if self.blob is not None else path.stat().st_size
@@ -136,8 +136,6 @@ class _Shard:
         return os.pread(self.fd, size, offset)
 
     def members(self):
-        import io
-
         fileobj = io.BytesIO(self.blob) if self.blob is not None else None
         with tarfile.open(self.path if fileobj is None else None, mode="r:", fileobj=fileobj) as tar:
             while True:
@@ -278,8 +276,6 @@ class LatentShardDataset:
         return self.shards[-1]
 
     def _scan(self, path: Path, shard: _Shard):
-        from megatron_apex.untrusted import safe_member_name
-
         groups: dict[str, dict] = {}
         order: list[str] = []
         links: dict[str, list[str]] = {}  # key -> its link members, which leave the sample out
