@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region,
+                                           scatter_to_sequence_parallel_region)
 
 FLAG = "--sequence-parallel"
 TP_FLAG = "--tensor-model-parallel-size"
@@ -71,8 +73,6 @@ def to_sequence_shards(x: torch.Tensor, config, tp_group=None) -> torch.Tensor:
     share only). No-op without SP."""
     if not config.sequence_parallel:
         return x
-    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
-
     return copy_to_tensor_model_parallel_region(x, group=tp_group)
 
 
@@ -85,8 +85,6 @@ def mark_sequence_parallel(module: torch.nn.Module) -> None:
 
 def scatter_sequence(x: torch.Tensor, tp_group=None) -> torch.Tensor:
     """[s, b, h] replicated -> this rank's [s / TP, b, h] (backward: all-gather)."""
-    from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
-
     return scatter_to_sequence_parallel_region(x, group=tp_group)
 
 
@@ -94,6 +92,4 @@ def gather_sequence(x: torch.Tensor, tp_group=None) -> torch.Tensor:
     """This rank's [s / TP, b, h] -> the whole [s, b, h] on every rank. Its consumer is
     replicated (the loss is computed alike on every TP rank), so the backward keeps this
     rank's slice of the gradient instead of reduce-scattering TP identical copies."""
-    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
-
     return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=tp_group)
