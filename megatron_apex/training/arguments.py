@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(prog="pretrain_apex_dit.py", description=__doc__,
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="qwen-image-tiny", help="registry name (megatron_apex.models.registry)")
+    g.add_argument("--model", default="qwen-image-tiny", help="registry name (megatron_apex.families)")
     g.add_argument("--num-layers", type=int)
     g.add_argument("--num-attention-heads", type=int)
     g.add_argument("--kv-channels", type=int, help="attention head dim")

@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from megatron_apex.cli import OneLineErrorParser
+from megatron_apex.families import count_parameters, family_of_model_name, get_model_config
 from megatron_apex.training.arguments import parse_args
 from megatron_apex.training.config import RunConfig
 from megatron_apex.training.memory_estimate import GIB, MemoryPlanConfig, estimate, format_table, peak
@@ -33,22 +34,16 @@ def split_dry_run_flags(argv: Sequence[str]) -> Tuple[Optional[argparse.Namespac
 
 def diffusers_parameter_count(model_name: str, config) -> Optional[Tuple[str, int]]:
     """(diffusers class, its parameter count) for the registry model, built on meta; None when
-    the model's family has no diffusers counterpart or diffusers is not installed."""
+    diffusers is not installed."""
     try:
         import diffusers
     except ImportError:
         return None
-    from megatron_apex.conversion.checkpoint_io import FAMILIES
-
-    for make in FAMILIES.values():
-        family = make()
-        if model_name in family.model_names():
-            arch = dict(family.config_to_diffusers(config))
-            cls = getattr(diffusers, arch.pop("_class_name"))
-            with torch.device("meta"):
-                reference = cls(**arch)
-            return cls.__name__, sum(p.numel() for p in reference.parameters())
-    return None
+    arch = dict(family_of_model_name(model_name).config_to_diffusers(config))
+    cls = getattr(diffusers, arch.pop("_class_name"))
+    with torch.device("meta"):
+        reference = cls(**arch)
+    return cls.__name__, sum(p.numel() for p in reference.parameters())
 
 
 def _grid(text: str) -> Tuple[int, int]:
@@ -83,8 +78,6 @@ def plan_of(cfg: RunConfig, world_size: int, latent_grid: Tuple[int, int], text_
 
 
 def dry_run(options: argparse.Namespace, training_flags: Sequence[str], world_size: int) -> str:
-    from megatron_apex.models.registry import count_parameters, get_model_config
-
     cfg = parse_args(list(training_flags))
     world = options.dry_run_world_size or world_size
     plan = plan_of(cfg, world, _grid(options.dry_run_latent_grid), options.dry_run_text_len)

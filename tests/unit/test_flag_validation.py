@@ -273,7 +273,7 @@ def builders(monkeypatch):
 def fake_checkpoint(root: Path, **edits) -> Path:
     """A checkpoint directory whose train_state.json describes a run of MODEL (no tensors: every
     check under test reads the train state only)."""
-    from megatron_apex.models.registry import get_model_config
+    from megatron_apex.families import get_model_config
 
     root.mkdir(parents=True)
     state = {"model_name": MODEL, "model_config": dataclasses.asdict(get_model_config(MODEL)), "iteration": 3,

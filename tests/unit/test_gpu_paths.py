@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_apex import gpu
-from megatron_apex.models import build_model, get_model_config
+from megatron_apex import families, gpu
+from megatron_apex.families import build_model, get_model_config
 from megatron_apex.models.common import attention as core_attention
-from megatron_apex.models.specs import get_qwen_image_layer_spec, get_sana_layer_spec
+from megatron_apex.models.qwen_image.layer_spec import get_qwen_image_layer_spec
+from megatron_apex.models.sana.layer_spec import get_sana_layer_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -310,40 +311,42 @@ def test_fp8_fields_reach_a_copy_of_the_transformer_config():
 def test_te_spec_core_attention_follows_the_attention_backend(monkeypatch):
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    from megatron_apex.models import specs
+    from megatron_apex.models.qwen_image import layer_spec as qwen_spec
     from megatron_apex.models.qwen_image.layers import SDPAttention
+    from megatron_apex.models.sana import layer_spec as sana_spec_module
     from megatron_apex.models.sana.layers import MaskedSDPAttention
 
     stand_ins = tuple(type(name, (), {}) for name in ("TECol", "TERow", "TEAttn", "TENorm"))
-    monkeypatch.setattr(specs, "_te_modules", lambda: stand_ins)
+    for module in (qwen_spec, sana_spec_module):
+        monkeypatch.setattr(module, "te_modules", lambda: stand_ins)
     core = lambda spec: spec.submodules.attention.submodules.core_attention  # noqa: E731
-    assert core(specs.get_qwen_image_layer_spec("te", "flash")) is stand_ins[2]
-    assert core(specs.get_qwen_image_layer_spec("transformer_engine", "auto")) is stand_ins[2]
-    assert core(specs.get_qwen_image_layer_spec("local", "auto")) is SDPAttention  # the default: no params
+    assert core(qwen_spec.get_qwen_image_layer_spec("te", "flash")) is stand_ins[2]
+    assert core(qwen_spec.get_qwen_image_layer_spec("transformer_engine", "auto")) is stand_ins[2]
+    assert core(qwen_spec.get_qwen_image_layer_spec("local", "auto")) is SDPAttention  # the default: no params
     for backend, kernel in (("flash_attn", "flash_attn"), ("math", "unfused"), ("local", "sdpa")):
-        spec = core(specs.get_qwen_image_layer_spec("te", backend))
+        spec = core(qwen_spec.get_qwen_image_layer_spec("te", backend))
         assert isinstance(spec, ModuleSpec) and spec.module is SDPAttention
         assert spec.params == {"attention_backend": kernel}
-    sana_spec = specs.get_sana_layer_spec("te", "flash")
+    sana_spec = sana_spec_module.get_sana_layer_spec("te", "flash")
     assert sana_spec.submodules.attention.submodules.linear_qkv is stand_ins[0]
     cross = sana_spec.submodules.cross_attention.submodules.core_attention
     assert cross.module is MaskedSDPAttention and cross.params == {"attention_backend": "flash"}
 
 
 def test_layer_spec_sets_te_attention_environment(monkeypatch):
-    from megatron_apex.models import specs
+    from megatron_apex.models.qwen_image import layer_spec as qwen_spec
 
-    monkeypatch.setattr(specs, "_te_modules", lambda: tuple(type(n, (), {}) for n in "abcd"))
+    monkeypatch.setattr(qwen_spec, "te_modules", lambda: tuple(type(n, (), {}) for n in "abcd"))
     for name in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
         monkeypatch.setenv(name, "")  # recorded, so what layer_spec sets is undone after the test
         monkeypatch.delenv(name)
     config = get_model_config("qwen-image-tiny-test")
-    gpu.layer_spec(config, gpu.GpuOptions(transformer_impl="transformer_engine", attention_backend="fused"))
+    families.layer_spec(config, gpu.GpuOptions(transformer_impl="transformer_engine", attention_backend="fused"))
     assert [os.environ[n] for n in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")] == ["0", "1", "0"]
     with pytest.raises(ValueError, match="--attention-backend flash needs NVTE_FLASH_ATTN=1"):
-        gpu.layer_spec(config, gpu.GpuOptions(transformer_impl="transformer_engine", attention_backend="flash"))
+        families.layer_spec(config, gpu.GpuOptions(transformer_impl="transformer_engine", attention_backend="flash"))
     with pytest.raises(ValueError, match="resolved options"):
-        gpu.layer_spec(config, gpu.GpuOptions())
+        families.layer_spec(config, gpu.GpuOptions())
 
 
 # ------------------------------------------------------------------------------ SDPA kernels
@@ -452,7 +455,7 @@ def test_bf16_flag_gives_bfloat16_parameters(name):
     for argv, dtype in (([], torch.float32), (["--bf16"], torch.bfloat16)):
         options = gpu.gpu_options_from_args(parse(*argv))
         config = get_model_config(name, **gpu.model_overrides(options))
-        model = build_model(config, spec=gpu.layer_spec(config, options))
+        model = build_model(config, spec=families.layer_spec(config, options))
         assert {p.dtype for p in model.parameters()} == {dtype}, argv
         assert model.config.params_dtype == dtype and model.config.bf16 == (dtype == torch.bfloat16)
 
@@ -669,8 +672,8 @@ def _fp8_trainer(monkeypatch, tmp_path, schedule):
     from megatron_apex.training.arguments import parse_args
     from megatron_apex.training.loop import Trainer
 
-    local_spec = gpu.layer_spec
-    monkeypatch.setattr(gpu, "layer_spec", lambda config, options: local_spec(
+    local_spec = families.layer_spec
+    monkeypatch.setattr(families, "layer_spec", lambda config, options: local_spec(
         config, dataclasses.replace(options, transformer_impl="local", fp8_format=None)))
     cfg = parse_args([*_FP8_FLAGS, "--apex-schedule", schedule, "--save", str(tmp_path / schedule)])
     cfg.gpu = dataclasses.replace(cfg.gpu, transformer_impl="transformer_engine", fp8_format="hybrid")

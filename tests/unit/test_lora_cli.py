@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_apex.lora import LORA_WEIGHT_NAME, LoRAConfig, adapters_disabled, apply_lora, load_diffusers_lora
+from megatron_apex.conversion.lora_diffusers import LORA_WEIGHT_NAME, load_diffusers_lora
+from megatron_apex.lora import LoRAConfig, adapters_disabled, apply_lora
 from megatron_apex.training.arguments import parse_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -201,7 +202,7 @@ def test_exported_lora_in_the_apex_pipeline_takes_the_lora_runs_steps(runs, tmp_
 # ---------------------------------------------------------------------------- fake reference
 def test_base_fake_reference_routes_no_grad_fake_rows_to_the_base():
     from megatron_apex.lora.fake_reference import BaseFakeReference, BaseModel, route_fake_queries_to_base
-    from megatron_apex.models import build_model, get_model_config
+    from megatron_apex.families import build_model, get_model_config
     from megatron_apex.objectives.apex import APEXConfig, two_phase_apex
     from megatron_apex.parallel import init_distributed
 
