@@ -107,6 +107,17 @@ class StagedDiT(MegatronModule):
             nn.init.zeros_(target.linear_2.weight)
             nn.init.zeros_(target.linear_2.bias)
 
+    @torch.no_grad()
+    def _init_target_time_and_head(self):
+        """The last replicated inits, in this order for every family: the target-time embedder
+        from the (already initialised) time embedder, then a zero output head, so a fresh model
+        predicts zero velocity."""
+        if self.pre_process and self.model_config.target_time_embedder:
+            self.init_target_time_embedder()
+        if self.post_process:
+            nn.init.zeros_(self.proj_out.weight)
+            nn.init.zeros_(self.proj_out.bias)
+
     # ------------------------------------------------------------------ pipeline plumbing
     def set_input_tensor(self, input_tensor) -> None:
         """Receive the previous stage's tensor (``stage_tensor_shape``; megatron passes a list)."""

@@ -129,11 +129,7 @@ class QwenImageModel(StagedDiT):
             for linear in (self.time_embedder.linear_1, self.time_embedder.linear_2):
                 nn.init.normal_(linear.weight, std=cfg.init_std)
                 nn.init.zeros_(linear.bias)
-            if cfg.target_time_embedder:
-                self.init_target_time_embedder()
-        if self.post_process:
-            nn.init.zeros_(self.proj_out.weight)
-            nn.init.zeros_(self.proj_out.bias)
+        self._init_target_time_and_head()
 
     # ------------------------------------------------------------------ pipeline plumbing
     def stage_tensor_shape(self, batch_size: int, text_len: int, height: int, width: int) -> tuple:
