@@ -33,6 +33,7 @@ fi
 SAVE=runs/apex-tiny
 OBJECTIVE=apex
 VARIANT=released
+PRESET=""
 DATA_PATH=""
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
@@ -45,6 +46,8 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     --objective=*) OBJECTIVE="${args[$i]#--objective=}" ;;
     --apex-variant) VARIANT="$next" ;;
     --apex-variant=*) VARIANT="${args[$i]#--apex-variant=}" ;;
+    --apex-preset) PRESET="$next" ;;
+    --apex-preset=*) PRESET="${args[$i]#--apex-preset=}" ;;
     --data-path) DATA_PATH="$next" ;;
     --data-path=*) DATA_PATH="${args[$i]#--data-path=}" ;;
   esac
@@ -80,15 +83,17 @@ TRAIN_ARGS=(
 #
 # The trainer refuses a flag that the run's objective or variant does not read, and it cannot tell
 # these defaults from the user's flags, so they step aside: all of them for a user's `--objective
-# fm`, the released variant's own for `--apex-variant paper`. A user's `--train-iters` of 1500 or
-# less needs its own `--apex-start-iter` (APEX would never run; the trainer says so).
+# fm`, the released variant's own for `--apex-variant paper` or an `--apex-preset` (which brings its
+# own variant and values, e.g. `--apex-preset release`: docs/apex_method.md). A user's
+# `--train-iters` of 1500 or less needs its own `--apex-start-iter` (APEX would never run; the
+# trainer says so).
 OBJECTIVE_ARGS=()
 if [[ "$OBJECTIVE" == apex ]]; then
   OBJECTIVE_ARGS=(
     --objective apex
     --apex-start-iter 1500
   )
-  if [[ "$VARIANT" == released ]]; then
+  if [[ "$VARIANT" == released && -z "$PRESET" ]]; then
     OBJECTIVE_ARGS+=(
       --apex-variant released
       --teacher frozen

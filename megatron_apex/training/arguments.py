@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Set
 from megatron_apex.cli import OneLineErrorParser
 from megatron_apex.gpu import add_gpu_arguments, gpu_options_from_args
 from megatron_apex.gpu import model_overrides as gpu_model_overrides
-from megatron_apex.objectives.apex import APEXConfig
+from megatron_apex.objectives.apex import APEX_PRESETS, APEXConfig, preset_fields
 from megatron_apex.objectives.flow import TimeSamplerConfig
 from megatron_apex.training.config import (APEX_SCHEDULES, LORA_FAKE_REFERENCES, OBJECTIVES, RECOMPUTE_GRANULARITIES,
                                            CheckpointArgs, DataArgs, LoggingArgs, LoRAArgs, ObjectiveArgs, OptimArgs,
@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="real velocity of the released variant's distribution-matching query")
     g.add_argument("--apex-option", action="append", default=[], metavar="FIELD=VALUE",
                    help="any other APEXConfig field, e.g. --apex-option dm_clamp=1.0 (repeatable)")
+    g.add_argument("--apex-preset", choices=tuple(APEX_PRESETS), default=None,
+                   help="a bundle of APEXConfig values (release: the authors' released training code, "
+                        "docs/apex_method.md); --apex-variant and --apex-option values given on the command "
+                        "line take precedence")
     for flag, kind in (("--lam", float), ("--lambda-p", float), ("--lambda-e", float)):
         g.add_argument(flag, type=kind)
     g.add_argument("--weighting", help="w(t) of L_mix: paper | endpoint | velocity")
@@ -180,8 +184,8 @@ def _validate_objective(apex: Dict[str, Any], time_sampler: Dict[str, Any], obje
 
 
 # What only the APEX objective reads: refused with --objective fm, where it would do nothing.
-_APEX_ONLY_DESTS = ("apex_variant", "apex_start_iter", "teacher", "apex_option", "lam", "lambda_p", "lambda_e",
-                    "weighting", "fake_grad")
+_APEX_ONLY_DESTS = ("apex_variant", "apex_preset", "apex_start_iter", "teacher", "apex_option", "lam", "lambda_p",
+                    "lambda_e", "weighting", "fake_grad")
 # The fixed scalar condition shift c_fake = a c + b holds no weights: only APEX's fake-condition
 # queries read it (a learnable --shift-kind initialises weights from it, which flow matching keeps).
 _SHIFT_DESTS = ("shift_a", "shift_b", "shift_site")
@@ -190,7 +194,7 @@ _SHIFT_DESTS = ("shift_a", "shift_b", "shift_site")
 PAPER_ONLY_FIELDS = ("lam", "lambda_p", "lambda_e", "weighting", "fake_grad")
 RELEASED_ONLY_FIELDS = ("w_base", "w_fake", "w_dm", "dm_clamp", "dm_normalize", "dm_warmup_steps", "fresh_t_min",
                         "fresh_t_max", "cfg_scale", "w_consistency", "consistency_step", "consistency_clamp",
-                        "batch_split", "fuse_forwards")
+                        "batch_split", "fuse_forwards", "fake_time_flag", "loss", "huber_c", "tan_weight")
 _SHARED_APEX_FIELDS = ("variant", "shift_a", "shift_b")
 
 
@@ -243,6 +247,8 @@ def check_contradictions(a: argparse.Namespace, given: Set[str], apex: Dict[str,
                          "alone with --objective fm")
     variant = apex.get("variant", APEXConfig.variant)
     chosen = f"--apex-variant {variant}" + ("" if "variant" in apex else " (the default)")
+    if a.apex_preset is not None and "apex_variant" not in given and "variant" not in apex_option_fields:
+        chosen = f"--apex-preset {a.apex_preset} (--apex-variant {variant})"
     if variant == "released":
         for field in PAPER_ONLY_FIELDS:
             if field in apex:
@@ -255,6 +261,23 @@ def check_contradictions(a: argparse.Namespace, given: Set[str], apex: Dict[str,
             if field in apex:
                 raise ValueError(f"--apex-option {field} acts only in --apex-variant released, but this run uses "
                                  f"{chosen}")
+
+
+def apex_preset(a: argparse.Namespace, apex: Dict[str, Any]) -> None:
+    """Fill ``apex`` with the --apex-preset's values the command line did not set itself."""
+    preset = preset_fields(a.apex_preset)
+    variant = apex.get("variant", preset["variant"])
+    if variant != preset["variant"]:
+        raise ValueError(f"--apex-variant {variant} contradicts --apex-preset {a.apex_preset} (variant "
+                         f"{preset['variant']}); drop one")
+    two_phase = a.pipeline_model_parallel_size > 1 or a.apex_schedule == "two-phase"
+    if two_phase and "cfg_scale" not in apex and preset.get("cfg_scale", 0) != 0:
+        where = (f"--pipeline-model-parallel-size {a.pipeline_model_parallel_size}"
+                 if a.pipeline_model_parallel_size > 1 else "--apex-schedule two-phase")
+        raise ValueError(f"--apex-preset {a.apex_preset} sets cfg_scale={preset['cfg_scale']} (a CFG-enhanced "
+                         f"target), which cannot run with {where}; add --apex-option cfg_scale=0")
+    for field, value in preset.items():
+        apex.setdefault(field, value)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
@@ -285,6 +308,8 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         if value is not None:
             apex[key] = value
             apex_option_fields.discard(key)  # its own flag wins
+    if a.apex_preset is not None and a.objective == "apex":
+        apex_preset(a, apex)
     time_sampler = _options(a.time_option, "--time-option")
     if a.time_sampler is not None:
         time_sampler["kind"] = a.time_sampler

@@ -37,6 +37,10 @@ CONTRADICTIONS = [
      ["--objective", "fm"]),
     ("fm-apex-option", ["--objective", "fm", "--apex-option", "w_dm=1"], ("--apex-option w_dm", "--objective fm"),
      ["--objective", "fm"]),
+    ("fm-apex-preset", ["--objective", "fm", "--apex-preset", "release"], ("--apex-preset", "--objective fm"),
+     ["--objective", "apex", "--apex-preset", "release"]),
+    ("preset-paper", ["--apex-preset", "release", "--apex-variant", "paper"],
+     ("--apex-variant paper", "--apex-preset release"), ["--apex-preset", "release"]),
     ("fm-shift-a", ["--objective", "fm", "--shift-a", "-0.5"], ("--shift-a", "--objective fm"),
      ["--objective", "fm", "--shift-kind", "diagonal", "--shift-a", "-0.5"]),  # a learnable shift's init
     ("fm-shift-site", ["--objective", "fm", "--shift-site", "input"], ("--shift-site", "--objective fm"),
@@ -110,7 +114,8 @@ def test_variant_field_lists_cover_apex_config():
 OTHER_VALUE = {"lam": 0.2, "lambda_p": 2.0, "lambda_e": 0.5, "weighting": "endpoint", "fake_grad": "through",
                "w_base": 0.5, "w_fake": 0.3, "w_dm": 2.0, "dm_clamp": None, "dm_normalize": True,
                "dm_warmup_steps": 5, "fresh_t_min": 0.2, "fresh_t_max": 0.8, "cfg_scale": 0.8, "w_consistency": 1.0,
-               "consistency_step": 0.2, "consistency_clamp": None, "batch_split": 0.5, "fuse_forwards": False}
+               "consistency_step": 0.2, "consistency_clamp": None, "batch_split": 0.5, "fuse_forwards": False,
+               "fake_time_flag": True, "loss": "pseudo_huber", "huber_c": 0.01, "tan_weight": True}
 
 
 @pytest.mark.parametrize("variant, others", [("paper", RELEASED_ONLY_FIELDS), ("released", PAPER_ONLY_FIELDS)])
@@ -231,6 +236,16 @@ def test_launcher_defaults_step_aside_for_the_users_choice(tmp_path, user, objec
     assert (obj.objective, obj.apex.get("variant"), obj.apex_start_iter) == (objective, variant, start)
     assert (obj.apex.get("w_dm"), obj.apex.get("dm_warmup_steps")) == ((1.0, 80) if released_options else (None, None))
     assert cfg.checkpoint.save == str(tmp_path / "run")
+
+
+def test_launcher_steps_aside_for_a_preset(tmp_path):
+    """The launcher's released-variant values (w_dm, dm_warmup_steps) would override the
+    preset's; with --apex-preset they are left out and the preset's values reach the config."""
+    from megatron_apex.objectives.apex import preset_fields
+
+    obj = parse_args(launcher_flags(tmp_path, "--apex-preset", "release")).objective
+    assert (obj.objective, obj.apex_start_iter) == ("apex", 1500)
+    assert obj.apex == preset_fields("release")
 
 
 def test_launcher_default_start_with_a_short_run_names_both_flags(tmp_path):

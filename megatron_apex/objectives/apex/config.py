@@ -11,6 +11,17 @@ from megatron_apex.objectives.flow import WEIGHTINGS
 
 VARIANTS = ("paper", "released")
 FAKE_GRADS = ("detach", "through")
+LOSSES = ("mse", "pseudo_huber")
+
+# Named bundles of APEXConfig values; a preset fills the fields a caller did not set itself.
+# "release": the combination of the authors' released training code (docs/apex_method.md has the
+# table of each value against the release's files). Its CFG-enhanced target (cfg_scale) is the
+# release configuration's enhanced_ratio; dm_clamp and w_dm are the release's dist_match clamp
+# and dist_match_cof.
+APEX_PRESETS = {
+    "release": dict(variant="released", fake_time_flag=True, loss="pseudo_huber", huber_c=1e-3, tan_weight=True,
+                    w_dm=0.5, dm_clamp=1.0, cfg_scale=0.8),
+}
 
 
 @dataclass
@@ -58,6 +69,21 @@ class APEXConfig:
       fuse_forwards: run the base and fake-flow queries as one batched forward with a
                  per-sample fake_condition (and the DM fake/real queries too when no teacher
                  is given); False = separate forwards. Same numbers either way.
+      fake_time_flag: every fake-branch query (the fake flow on generated samples, the fake
+                 velocity of the DM direction) runs at (t, tt) = (-t, -t) besides
+                 fake_condition, as the release flags them: both time embedders see a negative
+                 time and the target-time term is zero. Off = (t, tt) = (t, t).
+      loss:      per-sample loss of every term: "mse", or "pseudo_huber" (the release's Barron
+                 loss with alpha = 1): mse * w / huber_c with the detached weight
+                 w = (mse / (huber_c^2 + 1e-8) + 1)^(-1/2), so every sample's gradient has
+                 about the same norm (release_options.pseudo_huber).
+      huber_c:   c of the pseudo-Huber loss (release: 1e-3); only with loss="pseudo_huber".
+      tan_weight: the base rows' per-sample loss is weighted by
+                 tan((1 - (|t| - |tt|)) * pi / 2.5) + 1 at the row's (t, tt) (the release's
+                 weighting; fake-flow and DM rows keep weight 1). Our base rows are plain
+                 velocity queries (tt = t), so the weight is the constant tan(0.4 pi) + 1
+                 ~ 4.078 there: the same as w_base * 4.078; the consistency term's jump
+                 (tt = 0) gets tan((1 - t) * 0.4 pi) + 1.
     """
 
     variant: str = "paper"
@@ -84,6 +110,15 @@ class APEXConfig:
     consistency_clamp: Optional[float] = 1.0
     batch_split: Optional[float] = None
     fuse_forwards: bool = True
+    fake_time_flag: bool = False
+    loss: str = "mse"
+    huber_c: float = 1e-3
+    tan_weight: bool = False
+
+    @classmethod
+    def preset(cls, name: str, **fields) -> "APEXConfig":
+        """The preset ``name`` (APEX_PRESETS), with ``fields`` taking precedence."""
+        return cls(**{**preset_fields(name), **fields})
 
     def __post_init__(self):
         def fail(name, why):
@@ -124,9 +159,26 @@ class APEXConfig:
             fail("consistency_clamp", "must be > 0 (or None for no clamp)")
         if self.batch_split is not None and not 0.0 < number("batch_split") < 1.0:
             fail("batch_split", "must be None or in (0, 1)")
-        if not isinstance(self.fuse_forwards, bool):
-            fail("fuse_forwards", "must be a bool")
+        for name in ("fuse_forwards", "fake_time_flag", "tan_weight"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be a bool")
+        if self.loss not in LOSSES:
+            fail("loss", f"must be one of {LOSSES}")
+        if number("huber_c") <= 0:
+            fail("huber_c", "must be > 0")
+        if self.loss != "pseudo_huber" and self.huber_c != APEXConfig.huber_c:
+            fail("huber_c", "only acts with loss='pseudo_huber'")
+        if self.loss == "pseudo_huber" and self.dm_normalize:
+            fail("dm_normalize", "and loss='pseudo_huber' both normalise the DM gradient per sample; use one")
         if self.variant == "paper":
-            for name, off in (("cfg_scale", 0.0), ("w_consistency", 0.0), ("batch_split", None)):
+            for name, off in (("cfg_scale", 0.0), ("w_consistency", 0.0), ("batch_split", None),
+                              ("fake_time_flag", False), ("loss", "mse"), ("tan_weight", False)):
                 if getattr(self, name) != off:
                     fail(name, "only acts in variant 'released'; leave it at its default for 'paper'")
+
+
+def preset_fields(name: str) -> dict:
+    """The APEXConfig values of the preset ``name``; a one-line error naming the presets."""
+    if name not in APEX_PRESETS:
+        raise ValueError(f"APEX preset {name!r}: unknown; choose one of {tuple(APEX_PRESETS)}")
+    return dict(APEX_PRESETS[name])

@@ -1,7 +1,8 @@
 """How APEX asks the model: one query of the model contract, and batches of queries.
 
 The contract: ``model(x_t, t, context, context_mask=None, fake_condition=False,
-t_target=None)`` -> velocity shaped like x_t; t in [0, 1], 1 = noise; ``fake_condition`` a
+t_target=None)`` -> velocity shaped like x_t; t in [0, 1], 1 = noise (a fake query flagged
+by APEXConfig.fake_time_flag comes at t = tt = -t); ``fake_condition`` a
 python bool or a (B,) bool tensor (the model applies its condition shift to those rows);
 ``t_target`` the any-step target time (None = t, a plain velocity query). Any callable with
 that signature works.

@@ -13,6 +13,8 @@ are written once here; released_apex_loss runs them directly and the two-phase f
 
 Reduction everywhere: squared norms averaged over the non-batch elements, then the batch.
 A term whose weight is 0 (or that is held off) is not evaluated and is reported as 0.
+The release's own flag of the fake queries, its pseudo-Huber loss and its tan weighting of the
+base rows are options (release_options.py), off by default.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from megatron_apex.objectives.apex.config import APEXConfig
 from megatron_apex.objectives.apex.paper import fake_flow_query, fake_flow_term
 from megatron_apex.objectives.apex.queries import ModelQuery, answer_query, batch_queries, call_model, split_output
+from megatron_apex.objectives.apex.release_options import flag_fake_time, per_sample_loss, tan_weight, weighted_mean
 from megatron_apex.objectives.flow import WEIGHT_T_EPS, expand_time, interpolate, per_sample_mse, velocity_target
 
 # ---- the batch: rows, fresh draws, which terms are on -------------------------------------
@@ -110,6 +113,7 @@ class ReleasedBatch:
     batch_size: int
     fake_on: bool
     dm_on: bool
+    fake_time_flag: bool = False
 
 
 def released_batch(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
@@ -123,7 +127,7 @@ def released_batch(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, conte
     x_b, z_b, t_b = x0[base_rows], noise[base_rows], t[base_rows]
     return ReleasedBatch(z_g, context[gen_rows], _rows(context_mask, gen_rows), fresh, interpolate(x_b, z_b, t_b),
                          t_b, context[base_rows], _rows(context_mask, base_rows), velocity_target(x_b, z_b), base_rows,
-                         x0.shape[0], fake_on=cfg.w_fake > 0, dm_on=dm_on)
+                         x0.shape[0], fake_on=cfg.w_fake > 0, dm_on=dm_on, fake_time_flag=cfg.fake_time_flag)
 
 
 # ---- the queries ---------------------------------------------------------------------------
@@ -141,16 +145,18 @@ def one_step_query(noise: torch.Tensor, context: torch.Tensor, context_mask: Opt
 
 
 def generated_fake_flow_query(x_g: torch.Tensor, b: ReleasedBatch) -> ModelQuery:
-    """Point 3: the paper's fake flow query (Eq. 12) from sg(x_g), at the fresh t', z'."""
-    return fake_flow_query(x_g, b.fresh.z_fake, b.fresh.t_fake, b.c_g, b.m_g)
+    """Point 3: the paper's fake flow query (Eq. 12) from sg(x_g), at the fresh t', z'
+    (flagged at (-t', -t') under fake_time_flag)."""
+    return flag_fake_time(fake_flow_query(x_g, b.fresh.z_fake, b.fresh.t_fake, b.c_g, b.m_g), b.fake_time_flag)
 
 
 def dm_queries(x_g: torch.Tensor, b: ReleasedBatch, teacher: bool) -> List[ModelQuery]:
-    """Point 4: [F(y, t'', c_fake), F_real(y, t'', c)] at ``y = t'' z'' + (1-t'') sg(x_g)``;
-    ``teacher``: whether the teacher answers the real one."""
+    """Point 4: [F(y, t'', c_fake), F_real(y, t'', c)] at ``y = t'' z'' + (1-t'') sg(x_g)``
+    (the fake one flagged at (-t'', -t'') under fake_time_flag); ``teacher``: whether the
+    teacher answers the real one."""
     y = interpolate(x_g.detach(), b.fresh.z_dm, b.fresh.t_dm)
-    return [ModelQuery(y, b.fresh.t_dm, b.c_g, b.m_g, fake_condition=True),
-            ModelQuery(y, b.fresh.t_dm, b.c_g, b.m_g, teacher=teacher)]
+    fake = ModelQuery(y, b.fresh.t_dm, b.c_g, b.m_g, fake_condition=True)
+    return [flag_fake_time(fake, b.fake_time_flag), ModelQuery(y, b.fresh.t_dm, b.c_g, b.m_g, teacher=teacher)]
 
 
 # ---- the terms -----------------------------------------------------------------------------
@@ -179,16 +185,27 @@ def distribution_matching_loss(f_g: torch.Tensor, g: torch.Tensor) -> torch.Tens
     return per_sample_mse(f_g, target)
 
 
+def base_row_weight(b: ReleasedBatch, cfg: APEXConfig) -> Optional[torch.Tensor]:
+    """The base rows' per-sample weight under tan_weight, at the (t, tt) the base query asks
+    (tt = t: a constant); None when off."""
+    if not cfg.tan_weight:
+        return None
+    query = base_query(b)
+    return tan_weight(query.t, query.t_target)
+
+
 def released_terms(cfg: APEXConfig, v_base: torch.Tensor, base_target: torch.Tensor, *,
                    v_fake: Optional[torch.Tensor], x_g: Optional[torch.Tensor], z_fake: torch.Tensor,
-                   f_g: Optional[torch.Tensor], g: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+                   f_g: Optional[torch.Tensor], g: Optional[torch.Tensor],
+                   base_weight: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """``loss``, ``l_base``, ``l_fake``, ``l_dm`` from the answers: the base query's ``v_base``,
     the fake flow query's ``v_fake`` (None = term off), the one-step output ``f_g`` with its DM
-    direction ``g`` (None = term off)."""
-    l_base = per_sample_mse(v_base, base_target).mean()
+    direction ``g`` (None = term off); each term's per-sample loss as cfg.loss says, the base
+    rows weighted by ``base_weight`` (base_row_weight; None = 1)."""
+    l_base = weighted_mean(per_sample_loss(per_sample_mse(v_base, base_target), cfg), base_weight)
     zero = l_base.new_zeros(())
-    l_fake = zero if v_fake is None else fake_flow_term(v_fake, x_g, z_fake).mean()
-    l_dm = zero if g is None else distribution_matching_loss(f_g, g).mean()
+    l_fake = zero if v_fake is None else per_sample_loss(fake_flow_term(v_fake, x_g, z_fake), cfg).mean()
+    l_dm = zero if g is None else per_sample_loss(distribution_matching_loss(f_g, g), cfg).mean()
     loss = cfg.w_base * l_base + cfg.w_fake * l_fake + cfg.w_dm * l_dm
     return {"loss": loss, "l_base": l_base, "l_fake": l_fake, "l_dm": l_dm}
 
@@ -312,10 +329,14 @@ def released_apex_loss(model: Callable, x0: torch.Tensor, noise: torch.Tensor, t
     base_target = _base_target(model, teacher, b, cfg, uncond_context, uncond_context_mask)
     v_base, v_fake = _base_and_fake_velocities(model, b, x_g, cfg)
     g = distribution_matching_direction(model, teacher, x_g, b, cfg) if b.dm_on else None
-    terms = released_terms(cfg, v_base, base_target, v_fake=v_fake, x_g=x_g, z_fake=b.fresh.z_fake, f_g=f_g, g=g)
+    terms = released_terms(cfg, v_base, base_target, v_fake=v_fake, x_g=x_g, z_fake=b.fresh.z_fake, f_g=f_g, g=g,
+                           base_weight=base_row_weight(b, cfg))
 
     if cfg.w_consistency > 0:
-        terms["l_consistency"] = flow_map_consistency_loss(model, b.x_t, b.t_b, v_base, b.c_b, b.m_b,
-                                                           cfg.consistency_step, cfg.consistency_clamp).mean()
+        consistency = flow_map_consistency_loss(model, b.x_t, b.t_b, v_base, b.c_b, b.m_b, cfg.consistency_step,
+                                                cfg.consistency_clamp)
+        # the jump's row is (t, tt = 0)
+        weight = tan_weight(b.t_b, torch.zeros_like(b.t_b)) if cfg.tan_weight else None
+        terms["l_consistency"] = weighted_mean(per_sample_loss(consistency, cfg), weight)
         terms["loss"] = terms["loss"] + cfg.w_consistency * terms["l_consistency"]
     return terms

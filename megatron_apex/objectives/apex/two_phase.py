@@ -136,7 +136,8 @@ class ReleasedTwoPhase(TwoPhaseObjective):
         f_g = outputs.pop(0) if self.b.dm_on else None
         v_fake = outputs.pop(0) if self.b.fake_on else None
         return released.released_terms(self.cfg, v_base, self.b.base_target, v_fake=v_fake, x_g=self.x_g,
-                                       z_fake=self.b.fresh.z_fake, f_g=f_g, g=self.g if self.b.dm_on else None)
+                                       z_fake=self.b.fresh.z_fake, f_g=f_g, g=self.g if self.b.dm_on else None,
+                                       base_weight=released.base_row_weight(self.b, self.cfg))
 
 
 def two_phase_apex(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
