@@ -2,7 +2,7 @@
 """Small-scale reproduction of the APEX paper's claims as one resumable command.
 
     python tools/benchmark_quality.py --quick          # 7 runs, ~19 min on the idle 2-core machine
-    python tools/benchmark_quality.py                  # full: 42 runs, ~4.5 h on the idle 2-core machine
+    python tools/benchmark_quality.py                  # full: 48 runs, ~5.2 h on the idle 2-core machine
     python tools/benchmark_quality.py --smoke --only fm,released-ft   # seconds per run (tests)
     python tools/benchmark_quality.py --list [--quick] # the plan, its launcher flags and time estimate
     python tools/benchmark_quality.py --report-only [--quick]
@@ -137,6 +137,20 @@ RUNS: Tuple[Run, ...] = (
         cells={"headline": "FM teacher, caption dropout 0.1 (Euler)"}),
     Run("released-cfg", "fm-drop", "ft", RELEASED + opt("cfg_scale=0.8"),
         cells={"options": "CFG-enhanced target r 0.8 (from fm-drop)"}),
+    # ---- the release's training pieces one at a time, then together (docs/apex_method.md, the
+    # `release` preset); the preset's CFG-enhanced target needs a teacher that knows the empty
+    # prompt, so the preset rows fine-tune fm-drop
+    Run("released-time-flag", "fm", "ft", RELEASED + opt("fake_time_flag=true"),
+        cells={"options": "fake queries at (-t, -t)"}),
+    Run("released-huber", "fm", "ft", RELEASED + opt("loss=pseudo_huber"), cells={"options": "pseudo-Huber loss"}),
+    Run("released-tan", "fm", "ft", RELEASED + opt("tan_weight=true"), cells={"options": "tan weight on base rows"}),
+    Run("release-preset", "fm-drop", "ft", ("--objective", "apex", "--apex-preset", "release"),
+        cells={"options": "release preset (from fm-drop)"}),
+    Run("release-preset-online", "fm-drop", "ft", ("--objective", "apex", "--apex-preset", "release",
+                                                    "--teacher", "online"),
+        cells={"options": "release preset, online teacher (from fm-drop)"}),
+    Run("paper-input-best", "fm", "ft", PAPER + shift(*INPUT_SHIFT_CANDIDATE) + INPUT_SITE,
+        cells={"options": "paper variant, input-site shift (-0.5, 1)"}),
     # ---- paper Table 6: lambda_p : lambda_e (paper variant; 1:1 is paper-ft)
     Run("t6-1-0", "fm", "ft", PAPER + ("--lambda-p", "1", "--lambda-e", "0"), quick=True, cells={"table6": "1:0"}),
     Run("t6-0-1", "fm", "ft", PAPER + ("--lambda-p", "0", "--lambda-e", "1"), quick=True, cells={"table6": "0:1"}),
