@@ -9,13 +9,12 @@ import json
 import os
 
 import pytest
-import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("safetensors")
 
-import test_convert_hf as qwen_tests  # noqa: E402  (their helpers, not their tests)
-import test_convert_hf_sana as sana_tests  # noqa: E402
+from family_cases import QWEN_IMAGE, SANA, TOL, assert_sana_pipeline_matches_our_one_step, convert  # noqa: E402
+from family_cases import tiny_dc_ae, tiny_text_stack  # noqa: E402
 
 
 def _files(root):
@@ -43,8 +42,8 @@ def _expect_base_untouched_and_copied(base, out):
 @pytest.fixture(scope="module")
 def qwen_imported(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen")
-    hf = qwen_tests.save_diffusers(root / "hf", seed=3)
-    assert qwen_tests.convert("import", "--hf-path", hf, "--save", root / "ckpt") == 0
+    hf = QWEN_IMAGE.save_diffusers(root / "hf", seed=3)
+    assert convert("import", "--hf-path", hf, "--save", root / "ckpt") == 0
     return root / "ckpt"
 
 
@@ -54,9 +53,9 @@ def qwen_base(tmp_path_factory):
     prompt_embeds) whose transformer is another random model, so a leftover would show."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
-    # the same scheduler as test_convert_hf's pipeline test (one step goes sigma 1 -> 0)
+    # the same scheduler as test_convert_hf's Qwen-Image pipeline test (one step goes sigma 1 -> 0)
     pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=None,
-                             text_encoder=None, tokenizer=None, transformer=qwen_tests.random_diffusers(seed=11))
+                             text_encoder=None, tokenizer=None, transformer=QWEN_IMAGE.random_diffusers(seed=11))
     base = tmp_path_factory.mktemp("qwen_base") / "pipeline"
     pipe.save_pretrained(base)
     return base
@@ -67,10 +66,9 @@ def test_qwen_image_pipeline_from_exported_folder_takes_our_one_step(qwen_import
 
     from megatron_apex.inference.loading import load_model_for_inference
     from megatron_apex.inference.samplers import sample
-    from megatron_apex.models.qwen_image.model import pack_latents, unpack_latents
 
     out = tmp_path / "pipeline"
-    assert qwen_tests.convert("export", "--load", qwen_imported, "--hf-path", out, "--base-pipeline", qwen_base) == 0
+    assert convert("export", "--load", qwen_imported, "--hf-path", out, "--base-pipeline", qwen_base) == 0
     assert "files copied" in capsys.readouterr().out
     _expect_base_untouched_and_copied(qwen_base, out)
 
@@ -79,25 +77,16 @@ def test_qwen_image_pipeline_from_exported_folder_takes_our_one_step(qwen_import
     base_pipe = QwenImagePipeline.from_pretrained(qwen_base, vae=None, text_encoder=None, tokenizer=None)
     assert type(pipe.scheduler) is type(base_pipe.scheduler) and pipe.scheduler.config == base_pipe.scheduler.config
 
-    gen = torch.Generator().manual_seed(21)
-    b, c, h, w, L = 2, qwen_tests.ARCH["out_channels"], 6, 8, 5
-    noise = torch.randn(b, c, h, w, generator=gen)
-    ctx = torch.randn(b, L, qwen_tests.ARCH["joint_attention_dim"], generator=gen)
-    mask = torch.ones(b, L)
-    mask[1, 3:] = 0
+    noise, ctx, mask = QWEN_IMAGE.pipeline_inputs()
 
     def one_step(p):
-        with torch.no_grad():
-            packed = p(prompt_embeds=ctx, prompt_embeds_mask=mask, latents=pack_latents(noise, 2),
-                       height=h * p.vae_scale_factor, width=w * p.vae_scale_factor, num_inference_steps=1,
-                       output_type="latent", return_dict=False)[0]
-        return unpack_latents(packed, h, w, 2)
+        return QWEN_IMAGE.pipeline_latents(p, noise, ctx, mask, 1)
 
     theirs = one_step(pipe)
     model, _ = load_model_for_inference(str(qwen_imported))
     ours = sample(model, noise, ctx, mask, nfe=1, method="euler")
     assert (theirs - noise).abs().max() > 0.1  # the step moved the latents
-    assert (ours - theirs).abs().max().item() <= qwen_tests.TOL
+    assert (ours - theirs).abs().max().item() <= TOL
     base_pipe.set_progress_bar_config(disable=True)
     assert (one_step(base_pipe) - theirs).abs().max() > 0.1  # the base's own transformer was replaced
 
@@ -107,21 +96,21 @@ def test_sana_pipeline_with_text_encoder_and_vae_from_exported_folder(tmp_path, 
     pipeline encodes the prompts, steps and decodes as our sampler + the base's VAE do."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
 
-    arch = sana_tests.ARCH
-    hf = sana_tests.save_diffusers(tmp_path / "hf", seed=3)
-    assert sana_tests.convert("import", "--hf-path", hf, "--save", tmp_path / "ckpt") == 0
-    tokenizer, encoder = sana_tests._tiny_text_stack(arch["caption_channels"])
+    arch = SANA.arch
+    hf = SANA.save_diffusers(tmp_path / "hf", seed=3)
+    assert convert("import", "--hf-path", hf, "--save", tmp_path / "ckpt") == 0
+    tokenizer, encoder = tiny_text_stack(arch["caption_channels"])
     base = tmp_path / "base"
-    SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=sana_tests._tiny_dc_ae(arch["in_channels"]),
-                 transformer=sana_tests.random_diffusers(seed=11),
+    SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=tiny_dc_ae(arch["in_channels"]),
+                 transformer=SANA.random_diffusers(seed=11),
                  scheduler=FlowMatchEulerDiscreteScheduler()).save_pretrained(base)
 
     out = tmp_path / "pipeline"
-    assert sana_tests.convert("export", "--load", tmp_path / "ckpt", "--hf-path", out, "--base-pipeline", base) == 0
+    assert convert("export", "--load", tmp_path / "ckpt", "--hf-path", out, "--base-pipeline", base) == 0
     capsys.readouterr()
     _expect_base_untouched_and_copied(base, out)
 
-    sana_tests.assert_pipeline_matches_our_one_step(SanaPipeline.from_pretrained(out), str(tmp_path / "ckpt"))
+    assert_sana_pipeline_matches_our_one_step(SanaPipeline.from_pretrained(out), str(tmp_path / "ckpt"))
 
 
 def test_bad_base_pipelines_fail_in_one_line_and_leave_nothing(qwen_imported, qwen_base, tmp_path, capsys):
@@ -142,7 +131,7 @@ def test_bad_base_pipelines_fail_in_one_line_and_leave_nothing(qwen_imported, qw
     cases["other interface"] = (wider, "joint_attention_dim 24")
     for name, (base, needle) in cases.items():
         out = tmp_path / f"out-{name.replace(' ', '-')}"
-        assert qwen_tests.convert("export", "--load", qwen_imported, "--hf-path", out, "--base-pipeline", base) == 2
+        assert convert("export", "--load", qwen_imported, "--hf-path", out, "--base-pipeline", base) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--base-pipeline" in err and needle in err, (name, err)
         assert not out.exists()
@@ -159,7 +148,7 @@ def test_a_symlinked_base_like_the_hub_cache_gives_real_files(qwen_imported, qwe
         (snapshot / f).parent.mkdir(parents=True, exist_ok=True)
         (snapshot / f).symlink_to(blobs / str(i))
     out = tmp_path / "pipeline"
-    assert qwen_tests.convert("export", "--load", qwen_imported, "--hf-path", out, "--base-pipeline", snapshot) == 0
+    assert convert("export", "--load", qwen_imported, "--hf-path", out, "--base-pipeline", snapshot) == 0
     capsys.readouterr()
     for f in _files(out):
         assert not os.path.islink(out / f), f
@@ -193,7 +182,7 @@ def test_a_base_that_leads_outside_itself_is_refused_naming_the_file(qwen_import
         victim = base / "scheduler" / "notes.txt"
         os.link(secret, victim)
     out = tmp_path / "pipeline"
-    assert qwen_tests.convert("export", "--load", qwen_imported, "--hf-path", out, "--base-pipeline", base) == 2
+    assert convert("export", "--load", qwen_imported, "--hf-path", out, "--base-pipeline", base) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(victim) in err and "--base-pipeline" in err, err
     assert not out.exists()
@@ -206,6 +195,6 @@ def test_a_symlink_inside_the_base_is_followed(qwen_imported, qwen_base, tmp_pat
     shutil.copytree(qwen_base, base)
     (base / "scheduler" / "alias.json").symlink_to(base / "scheduler" / "scheduler_config.json")
     out = tmp_path / "pipeline"
-    assert qwen_tests.convert("export", "--load", qwen_imported, "--hf-path", out, "--base-pipeline", base) == 0
+    assert convert("export", "--load", qwen_imported, "--hf-path", out, "--base-pipeline", base) == 0
     assert (out / "scheduler" / "alias.json").read_bytes() == (base / "scheduler" / "scheduler_config.json").read_bytes()
     assert not os.path.islink(out / "scheduler" / "alias.json")

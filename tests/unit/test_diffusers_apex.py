@@ -22,8 +22,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("safetensors")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-import test_convert_hf as qwen_tests  # noqa: E402  (their helpers, not their tests)
-import test_convert_hf_sana as sana_tests  # noqa: E402
+from family_cases import QWEN_IMAGE, ROOT, SANA, SANA_PROMPTS, assert_sana_pipeline_matches_our_one_step  # noqa: E402
+from family_cases import convert, read_folder, tiny_dc_ae, tiny_text_stack  # noqa: E402
 from megatron_apex.conversion import hf_io  # noqa: E402
 from megatron_apex.inference.diffusers_apex import (  # noqa: E402
     ApexQwenImagePipeline,
@@ -41,7 +41,7 @@ RUNS = [(1, "flowmap"), (4, "flowmap"), (4, "release"), (4, "renoise"), (4, "eul
 def with_trained_embedder(hf: Path, prefix: str, seed: int) -> Path:
     """Give a diffusers folder a target-time embedder of random non-zero weights (as training
     leaves it), in apex_extras.safetensors: the import keeps a folder's own embedder."""
-    time_keys = {k: v for k, v in qwen_tests.read_folder(hf).items() if ".timestep_embedder.linear_" in k}
+    time_keys = {k: v for k, v in read_folder(hf).items() if ".timestep_embedder.linear_" in k}
     gen = torch.Generator().manual_seed(seed)
     extras = {}
     for key, tensor in time_keys.items():
@@ -62,18 +62,18 @@ def _ours(checkpoint):
 @pytest.fixture(scope="module")
 def qwen_export(tmp_path_factory, qwen_base):  # noqa: F811
     root = tmp_path_factory.mktemp("qwen_apex")
-    hf = with_trained_embedder(qwen_tests.save_diffusers(root / "hf", seed=3), "time_text_embed_2.timestep_embedder.",
+    hf = with_trained_embedder(QWEN_IMAGE.save_diffusers(root / "hf", seed=3), "time_text_embed_2.timestep_embedder.",
                                seed=4)
-    assert qwen_tests.convert("import", "--hf-path", hf, "--save", root / "ckpt") == 0
-    assert qwen_tests.convert("export", "--load", root / "ckpt", "--hf-path", root / "pipeline",
+    assert convert("import", "--hf-path", hf, "--save", root / "ckpt") == 0
+    assert convert("export", "--load", root / "ckpt", "--hf-path", root / "pipeline",
                               "--base-pipeline", qwen_base) == 0
     return root / "ckpt", root / "pipeline"
 
 
 def qwen_inputs(b=2, h=6, w=8, L=5):
     gen = torch.Generator().manual_seed(21)
-    noise = torch.randn(b, qwen_tests.ARCH["out_channels"], h, w, generator=gen)
-    ctx = torch.randn(b, L, qwen_tests.ARCH["joint_attention_dim"], generator=gen)
+    noise = torch.randn(b, QWEN_IMAGE.arch["out_channels"], h, w, generator=gen)
+    ctx = torch.randn(b, L, QWEN_IMAGE.context_width, generator=gen)
     mask = torch.ones(b, L)
     mask[1, 3:] = 0
     return noise, ctx, mask
@@ -166,7 +166,7 @@ pipe = DiffusionPipeline.from_pretrained({str(out)!r}, vae=None, text_encoder=No
 print("apex:", type(pipe).__name__, type(pipe.transformer).__name__)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(qwen_tests.ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     lines = [line for line in done.stdout.splitlines() if line.startswith(("refused", "loaded", "stock", "apex"))]
     assert done.returncode == 0, done.stderr[-2000:]
     assert lines[0].startswith("refused:") and "ApexQwenImagePipeline" in lines[0], lines
@@ -181,7 +181,7 @@ def test_extras_in_a_side_file_load_and_dropped_extras_give_the_stock_pipeline(q
 
     ckpt, _ = qwen_export
     out = tmp_path / "pipeline"
-    assert qwen_tests.convert("export", "--load", ckpt, "--hf-path", out, "--base-pipeline", qwen_base,
+    assert convert("export", "--load", ckpt, "--hf-path", out, "--base-pipeline", qwen_base,
                               "--extras", extras) == 0
     index = json.loads((out / "model_index.json").read_text())
     transformer = ApexQwenImageTransformer2DModel.from_pretrained(out / "transformer")
@@ -204,10 +204,10 @@ def test_extras_in_a_side_file_load_and_dropped_extras_give_the_stock_pipeline(q
 
 
 def test_a_checkpoint_without_the_embedder_keeps_the_stock_pipeline_class(qwen_base, tmp_path):  # noqa: F811
-    hf = qwen_tests.save_diffusers(tmp_path / "hf", seed=3)
-    assert qwen_tests.convert("import", "--hf-path", hf, "--save", tmp_path / "ckpt",
+    hf = QWEN_IMAGE.save_diffusers(tmp_path / "hf", seed=3)
+    assert convert("import", "--hf-path", hf, "--save", tmp_path / "ckpt",
                               "--target-time-embedder", "none") == 0
-    assert qwen_tests.convert("export", "--load", tmp_path / "ckpt", "--hf-path", tmp_path / "out",
+    assert convert("export", "--load", tmp_path / "ckpt", "--hf-path", tmp_path / "out",
                               "--base-pipeline", qwen_base) == 0
     assert json.loads((tmp_path / "out" / "model_index.json").read_text())["_class_name"] == "QwenImagePipeline"
 
@@ -235,7 +235,7 @@ def test_apex_pipeline_errors_are_one_line(qwen_export):
 
     _, out = qwen_export
     noise, ctx, mask = qwen_inputs()
-    stock = qwen_tests.random_diffusers(seed=1)
+    stock = QWEN_IMAGE.random_diffusers(seed=1)
     pipe = ApexQwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
                                  tokenizer=None, transformer=stock)
     with pytest.raises(ValueError, match="ApexQwenImagePipeline needs an ApexQwenImageTransformer2DModel, got "
@@ -271,20 +271,18 @@ def sana_export(tmp_path_factory):
     from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
 
     root = tmp_path_factory.mktemp("sana_apex")
-    arch = sana_tests.ARCH
-    hf = with_trained_embedder(sana_tests.save_diffusers(root / "hf", seed=3), "time_embed_2.emb.timestep_embedder.",
+    arch = SANA.arch
+    hf = with_trained_embedder(SANA.save_diffusers(root / "hf", seed=3), "time_embed_2.emb.timestep_embedder.",
                                seed=4)
-    assert sana_tests.convert("import", "--hf-path", hf, "--save", root / "ckpt") == 0
-    tokenizer, encoder = sana_tests._tiny_text_stack(arch["caption_channels"])
-    SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=sana_tests._tiny_dc_ae(arch["in_channels"]),
-                 transformer=sana_tests.random_diffusers(seed=11),
+    assert convert("import", "--hf-path", hf, "--save", root / "ckpt") == 0
+    tokenizer, encoder = tiny_text_stack(arch["caption_channels"])
+    SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=tiny_dc_ae(arch["in_channels"]),
+                 transformer=SANA.random_diffusers(seed=11),
                  scheduler=FlowMatchEulerDiscreteScheduler()).save_pretrained(root / "base")
-    assert sana_tests.convert("export", "--load", root / "ckpt", "--hf-path", root / "pipeline",
+    assert convert("export", "--load", root / "ckpt", "--hf-path", root / "pipeline",
                               "--base-pipeline", root / "base") == 0
     return root / "ckpt", root / "pipeline"
 
-
-SANA_PROMPTS = ["a cat", "a dog on the grass"]
 
 
 def sana_pipeline_latents(pipe, noise, steps, method="flowmap", seed=5, **kw):
@@ -310,11 +308,11 @@ def test_sana_export_loads_through_diffusion_pipeline_and_takes_our_steps(sana_e
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "ApexSanaPipeline"
     pipe = DiffusionPipeline.from_pretrained(out)
     assert type(pipe) is ApexSanaPipeline and type(pipe.transformer) is ApexSanaTransformer2DModel
-    # one step, and the pipeline's VAE decodes it as it decodes ours (test_convert_hf_sana's check)
-    sana_tests.assert_pipeline_matches_our_one_step(pipe, str(ckpt))
+    # one step, and the pipeline's VAE decodes it as it decodes ours (test_convert_hf's Sana pipeline check)
+    assert_sana_pipeline_matches_our_one_step(pipe, str(ckpt))
 
     model = _ours(ckpt)
-    noise = torch.randn(2, sana_tests.ARCH["in_channels"], 32, 16, generator=torch.Generator().manual_seed(21))
+    noise = torch.randn(2, SANA.arch["in_channels"], 32, 16, generator=torch.Generator().manual_seed(21))
     with torch.no_grad():
         ctx, mask, _, _ = pipe.encode_prompt(SANA_PROMPTS, do_classifier_free_guidance=False, max_sequence_length=8,
                                              complex_human_instruction=None)
@@ -337,7 +335,7 @@ def test_sana_guidance_is_the_samplers_guidance(sana_export):
 
     ckpt, out = sana_export
     pipe = ApexSanaPipeline.from_pretrained(out)
-    noise = torch.randn(2, sana_tests.ARCH["in_channels"], 32, 16, generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(2, SANA.arch["in_channels"], 32, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ctx, mask, uncond, uncond_mask = pipe.encode_prompt(SANA_PROMPTS, do_classifier_free_guidance=True,
                                                             negative_prompt="", max_sequence_length=8,

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from family_cases import model_inputs
 from megatron_apex.conversion.random_weights import randomize_weights_
 from megatron_apex.lora import (
     LoRAConfig,
@@ -48,14 +49,8 @@ def tiny_qwen(seed=0, **overrides):
     return randomize_weights_(model, seed + 1)  # adaLN-Zero would make every block the identity
 
 
-def qwen_inputs(config, B=2, H=6, W=8, L=5, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, config.out_channels, H, W, generator=gen)
-    t = torch.rand(B, generator=gen)
-    ctx = torch.randn(B, L, config.joint_attention_dim, generator=gen)
-    mask = torch.ones(B, L)
-    mask[1, 3:] = 0
-    return x, t, ctx, mask
+def qwen_inputs(config, B=2, **kwargs):
+    return model_inputs(config, config.joint_attention_dim, B=B, **kwargs)
 
 
 @torch.no_grad()

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# tests/integration (dist_utils) and tests/ (family_cases) for the scripts torchrun runs
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
 from dist_utils import write_json_atomic  # noqa: E402,F401
 
 
