@@ -158,7 +158,7 @@ RUNS: Tuple[Run, ...] = (
     Run("t6-1-2", "fm", "ft", PAPER + ("--lambda-p", "1", "--lambda-e", "2"), cells={"table6": "1:2"}),
     # ---- paper Table 7: c_fake = a*c + b (released variant; a=-1, b=0 is released-ft)
     # At the projected site b is invisible to qwen-image (every block LayerNorms the text stream:
-    # tests/unit/test_qwen_image_model.py::test_projected_scalar_shift_offset_b_is_invisible_to_the_model),
+    # tests/unit/test_family_models.py::test_projected_scalar_shift_offset_b_is_invisible_to_the_model),
     # so there the grid is its b=0 column, plus two cells that show b changes nothing; the whole
     # grid runs at the input site, before the text RMSNorm, where b does reach the model.
     Run("t7-a-1-b1", "fm", "ft", RELEASED + shift(-1, 1), cells={"table7": (-1.0, 1.0)}),

@@ -90,7 +90,7 @@ PROJECTED_B_NOTE = (
     "At the projected site (after `txt_in`) the offset b is invisible to qwen-image: c_fake = a*h + b adds b to every "
     "hidden unit of every text token, each block reads the text stream through a LayerNorm that removes the mean "
     "over the hidden units, and the text stream's own output is discarded "
-    "(tests/unit/test_qwen_image_model.py::test_projected_scalar_shift_offset_b_is_invisible_to_the_model). There "
+    "(tests/unit/test_family_models.py::test_projected_scalar_shift_offset_b_is_invisible_to_the_model). There "
     "the grid is its b = 0 column; cells with b != 0 that ran show it.")
 
 
