@@ -2,7 +2,7 @@
 """Small-scale reproduction of the APEX paper's claims as one resumable command.
 
     python tools/benchmark_quality.py --quick          # 7 runs, ~19 min on the idle 2-core machine
-    python tools/benchmark_quality.py                  # full: 48 runs, ~5.2 h on the idle 2-core machine
+    python tools/benchmark_quality.py                  # full: 50 runs, ~5.4 h on the idle 2-core machine
     python tools/benchmark_quality.py --smoke --only fm,released-ft   # seconds per run (tests)
     python tools/benchmark_quality.py --list [--quick] # the plan, its launcher flags and time estimate
     python tools/benchmark_quality.py --report-only [--quick]
@@ -144,7 +144,7 @@ RUNS: Tuple[Run, ...] = (
         cells={"options": "fake queries at (-t, -t)"}),
     Run("released-huber", "fm", "ft", RELEASED + opt("loss=pseudo_huber"), cells={"options": "pseudo-Huber loss"}),
     Run("released-tan", "fm", "ft", RELEASED + opt("tan_weight=true"), cells={"options": "tan weight on base rows"}),
-    Run("release-preset", "fm-drop", "ft", ("--objective", "apex", "--apex-preset", "release"),
+    Run("release-preset", "fm-drop", "ft", ("--objective", "apex", "--apex-preset", "release"), seeds="train",
         cells={"options": "release preset (from fm-drop)"}),
     Run("release-preset-online", "fm-drop", "ft", ("--objective", "apex", "--apex-preset", "release",
                                                     "--teacher", "online"),
