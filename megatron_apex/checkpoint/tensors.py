@@ -16,6 +16,7 @@ from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint import FileSystemReader
 
 from megatron_apex.checkpoint.safety import reading_checkpoint
+from megatron_apex.sizing import bounded_runs, tensor_nbytes
 
 Entry = Tuple[str, Tuple[int, ...], torch.dtype]
 
@@ -37,17 +38,8 @@ class _MetadataOnceReader(FileSystemReader):
 
 def _groups(entries: Mapping[str, Entry], order: Sequence[str], group_bytes: int) -> List[List[str]]:
     """``order`` cut into runs of at most ``group_bytes`` (a larger tensor alone)."""
-    groups: List[List[str]] = []
-    size = 0
-    for key in order:
-        _, shape, dtype = entries[key]
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
-        if not groups or (groups[-1] and size + nbytes > group_bytes):
-            groups.append([])
-            size = 0
-        groups[-1].append(key)
-        size += nbytes
-    return groups
+    sizes = [tensor_nbytes(entries[key][1], entries[key][2]) for key in order]
+    return [[order[i] for i in run] for run in bounded_runs(sizes, group_bytes)]
 
 
 class CheckpointTensors(Mapping[str, torch.Tensor]):

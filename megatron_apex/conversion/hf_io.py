@@ -25,6 +25,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 
 import torch
 
+from megatron_apex.sizing import bounded_runs, tensor_nbytes
 from megatron_apex.untrusted import link_escape
 
 CONFIG_NAME = "config.json"
@@ -270,21 +271,13 @@ class PlannedSafetensorsWriter:
         for key, _, dtype in self._plan:
             if dtype not in _ST_NAMES:
                 raise ValueError(f"tensor {key!r}: dtype {dtype} has no safetensors name")
-        shards: List[List[int]] = []
-        size = 0
-        for i, (_, shape, dtype) in enumerate(self._plan):
-            nbytes = torch.Size(shape).numel() * dtype.itemsize
-            if not shards or (shards[-1] and size + nbytes > max_shard_size):
-                shards.append([])
-                size = 0
-            shards[-1].append(i)
-            size += nbytes
+        shards = bounded_runs([tensor_nbytes(shape, dtype) for _, shape, dtype in self._plan], max_shard_size)
         self._shards = shards
         self._shard_of = [shard for shard, members in enumerate(shards) for _ in members]
         total = len(shards)
         self.names = [weights_name] if total == 1 else [shard_file_name(i + 1, total, weights_name)
                                                        for i in range(total)]
-        self.total_size = sum(torch.Size(shape).numel() * dtype.itemsize for _, shape, dtype in self._plan)
+        self.total_size = sum(tensor_nbytes(shape, dtype) for _, shape, dtype in self._plan)
         self._next = 0  # index into the plan
         self._shard = -1
         self._file = None
@@ -294,7 +287,7 @@ class PlannedSafetensorsWriter:
         offset = 0
         for i in self._shards[shard]:
             key, shape, dtype = self._plan[i]
-            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            nbytes = tensor_nbytes(shape, dtype)
             header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()

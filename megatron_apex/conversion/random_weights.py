@@ -6,6 +6,7 @@ from typing import Dict, Iterator, Tuple
 import torch
 
 from megatron_apex.conversion import hf_io
+from megatron_apex.sizing import tensor_nbytes
 
 
 def _random_like(name: str, shape, gen: torch.Generator) -> torch.Tensor:
@@ -47,5 +48,5 @@ def write_random_diffusers_folder(path: str, diffusers_class: str, config: Dict,
     with hf_io.atomic_output_dir(path, "path") as tmp:
         model.save_config(tmp)
         hf_io.write_tensor_stream(tmp, items, hf_io.parse_size(max_shard_size), separate_extras=False)
-    sizes = [torch.Size(shape).numel() * dtype.itemsize for _, shape in shapes]
+    sizes = [tensor_nbytes(shape, dtype) for _, shape in shapes]
     return {"bytes": sum(sizes), "largest": max(sizes)}
