@@ -194,7 +194,8 @@ _SHIFT_DESTS = ("shift_a", "shift_b", "shift_site")
 PAPER_ONLY_FIELDS = ("lam", "lambda_p", "lambda_e", "weighting", "fake_grad")
 RELEASED_ONLY_FIELDS = ("w_base", "w_fake", "w_dm", "dm_clamp", "dm_normalize", "dm_warmup_steps", "fresh_t_min",
                         "fresh_t_max", "cfg_scale", "w_consistency", "consistency_step", "consistency_clamp",
-                        "batch_split", "fuse_forwards", "fake_time_flag", "loss", "huber_c", "tan_weight")
+                        "batch_split", "fuse_forwards", "fake_time_flag", "loss", "huber_c", "tan_weight",
+                        "any_step", "any_step_order")
 _SHARED_APEX_FIELDS = ("variant", "shift_a", "shift_b")
 
 

@@ -115,7 +115,8 @@ OTHER_VALUE = {"lam": 0.2, "lambda_p": 2.0, "lambda_e": 0.5, "weighting": "endpo
                "w_base": 0.5, "w_fake": 0.3, "w_dm": 2.0, "dm_clamp": None, "dm_normalize": True,
                "dm_warmup_steps": 5, "fresh_t_min": 0.2, "fresh_t_max": 0.8, "cfg_scale": 0.8, "w_consistency": 1.0,
                "consistency_step": 0.2, "consistency_clamp": None, "batch_split": 0.5, "fuse_forwards": False,
-               "fake_time_flag": True, "loss": "pseudo_huber", "huber_c": 0.01, "tan_weight": True}
+               "fake_time_flag": True, "loss": "pseudo_huber", "huber_c": 0.01, "tan_weight": True,
+               "any_step": True, "any_step_order": 3}
 
 
 @pytest.mark.parametrize("variant, others", [("paper", RELEASED_ONLY_FIELDS), ("released", PAPER_ONLY_FIELDS)])

@@ -7,6 +7,7 @@ it with ``fake_condition``. Modules, bottom up:
   queries    the model contract (call_model) and ModelQuery, batched by batch_queries.
   paper      variant "paper": the paper's Eqs. 11, 12, 14, 20-25.
   release_options  the release's fake-time flag, pseudo-Huber loss and tan weight (options).
+  any_step   the release's any-step training of the base rows on RCGM targets (an option).
   released   variant "released": the mechanism of the authors' released code.
   two_phase  both variants as no-grad rounds plus one training pass (pipeline parallelism).
   loss       apex_loss, the direct entry point.

@@ -20,7 +20,7 @@ LOSSES = ("mse", "pseudo_huber")
 # and dist_match_cof.
 APEX_PRESETS = {
     "release": dict(variant="released", fake_time_flag=True, loss="pseudo_huber", huber_c=1e-3, tan_weight=True,
-                    w_dm=0.5, dm_clamp=1.0, cfg_scale=0.8),
+                    w_dm=0.5, dm_clamp=1.0, cfg_scale=0.8, any_step=True, any_step_order=2),
 }
 
 
@@ -83,7 +83,16 @@ class APEXConfig:
                  weighting; fake-flow and DM rows keep weight 1). Our base rows are plain
                  velocity queries (tt = t), so the weight is the constant tan(0.4 pi) + 1
                  ~ 4.078 there: the same as w_base * 4.078; the consistency term's jump
-                 (tt = 0) gets tan((1 - t) * 0.4 pi) + 1.
+                 (tt = 0) gets tan((1 - t) * 0.4 pi) + 1. Under any_step each base row
+                 gets the weight of its own (t, tt): 1 for the e2e rows (1, 0).
+      any_step:  the base rows train the any-step flow map as the release does (any_step.py):
+                 a third at (t, tt) = (1, 0) from pure noise, a third with tt just below t,
+                 a third with tt anywhere in [0, t], each on its RCGM consistency target (a
+                 step of consistency_step along the row's velocity target, then the model's
+                 own no-grad jump to tt in any_step_order segments; the residual clamped to
+                 consistency_clamp). Off = velocity queries (tt = t). Replaces the
+                 one-jump stand-in w_consistency (use one of the two).
+      any_step_order: the number of segments of that no-grad jump (release: 2), >= 1.
     """
 
     variant: str = "paper"
@@ -114,6 +123,8 @@ class APEXConfig:
     loss: str = "mse"
     huber_c: float = 1e-3
     tan_weight: bool = False
+    any_step: bool = False
+    any_step_order: int = 2
 
     @classmethod
     def preset(cls, name: str, **fields) -> "APEXConfig":
@@ -159,7 +170,7 @@ class APEXConfig:
             fail("consistency_clamp", "must be > 0 (or None for no clamp)")
         if self.batch_split is not None and not 0.0 < number("batch_split") < 1.0:
             fail("batch_split", "must be None or in (0, 1)")
-        for name in ("fuse_forwards", "fake_time_flag", "tan_weight"):
+        for name in ("fuse_forwards", "fake_time_flag", "tan_weight", "any_step"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "must be a bool")
         if self.loss not in LOSSES:
@@ -170,9 +181,15 @@ class APEXConfig:
             fail("huber_c", "only acts with loss='pseudo_huber'")
         if self.loss == "pseudo_huber" and self.dm_normalize:
             fail("dm_normalize", "and loss='pseudo_huber' both normalise the DM gradient per sample; use one")
+        if isinstance(self.any_step_order, bool) or not isinstance(self.any_step_order, int) \
+                or self.any_step_order < 1:
+            fail("any_step_order", "must be an integer >= 1")
+        if self.any_step and self.w_consistency > 0:
+            fail("w_consistency", "is the one-jump stand-in for any_step; with any_step=True leave it at 0")
         if self.variant == "paper":
             for name, off in (("cfg_scale", 0.0), ("w_consistency", 0.0), ("batch_split", None),
-                              ("fake_time_flag", False), ("loss", "mse"), ("tan_weight", False)):
+                              ("fake_time_flag", False), ("loss", "mse"), ("tan_weight", False),
+                              ("any_step", False), ("any_step_order", 2)):
                 if getattr(self, name) != off:
                     fail(name, "only acts in variant 'released'; leave it at its default for 'paper'")
 

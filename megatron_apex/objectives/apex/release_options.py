@@ -1,5 +1,6 @@
-"""Three options of the released variant that follow the authors' released training code, each off
-by default (APEXConfig.fake_time_flag, .loss, .tan_weight; docs/apex_method.md has the table):
+"""Options of the released variant that follow the authors' released training code, each off
+by default (APEXConfig.fake_time_flag, .loss, .tan_weight; docs/apex_method.md has the table;
+the fourth, any_step, has its own module, any_step.py):
 
   fake_time_flag  fake-branch queries at (t, tt) = (-t, -t) besides fake_condition
                   (flag_fake_time).

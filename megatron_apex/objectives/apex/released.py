@@ -24,6 +24,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from megatron_apex.objectives.apex.any_step import (displacement_by_segments, draw_target_times, rcgm_residual,
+                                                    rcgm_target)
 from megatron_apex.objectives.apex.config import APEXConfig
 from megatron_apex.objectives.apex.paper import fake_flow_query, fake_flow_term
 from megatron_apex.objectives.apex.queries import ModelQuery, answer_query, batch_queries, call_model, split_output
@@ -114,27 +116,33 @@ class ReleasedBatch:
     fake_on: bool
     dm_on: bool
     fake_time_flag: bool = False
+    tt_b: Optional[torch.Tensor] = None  # the base rows' target times under any_step (None: tt = t)
 
 
 def released_batch(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                    context_mask: Optional[torch.Tensor], cfg: APEXConfig, generator: Optional[torch.Generator],
                    step: Optional[int]) -> ReleasedBatch:
-    """Split the batch (APEXConfig.batch_split) and draw the generator rows' fresh t', z', t'', z''."""
+    """Split the batch (APEXConfig.batch_split) and draw the generator rows' fresh t', z', t'', z''
+    (then, under any_step, the base rows' target times: any_step.draw_target_times)."""
     dm_on = cfg.w_dm > 0 and not dm_held_off(cfg, step)
     gen_rows, base_rows = split_rows(x0.shape[0], cfg.batch_split)
     z_g = noise[gen_rows]
     fresh = draw_fresh(z_g.shape[0], tuple(z_g.shape[1:]), cfg, generator, x0.device, x0.dtype, t.dtype)
     x_b, z_b, t_b = x0[base_rows], noise[base_rows], t[base_rows]
+    tt_b = None
+    if cfg.any_step:
+        t_b, tt_b = draw_target_times(t_b, generator)
     return ReleasedBatch(z_g, context[gen_rows], _rows(context_mask, gen_rows), fresh, interpolate(x_b, z_b, t_b),
                          t_b, context[base_rows], _rows(context_mask, base_rows), velocity_target(x_b, z_b), base_rows,
-                         x0.shape[0], fake_on=cfg.w_fake > 0, dm_on=dm_on, fake_time_flag=cfg.fake_time_flag)
+                         x0.shape[0], fake_on=cfg.w_fake > 0, dm_on=dm_on, fake_time_flag=cfg.fake_time_flag,
+                         tt_b=tt_b)
 
 
 # ---- the queries ---------------------------------------------------------------------------
 
 def base_query(b: ReleasedBatch) -> ModelQuery:
-    """Point 1: F(x_t, t, c) on the base rows' data trajectory."""
-    return ModelQuery(b.x_t, b.t_b, b.c_b, b.m_b)
+    """Point 1: F(x_t, t, c) on the base rows' data trajectory (under any_step the jump to tt_b)."""
+    return ModelQuery(b.x_t, b.t_b, b.c_b, b.m_b, t_target=b.tt_b)
 
 
 def one_step_query(noise: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor],
@@ -187,11 +195,19 @@ def distribution_matching_loss(f_g: torch.Tensor, g: torch.Tensor) -> torch.Tens
 
 def base_row_weight(b: ReleasedBatch, cfg: APEXConfig) -> Optional[torch.Tensor]:
     """The base rows' per-sample weight under tan_weight, at the (t, tt) the base query asks
-    (tt = t: a constant); None when off."""
+    (tt = t, the velocity query: a constant); None when off."""
     if not cfg.tan_weight:
         return None
     query = base_query(b)
     return tan_weight(query.t, query.t_target)
+
+
+def any_step_target(f_base: torch.Tensor, displacement: torch.Tensor, velocity: torch.Tensor, b: ReleasedBatch,
+                    cfg: APEXConfig) -> torch.Tensor:
+    """Under any_step, the base rows' RCGM target sg(F) - R (any_step.py) from the answer to the
+    base query, the segments' displacement and the rows' velocity target."""
+    return rcgm_target(f_base, rcgm_residual(f_base, displacement, velocity, b.t_b, b.tt_b, cfg.consistency_step,
+                                             cfg.consistency_clamp))
 
 
 def released_terms(cfg: APEXConfig, v_base: torch.Tensor, base_target: torch.Tensor, *,
@@ -284,14 +300,18 @@ def _fit_rows(x: Optional[torch.Tensor], n: int, rows: slice, batch_size: int, n
 
 def _base_target(model: Callable, teacher: Optional[Callable], b: ReleasedBatch, cfg: APEXConfig,
                  uncond_context: Optional[torch.Tensor], uncond_context_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Point 1's target: z - x, CFG-enhanced (on the teacher, else the model) when cfg_scale > 0."""
+    """Point 1's target: z - x, CFG-enhanced (on the teacher, else the model) when cfg_scale > 0;
+    under any_step the rows at t = 1 (the e2e jumps) keep z - x, as the release's do."""
     if cfg.cfg_scale == 0:
         return b.base_target
     n_b = b.x_t.shape[0]
     uc = _fit_rows(uncond_context, n_b, b.base_rows, b.batch_size, "uncond_context")
     um = _fit_rows(uncond_context_mask, n_b, b.base_rows, b.batch_size, "uncond_context_mask")
-    return cfg_enhanced_target(teacher if teacher is not None else model, b.base_target, b.x_t, b.t_b, b.c_b, b.m_b,
-                               uc, um, cfg.cfg_scale)
+    enhanced = cfg_enhanced_target(teacher if teacher is not None else model, b.base_target, b.x_t, b.t_b, b.c_b,
+                                   b.m_b, uc, um, cfg.cfg_scale)
+    if b.tt_b is None:
+        return enhanced
+    return torch.where(expand_time(b.t_b < 1, enhanced).bool(), enhanced, b.base_target.to(enhanced.dtype))
 
 
 def _base_and_fake_velocities(model: Callable, b: ReleasedBatch, x_g: torch.Tensor,
@@ -328,6 +348,10 @@ def released_apex_loss(model: Callable, x0: torch.Tensor, noise: torch.Tensor, t
 
     base_target = _base_target(model, teacher, b, cfg, uncond_context, uncond_context_mask)
     v_base, v_fake = _base_and_fake_velocities(model, b, x_g, cfg)
+    if b.tt_b is not None:
+        displacement = displacement_by_segments(model, b.x_t, b.t_b, b.tt_b, base_target, b.c_b, b.m_b,
+                                                cfg.consistency_step, cfg.any_step_order)
+        base_target = any_step_target(v_base, displacement, base_target, b, cfg)
     g = distribution_matching_direction(model, teacher, x_g, b, cfg) if b.dm_on else None
     terms = released_terms(cfg, v_base, base_target, v_fake=v_fake, x_g=x_g, z_fake=b.fresh.z_fake, f_g=f_g, g=g,
                            base_weight=base_row_weight(b, cfg))

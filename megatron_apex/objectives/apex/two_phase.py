@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from megatron_apex.objectives.apex import paper, released
+from megatron_apex.objectives.apex import any_step, paper, released
 from megatron_apex.objectives.apex.config import APEXConfig
 from megatron_apex.objectives.apex.queries import ModelQuery, answer_query, batch_queries, split_output
 from megatron_apex.objectives.flow import interpolate
@@ -89,10 +89,11 @@ class PaperTwoPhase(TwoPhaseObjective):
 class ReleasedTwoPhase(TwoPhaseObjective):
     """Variant "released": round 0 = the one-step samples F(z, 1, c, tt=0) -> sg(x_g); round 1
     (DM on) = the distribution-matching queries at y (fake: model under c_fake; real: the
-    teacher, or the model when there is none) -> g; training pass = [data branch, one-step
-    branch (its DM target sg(F_g) - g), fake branch]. ``teacher``: whether a teacher answers
-    the real DM query. CFG-enhanced targets and the consistency term need further rounds and
-    are not decomposed."""
+    teacher, or the model when there is none) -> g; under any_step, round k also runs segment k
+    of the base rows' RCGM jumps (any_step.py), so there are max(those rounds, any_step_order)
+    rounds; training pass = [data branch, one-step branch (its DM target sg(F_g) - g), fake
+    branch]. ``teacher``: whether a teacher answers the real DM query. CFG-enhanced targets and
+    the consistency term need further rounds and are not decomposed."""
 
     def __init__(self, x0, noise, t, context, context_mask, cfg: APEXConfig, *,
                  generator: Optional[torch.Generator] = None, teacher: bool = False, step: Optional[int] = None):
@@ -103,24 +104,44 @@ class ReleasedTwoPhase(TwoPhaseObjective):
         self.cfg, self.teacher, self.t_dtype = cfg, teacher, t.dtype
         # drawn exactly as released_apex_loss draws them: the same generator gives the same numbers
         self.b = released.released_batch(x0, noise, t, context, context_mask, cfg, generator, step)
-        self.num_rounds = (1 if self.b.dm_on or self.b.fake_on else 0) + (1 if self.b.dm_on else 0)
+        self.own_rounds = (1 if self.b.dm_on or self.b.fake_on else 0) + (1 if self.b.dm_on else 0)
+        self.segments = None
+        if self.b.tt_b is not None:
+            self.segments = any_step.start_segments(self.b.x_t, self.b.t_b, self.b.tt_b, self.b.base_target,
+                                                    cfg.consistency_step, cfg.any_step_order)
+        self.num_rounds = max(self.own_rounds, 0 if self.segments is None else self.segments.order)
         self.x_g = self.g = None
 
     def _one_step(self) -> ModelQuery:
         return released.one_step_query(self.b.z_g, self.b.c_g, self.b.m_g, self.t_dtype)
 
-    def nograd_queries(self, round_index):
-        if round_index == 0 and self.num_rounds > 0:
+    def _own_queries(self, round_index: int) -> List[ModelQuery]:
+        if round_index == 0 and self.own_rounds > 0:
             return [self._one_step()]
         if round_index == 1 and self.b.dm_on:
             return released.dm_queries(self.x_g, self.b, teacher=self.teacher)
-        raise IndexError(round_index)
+        return []
+
+    def _runs_segment(self, round_index: int) -> bool:
+        return self.segments is not None and round_index < self.segments.order
+
+    def nograd_queries(self, round_index):
+        if not 0 <= round_index < self.num_rounds:
+            raise IndexError(round_index)
+        queries = self._own_queries(round_index)
+        if self._runs_segment(round_index):
+            queries.append(any_step.segment_query(self.segments, round_index, self.b.c_b, self.b.m_b))
+        return queries
 
     def receive(self, round_index, outputs):
-        if round_index == 0:
+        outputs = list(outputs)
+        own = len(self._own_queries(round_index))
+        if own and round_index == 0:
             self.x_g = (self.b.z_g - outputs[0]).detach()
-        else:
+        elif own:
             self.g = released.dm_direction_from_velocities(outputs[0], outputs[1], self.cfg)
+        if self._runs_segment(round_index):
+            any_step.advance(self.segments, round_index, outputs[own])
 
     def train_queries(self):
         queries = [released.base_query(self.b)]
@@ -135,7 +156,10 @@ class ReleasedTwoPhase(TwoPhaseObjective):
         v_base = outputs.pop(0)
         f_g = outputs.pop(0) if self.b.dm_on else None
         v_fake = outputs.pop(0) if self.b.fake_on else None
-        return released.released_terms(self.cfg, v_base, self.b.base_target, v_fake=v_fake, x_g=self.x_g,
+        base_target = self.b.base_target
+        if self.segments is not None:
+            base_target = released.any_step_target(v_base, self.segments.displacement, base_target, self.b, self.cfg)
+        return released.released_terms(self.cfg, v_base, base_target, v_fake=v_fake, x_g=self.x_g,
                                        z_fake=self.b.fresh.z_fake, f_g=f_g, g=self.g if self.b.dm_on else None,
                                        base_weight=released.base_row_weight(self.b, self.cfg))
 
