@@ -2,7 +2,7 @@
 """Small-scale reproduction of the APEX paper's claims as one resumable command.
 
     python tools/benchmark_quality.py --quick          # 7 runs, ~19 min on the idle 2-core machine
-    python tools/benchmark_quality.py                  # full: 50 runs, ~5.4 h on the idle 2-core machine
+    python tools/benchmark_quality.py                  # full: 56 runs, ~6.6 h on the idle 2-core machine
     python tools/benchmark_quality.py --smoke --only fm,released-ft   # seconds per run (tests)
     python tools/benchmark_quality.py --list [--quick] # the plan, its launcher flags and time estimate
     python tools/benchmark_quality.py --report-only [--quick]
@@ -11,15 +11,19 @@ qwen-image-tiny on the built-in Fashion-MNIST with MiniLM prompts, every run thr
 launcher (torchrun over 2 CPU processes of one thread each, examples/pretrain_apex_dit.py). An FM
 teacher is trained once and sampled at NFE 1, 2, 4, 8, 50 (Euler); APEX runs fine-tune from it
 (`--load TEACHER --finetune`, docs/apex_recipe.md row B) or train from scratch and are sampled at
-NFE 1, 2, 4 (any-step flow map). Every sample set is scored by
-megatron_apex.eval.metrics.evaluate_images (accuracy, Frechet distance, diversity; the class-mean
-and real-image scores as references).
+NFE 1, 2, 4 (any-step flow map); a curve row trains once and is evaluated at several training
+lengths (the mode's `curve`: does one-step quality keep improving with compute?). Every sample
+set is scored by megatron_apex.eval.metrics.evaluate_images (accuracy, Frechet distance,
+diversity; the class-mean and real-image scores as references).
 
 Outputs under --out (default runs/benchmark_quality[_quick|_smoke]):
   runs/NAME/          the run's checkpoints (launcher --save), metrics.jsonl, launcher.log
   samples/NAME/       nfe{N}_s{SEED}.png (one row per class prompt) and .npz (as tools/sample.py)
-  results/NAME.json   the run's evaluation, written atomically once the run is done
-  report.md, fd_vs_nfe.png, ablations.png   (megatron_apex/eval/report.py, from results/*.json)
+  samples/NAME/itersN/  a curve row's samples of its length-N checkpoint
+  runs/NAME/curve_evals.json  a curve row's finished lengths, so an interrupted evaluation resumes
+  results/NAME.json   the run's evaluation, written atomically once the run is done (a curve row:
+                      `evals` of its last length and `curve`, [{iters, evals}] per length)
+  report.md, fd_vs_nfe.png, ablations.png, curve.png   (megatron_apex/eval/report.py, from results/*.json)
 Rerunning the same command skips runs with a result, evaluates trained runs and resumes unfinished
 training from its newest checkpoint (launcher --load). A failed run is recorded as failed (the
 report names the error), the others go on; the next rerun retries it.
@@ -35,6 +39,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -62,6 +67,9 @@ RELEASED = ("--objective", "apex", "--apex-variant", "released", "--teacher", "f
 # From scratch a frozen copy of the random init would be the DM's real velocity: the release's
 # full-tuning setting (the online model) instead.
 RELEASED_SCRATCH = RELEASED + ("--teacher", "online")
+# The authors' released combination (docs/apex_method.md, the `release` preset); its CFG-enhanced
+# target needs a teacher that knows the empty prompt, so its rows fine-tune fm-drop.
+PRESET = ("--objective", "apex", "--apex-preset", "release")
 PAPER = ("--objective", "apex", "--apex-variant", "paper")  # lam 0.5, 1:1, w = (1-t)/t, detach
 INPUT_SITE = ("--shift-site", "input")
 INPUT_SHIFT_CANDIDATE = (-0.5, 1.0)
@@ -83,7 +91,8 @@ class Run:
     from scratch. budget: which of the mode's iteration counts it trains ("fm" | "ft" |
     "scratch"). seeds: "one" (the mode's first seed), "train" (a training run per mode seed,
     each sampled with its own sampling seed) or "sample" (one training run, sampled once per
-    mode seed). quick: part of --quick. cells: the report cells it fills
+    mode seed). quick: part of --quick. curve: train the mode's longest curve length once and
+    evaluate the checkpoint at every curve length (Mode.curve). cells: the report cells it fills
     (megatron_apex/eval/report.py)."""
 
     name: str
@@ -94,6 +103,7 @@ class Run:
     quick: bool = False
     nfes: Tuple[int, ...] = APEX_NFES
     method: str = "flowmap"
+    curve: bool = False
     cells: Dict = field(default_factory=dict, hash=False)
 
 
@@ -144,11 +154,17 @@ RUNS: Tuple[Run, ...] = (
         cells={"options": "fake queries at (-t, -t)"}),
     Run("released-huber", "fm", "ft", RELEASED + opt("loss=pseudo_huber"), cells={"options": "pseudo-Huber loss"}),
     Run("released-tan", "fm", "ft", RELEASED + opt("tan_weight=true"), cells={"options": "tan weight on base rows"}),
-    Run("release-preset", "fm-drop", "ft", ("--objective", "apex", "--apex-preset", "release"), seeds="train",
-        cells={"options": "release preset (from fm-drop)"}),
-    Run("release-preset-online", "fm-drop", "ft", ("--objective", "apex", "--apex-preset", "release",
-                                                    "--teacher", "online"),
+    Run("released-any-step", "fm", "ft", RELEASED + opt("any_step=true"),
+        cells={"options": "any-step rows on RCGM targets"}),
+    Run("release-preset", "fm-drop", "ft", PRESET, seeds="train", cells={"options": "release preset (from fm-drop)"}),
+    Run("release-preset-velocity", "fm-drop", "ft", PRESET + opt("any_step=false"), seeds="train",
+        cells={"options": "release preset without any-step rows (from fm-drop)"}),
+    Run("release-preset-online", "fm-drop", "ft", PRESET + ("--teacher", "online"),
         cells={"options": "release preset, online teacher (from fm-drop)"}),
+    Run("release-preset-velocity-online", "fm-drop", "ft", PRESET + opt("any_step=false") + ("--teacher", "online"),
+        cells={"options": "release preset without any-step rows, online teacher (from fm-drop)"}),
+    # does one-step quality keep improving with compute? One run, evaluated at every curve length
+    Run("release-preset-curve", "fm-drop", "ft", PRESET, curve=True, cells={"curve": "release preset (from fm-drop)"}),
     Run("paper-input-best", "fm", "ft", PAPER + shift(*INPUT_SHIFT_CANDIDATE) + INPUT_SITE,
         cells={"options": "paper variant, input-site shift (-0.5, 1)"}),
     # ---- paper Table 6: lambda_p : lambda_e (paper variant; 1:1 is paper-ft)
@@ -182,20 +198,24 @@ class Mode:
     num_per_prompt: int  # sampled images per class prompt (10 prompts)
     quick_rows_only: bool
     out: str
+    curve: Tuple[int, ...]  # a curve row's training lengths (fine-tuning iterations), ascending
 
 
 MODES = {
     "full": Mode("full", {"fm": 1500, "ft": 500, "scratch": 1000}, (1234, 1235, 1236), 100, False,
-                 "runs/benchmark_quality"),
-    "quick": Mode("quick", {"fm": 600, "ft": 200, "scratch": 400}, (1234,), 30, True, "runs/benchmark_quality_quick"),
-    "smoke": Mode("smoke", {"fm": 4, "ft": 3, "scratch": 3}, (1234,), 2, True, "runs/benchmark_quality_smoke"),
+                 "runs/benchmark_quality", curve=(250, 500, 1000, 2000)),
+    "quick": Mode("quick", {"fm": 600, "ft": 200, "scratch": 400}, (1234,), 30, True, "runs/benchmark_quality_quick",
+                  curve=(100, 200, 400)),
+    "smoke": Mode("smoke", {"fm": 4, "ft": 3, "scratch": 3}, (1234,), 2, True, "runs/benchmark_quality_smoke",
+                  curve=(1, 2, 3)),
 }
 
 # Launcher flags every run shares (the default job's, examples/pretrain_apex_dit.sh).
 COMMON = ("--model", "qwen-image-tiny", "--micro-batch-size", "32", "--global-batch-size", "64",
           "--clip-grad", "1.0", "--ema-decay", "0.99", "--log-interval", "10", "--no-progress")
 GLOBAL_BATCH = 64
-KNOWN_CELLS = {"headline", "claim", "table6", "table7", "table7_input", "options", "site", "fake_grad", "weighting"}
+KNOWN_CELLS = {"headline", "claim", "table6", "table7", "table7_input", "options", "site", "fake_grad", "weighting",
+               "curve"}
 
 
 def schedule_flags(budget: str, iters: int) -> Tuple[str, ...]:
@@ -222,6 +242,7 @@ class Job:
     sample_seeds: Tuple[int, ...]
     iters: int
     base_job: Optional[str]
+    curve: Tuple[int, ...] = ()  # the training lengths evaluated (a curve row); iters is the last
 
 
 def validate_runs(runs: Sequence[Run]) -> None:
@@ -238,6 +259,9 @@ def validate_runs(runs: Sequence[Run]) -> None:
             raise ValueError(f"plan: run {r.name!r} budget {r.budget!r}: use fm, ft or scratch")
         if r.seeds not in ("one", "train", "sample"):
             raise ValueError(f"plan: run {r.name!r} seeds {r.seeds!r}: use one, train or sample")
+        if r.curve and r.budget != "ft":
+            # only the constant fine-tuning LR makes a run's first N iterations an N-iteration run
+            raise ValueError(f"plan: run {r.name!r} curve=True needs budget 'ft' (constant LR), got {r.budget!r}")
         unknown = set(r.cells) - KNOWN_CELLS
         if unknown:
             raise ValueError(f"plan: run {r.name!r} cells {sorted(unknown)}: known {sorted(KNOWN_CELLS)}")
@@ -245,12 +269,13 @@ def validate_runs(runs: Sequence[Run]) -> None:
 
 
 def expand(run: Run, index: int, mode: Mode) -> List[Job]:
-    iters = mode.iters[run.budget]
+    curve = tuple(sorted(set(mode.curve))) if run.curve else ()
+    iters = curve[-1] if curve else mode.iters[run.budget]
     if run.seeds == "train" and len(mode.seeds) > 1:
-        return [Job(f"{run.name}-s{seed}", run, index, seed, (i,), iters, run.base)
+        return [Job(f"{run.name}-s{seed}", run, index, seed, (i,), iters, run.base, curve)
                 for i, seed in enumerate(mode.seeds)]
     samples = tuple(range(len(mode.seeds))) if run.seeds == "sample" else (0,)
-    return [Job(run.name, run, index, mode.seeds[0], samples, iters, run.base)]
+    return [Job(run.name, run, index, mode.seeds[0], samples, iters, run.base, curve)]
 
 
 def build_plan(mode: Mode, runs: Sequence[Run] = RUNS) -> List[Job]:
@@ -325,13 +350,22 @@ def launcher_args(out: Path, job: Job) -> List[str]:
     fine-tune from the base's."""
     save = run_dir(out, job.name)
     args = [*COMMON, *schedule_flags(job.run.budget, job.iters), *job.run.flags,
-            "--seed", str(job.seed), "--train-iters", str(job.iters), "--save", str(save),
-            "--save-interval", str(max(1, job.iters // 4)), "--keep-last", "1"]
+            "--seed", str(job.seed), "--train-iters", str(job.iters), "--save", str(save), *save_flags(job)]
     if trained_iters(save) > 0:
         args += ["--load", str(save)]
     elif job.base_job:
         args += ["--load", str(base_checkpoint(out, job)), "--finetune"]
     return args
+
+
+def save_flags(job: Job) -> List[str]:
+    """A normal run keeps only its newest checkpoint. A curve run saves at every multiple of the
+    lengths' gcd (the trainer saves when iteration % --save-interval == 0), so each curve length
+    gets a checkpoint, and keeps them all (no --keep-last): a checkpoint saved on an interruption
+    lands between the multiples, and any finite --keep-last could then prune a curve length."""
+    if job.curve:
+        return ["--save-interval", str(math.gcd(*job.curve))]
+    return ["--save-interval", str(max(1, job.iters // 4)), "--keep-last", "1"]
 
 
 def base_checkpoint(out: Path, job: Job) -> Path:
@@ -359,14 +393,17 @@ def its_per_sec(run: Run) -> float:
         speed *= 1.9  # docs/benchmarks.md: 1.88x FM step instead of 3.69x
     if "w_consistency" in flags:
         speed *= 0.8  # one more forward/backward on the base rows (not measured)
+    if ("any_step=true" in flags or "apex-preset release" in flags) and "any_step=false" not in flags:
+        speed *= 0.8  # two more no-grad forwards on the base rows (not measured)
     return speed
 
 
 def estimate_seconds(job: Job, mode: Mode) -> float:
+    """job.iters is a curve run's longest length; each curve length is sampled and scored."""
     images = 10 * mode.num_per_prompt * len(job.sample_seeds)
     sampling = images * sum(job.run.nfes) * SECONDS_PER_IMAGE_STEP
     evals = len(job.run.nfes) * len(job.sample_seeds) * SECONDS_PER_EVAL
-    return LAUNCH_SECONDS + job.iters / its_per_sec(job.run) + sampling + evals
+    return LAUNCH_SECONDS + job.iters / its_per_sec(job.run) + (sampling + evals) * max(1, len(job.curve))
 
 
 def hms(seconds: float) -> str:
@@ -553,19 +590,61 @@ class Scorer:
         return evaluate_images(images, self.labels, dataset_name=self.dataset, classifier=self.classifier)
 
 
-def evaluate(out: Path, job: Job, scorer: Scorer) -> List[Dict]:
+def evaluate(out: Path, job: Job, scorer: Scorer, iteration: Optional[int] = None) -> List[Dict]:
+    """The run's newest checkpoint, or with `iteration` (a curve length) that one, sampled at the
+    row's NFEs and sampling seeds (a curve length's samples under samples/NAME/itersN/)."""
+    from megatron_apex.checkpoint import checkpoint_dir
     from megatron_apex.inference.loading import load_model_for_inference
 
-    model, _ = load_model_for_inference(str(run_dir(out, job.name)), "auto")
+    save = str(run_dir(out, job.name))
+    model, _ = load_model_for_inference(save if iteration is None else checkpoint_dir(save, iteration), "auto")
+    samples = out / "samples" / job.name / ("" if iteration is None else f"iters{iteration}")
     evals = []
     for sample_seed in job.sample_seeds:
         for nfe in job.run.nfes:
             images = scorer.images(model, nfe, job.run.method, sample_seed)
-            prefix = out / "samples" / job.name / f"nfe{nfe}_s{sample_seed}"
+            prefix = samples / f"nfe{nfe}_s{sample_seed}"
             scorer.save(images, prefix, nfe)
             evals.append({"nfe": nfe, "sample_seed": sample_seed, "method": job.run.method, **scorer.score(images),
                           "grid": str(prefix.relative_to(out)) + ".png"})
     return evals
+
+
+CURVE_PROGRESS = "curve_evals.json"  # in the run's directory: deleting the run deletes it too
+
+
+def evaluate_curve(out: Path, job: Job, scorer: Scorer) -> List[Dict]:
+    """[{iters, evals}] for every curve length, ascending. Each length's evaluation is written to
+    runs/NAME/curve_evals.json as soon as it is done, so an interrupted evaluation resumes with
+    the first length not recorded there (for the same NFEs, sampling seeds and checkpoint)."""
+    from megatron_apex.checkpoint import checkpoint_dir, complete_checkpoints
+
+    save = run_dir(out, job.name)
+    missing = sorted(set(job.curve) - set(complete_checkpoints(str(save))))
+    if missing:
+        raise JobFailed(f"curve checkpoints {missing} are missing under {save}; delete that directory to retrain")
+    stamps = {n: (Path(checkpoint_dir(str(save), n)) / "train_state.json").stat().st_mtime_ns for n in job.curve}
+    key = {"nfes": list(job.run.nfes), "sample_seeds": list(job.sample_seeds), "method": job.run.method}
+    done = _curve_progress(save / CURVE_PROGRESS, key, stamps)
+    for n in job.curve:
+        if n not in done:
+            done[n] = {"iters": n, "evals": evaluate(out, job, scorer, iteration=n), "checkpoint_mtime_ns": stamps[n]}
+            write_json(save / CURVE_PROGRESS, {**key, "curve": [done[k] for k in sorted(done)]})
+    return [{"iters": n, "evals": done[n]["evals"]} for n in job.curve]
+
+
+def _curve_progress(path: Path, key: Dict, stamps: Dict[int, int]) -> Dict[int, Dict]:
+    """The recorded lengths still valid: same evaluation settings, checkpoint not rewritten since."""
+    if not path.is_file():
+        return {}
+    try:
+        recorded = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    if any(recorded.get(k) != v for k, v in key.items()):
+        return {}
+    return {p["iters"]: p for p in recorded.get("curve", [])
+            if p.get("iters") in stamps and p.get("checkpoint_mtime_ns") == stamps[p["iters"]]}
 
 
 def result_record(job: Job, mode: Mode, status: str, **extra) -> Dict:
@@ -597,16 +676,27 @@ def run_job(out: Path, mode: Mode, job: Job, progress: Progress, scorer_box: Lis
         start = time.time()
         if not scorer_box:
             scorer_box.append(Scorer(mode.num_per_prompt))
-        evals = evaluate(out, job, scorer_box[0])
-        record = result_record(job, mode, "ok", evals=evals, eval_seconds=time.time() - start,
+        curve = {}
+        if job.curve:  # the last length is the run: its evals fill the row's usual cells
+            curve = {"curve": evaluate_curve(out, job, scorer_box[0])}
+            evals = curve["curve"][-1]["evals"]
+        else:
+            evals = evaluate(out, job, scorer_box[0])
+        record = result_record(job, mode, "ok", evals=evals, **curve, eval_seconds=time.time() - start,
                                **training_record(run_dir(out, job.name)))
-        fd1 = [e["fd"] for e in evals if e["nfe"] == 1]
-        print(f"[benchmark] {job.name}: NFE=1 FD {sum(fd1) / len(fd1):.1f}", flush=True)
+        points = curve.get("curve") or [{"iters": job.iters, "evals": evals}]
+        print(f"[benchmark] {job.name}: NFE=1 FD " + ", ".join(f"{_mean_fd1(p['evals']):.1f}"
+              + (f" at {p['iters']} it" if job.curve else "") for p in points), flush=True)
     except JobFailed as err:
         print(f"[benchmark] {job.name}: FAILED: {err}", flush=True)
         record = result_record(job, mode, "failed", error=str(err), **training_record(run_dir(out, job.name)))
     write_json(result_path(out, job.name), record)
     progress.end(job)
+
+
+def _mean_fd1(evals: Sequence[Dict]) -> float:
+    fd1 = [e["fd"] for e in evals if e["nfe"] == 1]
+    return sum(fd1) / len(fd1)
 
 
 def finished_training(out: Path, job_name: str, mode: Mode) -> bool:
@@ -622,8 +712,9 @@ def plan_listing(jobs: Sequence[Job], mode: Mode, out: Path) -> str:
     lines = [f"mode {mode.name}: {len(jobs)} runs, expected {hms(sum(estimate_seconds(j, mode) for j in jobs))} "
              f"on the idle 2-core machine; out {out}"]
     for j in jobs:
+        curve = f"  (evaluated at {', '.join(map(str, j.curve))} it)" if j.curve else ""
         lines.append(f"  {j.name:<24} {j.iters:>5} it  seed {j.seed}  ~{hms(estimate_seconds(j, mode))}  "
-                     f"{'from ' + j.base_job if j.base_job else 'scratch':<12} {' '.join(j.run.flags)}")
+                     f"{'from ' + j.base_job if j.base_job else 'scratch':<12} {' '.join(j.run.flags)}{curve}")
     return "\n".join(lines)
 
 

@@ -6,11 +6,12 @@ can be regenerated at any time and tested on synthetic numbers. A result dict ho
   job, entry (the plan row; a row with several training seeds has one job per seed),
   plan_index, seed, iters, flags, cells (the report cells the row fills: `headline`, `claim`
   ("teacher" | "apex"), `table6` ("1:0"...), `table7` ([a, b]), `options`, `site`,
-  `fake_grad`, `weighting`), status ("ok" | "failed"), error, train_seconds, eval_seconds,
+  `fake_grad`, `weighting`, `curve`), status ("ok" | "failed"), error, train_seconds, eval_seconds,
   its_per_sec, and evals: a list of {nfe, sample_seed, acc, fd, diversity, fd_real,
-  fd_class_means, diversity_real, num_generated, grid}.
+  fd_class_means, diversity_real, num_generated, grid}. A `curve` row's result also holds
+  curve: [{iters, evals}] (one training run evaluated at several lengths; evals is its last).
 The numbers and verdicts come from megatron_apex/eval/report_claims.py, the plots from
-megatron_apex/eval/report_plots.py.
+megatron_apex/eval/report_plots.py (the training-length plot from here).
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from megatron_apex.eval.report_claims import (TABLE7_A, TABLE7_B, TABLE7_PAPER_BEST, TABLE7_SITES, Entry, aggregate,
-                                              fmt, headline_claim, references, stat, table6_ordering,
-                                              table7_ordering, with_cell)
+from megatron_apex.eval.report_claims import (TABLE7_A, TABLE7_B, TABLE7_PAPER_BEST, TABLE7_SITES, Entry, Stat,
+                                              aggregate, fmt, headline_claim, references, seed_noise, stat,
+                                              table6_ordering, table7_ordering, with_cell)
 from megatron_apex.eval.report_plots import write_plots
+
+PLOT_CURVE = "curve.png"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +155,129 @@ def ablation_section(entries: Dict[str, Entry], cell: str, title: str) -> List[s
     return out
 
 
+# ---- training length: a curve row's one run evaluated at several lengths ---------------------
+
+def curve_points(entry: Entry) -> Dict[int, List[Dict]]:
+    """Training length -> the row's evaluations at that length, pooled over its ok jobs."""
+    points: Dict[int, List[Dict]] = {}
+    for job in entry.ok_jobs:
+        for point in job.get("curve") or []:
+            points.setdefault(int(point["iters"]), []).extend(point.get("evals", []))
+    return dict(sorted(points.items()))
+
+
+def point_metric(evals: Sequence[Dict], key: str, nfe: int) -> Optional[Stat]:
+    return stat(e.get(key) for e in evals if int(e["nfe"]) == nfe)
+
+
+def curve_teachers(entries: Dict[str, Entry]) -> List[Tuple[Entry, Stat]]:
+    """The FM teachers a curve is measured against, with their NFE=50 FD: the headline teacher
+    and each curve row's base (fm-drop for the release preset)."""
+    names = [e.name for e in entries.values() if e.cells.get("claim") == "teacher"]
+    names += [j.get("base") for e in with_cell(entries, "curve") for j in e.jobs]
+    found = []
+    for name in dict.fromkeys(n for n in names if n in entries):
+        fd50 = entries[name].metric("fd", 50)
+        if fd50 is not None:
+            found.append((entries[name], fd50))
+    return found
+
+
+def _same_flags_noise(entries: Dict[str, Entry], curve: Entry) -> Tuple[Optional[float], Optional[Entry]]:
+    """The NFE=1 FD seed spread of a multi-seed row trained with the curve row's flags."""
+    flags = {tuple(j.get("flags", [])) for j in curve.jobs}
+    for e in entries.values():
+        if e is not curve and {tuple(j.get("flags", [])) for j in e.jobs} == flags and seed_noise(e) is not None:
+            return seed_noise(e), e
+    return None, None
+
+
+def _curve_sentence(entries: Dict[str, Entry], row: Entry, points: Dict[int, List[Dict]]) -> str:
+    """Whether the last step of training still lowered NFE=1 FD by more than the seed noise."""
+    fd1 = {n: point_metric(ev, "fd", 1) for n, ev in points.items()}
+    fd1 = {n: s.mean for n, s in fd1.items() if s is not None}
+    if len(fd1) < 2:
+        return ""
+    lengths = sorted(fd1)
+    first, prev, last = lengths[0], lengths[-2], lengths[-1]
+    change = fd1[last] - fd1[prev]
+    text = (f"{row.cells['curve']}: NFE=1 FD {fd1[first]:.1f} at {first} iterations, {fd1[last]:.1f} at {last}; "
+            f"from {prev} to {last} iterations it changed by {change:+.1f}")
+    noise, source = _same_flags_noise(entries, row)
+    if noise is None:
+        return text + " (no multi-seed row with the same flags to compare it with the seed noise)."
+    verdict = ("within seed noise" if abs(change) <= noise
+               else "still improving with more training" if change < 0 else "worse with more training")
+    return text + (f": {verdict} (seed spread {noise:.1f}: std of NFE=1 FD over the seeds of `{source.name}`, "
+                   "same flags).")
+
+
+def curve_section(entries: Dict[str, Entry]) -> List[str]:
+    rows = with_cell(entries, "curve")
+    if not rows:
+        return []
+    out = ["## Training length", "",
+           "One fine-tuning run per row, trained to its longest length at a constant learning rate (so its first "
+           "N iterations are an N-iteration run), its checkpoint at each length sampled like every other row. "
+           "Frechet distance (lower is better), diversity, class accuracy:", ""]
+    table = []
+    for e in rows:
+        points = curve_points(e)
+        table += [[e.cells["curve"], n, fmt(point_metric(ev, "fd", 1)), fmt(point_metric(ev, "fd", 4)),
+                   fmt(point_metric(ev, "diversity", 1)), fmt(point_metric(ev, "acc", 1), 3)]
+                  for n, ev in points.items()]
+        if not points:
+            table.append([e.cells["curve"], "-", "-", "-", "-", _status(e)])
+    out += _table(["run", "iterations", "NFE=1 FD", "NFE=4 FD", "NFE=1 diversity", "NFE=1 accuracy"], table)
+    teachers = curve_teachers(entries)
+    if teachers:
+        out += ["FM teacher at NFE=50 (Euler), the plot's horizontal lines: "
+                + "; ".join(f"`{t.name}` FD {fmt(fd50)}" for t, fd50 in teachers) + ".", ""]
+    sentences = [_curve_sentence(entries, e, curve_points(e)) for e in rows]
+    return out + [s for s in sentences if s] + ([""] if any(sentences) else [])
+
+
+def write_curve_plot(results: Sequence[Dict], out_dir) -> List[str]:
+    """curve.png: NFE=1 and NFE=4 FD against training length, the FM teachers' NFE=50 FD as
+    horizontal lines; [] without matplotlib or without curve results."""
+    entries = aggregate(results)
+    rows = [(e, curve_points(e)) for e in with_cell(entries, "curve")]
+    rows = [(e, p) for e, p in rows if p]
+    if not rows:
+        return []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for e, points in rows:
+        for nfe, marker in ((1, "o"), (4, "s")):
+            stats = [(n, point_metric(ev, "fd", nfe)) for n, ev in points.items()]
+            stats = [(n, s) for n, s in stats if s is not None]
+            if stats:
+                ax.errorbar([n for n, _ in stats], [s.mean for _, s in stats], yerr=[s.std for _, s in stats],
+                            marker=marker, capsize=3, label=f"{e.cells['curve']}, NFE={nfe}")
+    for (teacher, fd50), style in zip(curve_teachers(entries), ("--", ":", "-.")):
+        ax.axhline(fd50.mean, color="grey", linestyle=style, label=f"{teacher.cells.get('headline', teacher.name)}, NFE=50")
+    ax.set_xscale("log")
+    lengths = sorted({n for _, points in rows for n in points})
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_xticks([], minor=True)  # a log axis labels its minor ticks (3x10^2 ...) between the lengths
+    ax.set_xlabel("APEX fine-tuning iterations")
+    ax.set_ylabel("Frechet distance (lower is better)")
+    ax.legend(fontsize=7)
+    ax.set_title("One-step quality against training length")
+    path = Path(out_dir) / PLOT_CURVE
+    tmp = path.with_name(f".{PLOT_CURVE}.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return [PLOT_CURVE]
+
+
 def references_section(results: Sequence[Dict]) -> List[str]:
     ref = references(results)
     n = stat(e.get("num_generated") for r in results for e in r.get("evals", []))
@@ -197,6 +323,7 @@ def render_report(results: Sequence[Dict], expected_seconds: Optional[float] = N
     out += ablation_section(entries, "site", "Shift site (`released`, fine-tuned)")
     out += ablation_section(entries, "fake_grad", "fake_grad (`paper`, fine-tuned)")
     out += ablation_section(entries, "weighting", "Weighting w(t) of L_mix (`paper`, fine-tuned)")
+    out += curve_section(entries)
     out += references_section(results)
     out += sample_grid_section(entries)
     if plots:
@@ -236,7 +363,7 @@ def write_report(out_dir, expected_seconds: Optional[float] = None) -> Path:
     """Read OUT/results/*.json, write OUT/report.md and the plots; returns report.md's path."""
     out_dir = Path(out_dir)
     results = load_results(out_dir / "results")
-    plots = write_plots(results, out_dir)
+    plots = write_plots(results, out_dir) + write_curve_plot(results, out_dir)
     path = out_dir / "report.md"
     tmp = path.with_name(f".report.md.tmp-{os.getpid()}")
     tmp.write_text(render_report(results, expected_seconds, plots))

@@ -4,6 +4,7 @@ pure function of the results (its verdicts flip with the numbers), and one --smo
 teacher and one APEX fine-tune through the real launcher."""
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import os
@@ -35,7 +36,8 @@ def test_plan_names_unique_and_bases_earlier(mode):
     for i, j in enumerate(jobs):
         if j.base_job is not None:
             assert j.base_job in names[:i], f"{j.name}'s base {j.base_job} is not earlier"
-        assert j.iters == bq.MODES[mode].iters[j.run.budget] >= 1
+        mode_ = bq.MODES[mode]
+        assert j.iters == (max(mode_.curve) if j.run.curve else mode_.iters[j.run.budget]) >= 1
 
 
 def test_modes_select_rows_and_seeds():
@@ -106,6 +108,8 @@ def test_validate_runs_rejects_bad_plans():
         bq.validate_runs([bq.Run("x", None, "long", bq.FM)])
     with pytest.raises(ValueError, match="cells"):
         bq.validate_runs([bq.Run("x", None, "fm", bq.FM, cells={"tabel6": "1:1"})])
+    with pytest.raises(ValueError, match="curve=True needs budget 'ft'"):  # a cosine LR depends on the length
+        bq.validate_runs([bq.Run("x", None, "scratch", bq.RELEASED, curve=True)])
 
 
 def test_only_adds_bases_and_rejects_unknown_names():
@@ -424,6 +428,282 @@ def test_write_report_reads_results_and_writes_plots(tmp_path):
     (tmp_path / "results" / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="broken.json"):
         rp.load_results(tmp_path / "results")
+
+
+# ---- training-length curve: one run evaluated at several lengths ----------------------------
+def _curve_job(mode_name="full"):
+    """The release-preset-curve job; in quick/smoke (where its base fm-drop is not planned) the
+    same row after its base."""
+    mode = bq.MODES[mode_name]
+    row = next(r for r in bq.RUNS if r.name == "release-preset-curve")
+    base = next(r for r in bq.RUNS if r.name == row.base)
+    if mode.quick_rows_only:
+        jobs = bq.build_plan(mode, [bq.RUNS[0], dataclasses.replace(base, quick=True),
+                                    dataclasses.replace(row, quick=True)])
+    else:
+        jobs = bq.build_plan(mode)
+    return next(j for j in jobs if j.run.name == row.name), next(j for j in jobs if j.name == row.base)
+
+
+def _trainer_kept_checkpoints(save: Path, cfg, interrupt_at=None):
+    """Which checkpoints survive a run, by the trainer's rule (megatron_apex/training/loop.py: a
+    checkpoint when iteration % --save-interval == 0, one when stopped by a signal and one at the
+    end if the last iteration was not saved; after each, the real prune_checkpoints with
+    --keep-last), optionally interrupted once at `interrupt_at` and resumed."""
+    from megatron_apex.checkpoint import complete_checkpoints, prune_checkpoints
+
+    def save_at(it):
+        _fake_checkpoint(save, it)
+        if cfg.checkpoint.keep_last:
+            prune_checkpoints(str(save), cfg.checkpoint.keep_last)
+
+    last_saved = None
+    for it in range(1, cfg.train.train_iters + 1):
+        if cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
+            save_at(it)
+            last_saved = it
+        elif it == interrupt_at:
+            save_at(it)
+            last_saved = it
+    if last_saved != cfg.train.train_iters:
+        save_at(cfg.train.train_iters)
+    return complete_checkpoints(str(save))
+
+
+@pytest.mark.parametrize("mode_name", ["full", "quick", "smoke"])
+def test_curve_row_trains_its_longest_length_and_keeps_every_curve_checkpoint(tmp_path, mode_name):
+    from megatron_apex.training.arguments import parse_args
+
+    mode = bq.MODES[mode_name]
+    job, base = _curve_job(mode_name)
+    assert job.curve == tuple(sorted(mode.curve)) and job.iters == max(mode.curve)
+    assert job.seed == mode.seeds[0] and job.sample_seeds == (0,) and job.base_job == "fm-drop"
+    assert job.run.flags == bq.PRESET and job.run.budget == "ft" and job.run.cells == {
+        "curve": "release preset (from fm-drop)"}
+    _fake_checkpoint(bq.run_dir(tmp_path, base.name), base.iters)
+    cfg = parse_args(bq.launcher_args(tmp_path, job))
+    assert cfg.train.train_iters == job.iters and cfg.optim.lr_decay_style == "constant"
+    # a signal's checkpoint lands between the saves (in full and quick mode)
+    for k, interrupt in enumerate((None, job.curve[0] + 1, job.iters - 1)):
+        kept = _trainer_kept_checkpoints(tmp_path / f"sim{k}", cfg, interrupt)
+        assert set(job.curve) <= set(kept), (interrupt, kept)
+    # the normal rows' flags would lose them: the simulation can fail
+    normal = dataclasses.replace(job, curve=())
+    lost = _trainer_kept_checkpoints(tmp_path / "normal", parse_args(bq.launcher_args(tmp_path, normal)))
+    assert not set(job.curve) <= set(lost)
+
+
+def test_curve_row_is_in_the_full_plan_only_and_after_the_release_preset_rows():
+    full = [j.run.name for j in bq.build_plan(bq.MODES["full"])]
+    assert full.count("release-preset-curve") == 1
+    assert full.index("release-preset-curve") > max(i for i, n in enumerate(full) if n.startswith("release-preset")
+                                                    and n != "release-preset-curve")
+    assert "release-preset-curve" not in {j.run.name for j in bq.build_plan(bq.MODES["quick"])}
+    assert [j.curve for j in bq.build_plan(bq.MODES["full"]) if j.run.name != "release-preset-curve"] == [()] * (
+        len(full) - 1)
+
+
+def test_estimate_counts_the_curve_training_and_every_length_evaluated():
+    mode = bq.MODES["full"]
+    job, _ = _curve_job()
+    images = 10 * mode.num_per_prompt
+    one_eval = images * sum(bq.APEX_NFES) * bq.SECONDS_PER_IMAGE_STEP + len(bq.APEX_NFES) * bq.SECONDS_PER_EVAL
+    speed = 1.45 * 0.8  # released APEX, with the preset's any-step rows
+    assert bq.estimate_seconds(job, mode) == pytest.approx(
+        bq.LAUNCH_SECONDS + max(mode.curve) / speed + len(mode.curve) * one_eval)
+
+
+class _CurveScorer:
+    """Scores that depend on the checkpoint loaded and the NFE; records where samples go."""
+
+    def __init__(self):
+        self.saved = []
+
+    def images(self, model, nfe, method, seed):
+        return (model, nfe, seed)
+
+    def save(self, images, prefix, nfe):
+        self.saved.append(Path(prefix))
+
+    def score(self, images):
+        checkpoint, nfe, seed = images
+        iteration = int(Path(checkpoint).name.split("_")[1])
+        return {"fd": _curve_fd(iteration, nfe), "acc": 0.5, "diversity": 1.0 + seed}
+
+
+def _curve_fd(iteration, nfe):
+    return 1000.0 / iteration + nfe
+
+
+def _curve_fakes(monkeypatch, tmp_path, interrupt_at=None):
+    """The curve job trained by a fake launcher that saves where the job's own save flags say,
+    and the real evaluate() with a fake model loader and scorer; returns (job, loads, scorer)."""
+    from megatron_apex.inference import loading
+
+    job, base = _curve_job()
+    if bq.trained_iters(bq.run_dir(tmp_path, base.name)) < base.iters:
+        _fake_checkpoint(bq.run_dir(tmp_path, base.name), base.iters)
+    loads, scorer = [], _CurveScorer()
+
+    def fake_train(out, j):
+        args = bq.launcher_args(out, j)
+        interval = int(args[args.index("--save-interval") + 1])
+        for it in range(interval, j.iters + 1, interval):
+            _fake_checkpoint(bq.run_dir(out, j.name), it)
+
+    def fake_load(path, weights):
+        if interrupt_at is not None and path.endswith(f"iter_{interrupt_at:07d}"):
+            raise RuntimeError("interrupted")
+        loads.append(path)
+        return path, {}
+
+    monkeypatch.setattr(bq, "train", fake_train)
+    monkeypatch.setattr(bq, "Scorer", lambda k: scorer)
+    monkeypatch.setattr(loading, "load_model_for_inference", fake_load)
+    return job, loads, scorer
+
+
+def _run_curve(tmp_path, job):
+    mode = bq.MODES["full"]
+    bq.run_job(tmp_path, mode, job, bq.Progress([job], mode, tmp_path), [])
+
+
+def test_curve_run_evaluates_each_length_from_its_checkpoint(monkeypatch, tmp_path):
+    from megatron_apex.checkpoint import checkpoint_dir
+
+    job, loads, scorer = _curve_fakes(monkeypatch, tmp_path)
+    _run_curve(tmp_path, job)
+    save = str(bq.run_dir(tmp_path, job.name))
+    assert loads == [checkpoint_dir(save, n) for n in job.curve]
+    assert sorted({p.parent.name for p in scorer.saved}) == sorted(f"iters{n}" for n in job.curve)
+    record = json.loads(bq.result_path(tmp_path, job.name).read_text())
+    assert record["status"] == "ok" and record["iters"] == max(job.curve)
+    assert [p["iters"] for p in record["curve"]] == list(job.curve)
+    for point in record["curve"]:
+        assert [(e["nfe"], e["sample_seed"], e["fd"]) for e in point["evals"]] == [
+            (nfe, 0, _curve_fd(point["iters"], nfe)) for nfe in job.run.nfes]
+        assert all(e["grid"] == f"samples/{job.name}/iters{point['iters']}/nfe{e['nfe']}_s0.png"
+                   for e in point["evals"])
+    assert record["evals"] == record["curve"][-1]["evals"]  # every existing table reads the last length
+
+
+def test_curve_evaluation_resumes_after_the_finished_lengths(monkeypatch, tmp_path):
+    from megatron_apex.checkpoint import checkpoint_dir
+
+    third = _curve_job()[0].curve[2]
+    job, loads, _ = _curve_fakes(monkeypatch, tmp_path, interrupt_at=third)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _run_curve(tmp_path, job)
+    assert not bq.result_path(tmp_path, job.name).exists()
+    save = bq.run_dir(tmp_path, job.name)
+    assert [p["iters"] for p in json.loads((save / bq.CURVE_PROGRESS).read_text())["curve"]] == list(job.curve[:2])
+    assert bq.job_action(tmp_path, job) == "evaluate"
+
+    job, loads, _ = _curve_fakes(monkeypatch, tmp_path)  # the rerun: the two finished lengths are kept
+    _run_curve(tmp_path, job)
+    assert loads == [checkpoint_dir(str(save), n) for n in job.curve[2:]]
+    record = json.loads(bq.result_path(tmp_path, job.name).read_text())
+    assert [[e["fd"] for e in p["evals"]] for p in record["curve"]] == [
+        [_curve_fd(n, nfe) for nfe in job.run.nfes] for n in job.curve]
+
+    # a checkpoint rewritten after its evaluation is evaluated again; a finished result is skipped
+    os.remove(bq.result_path(tmp_path, job.name))
+    state = Path(checkpoint_dir(str(save), job.curve[0])) / "train_state.json"
+    os.utime(state, ns=(state.stat().st_atime_ns, state.stat().st_mtime_ns + 10**9))
+    loads.clear()
+    _run_curve(tmp_path, job)
+    assert loads == [checkpoint_dir(str(save), job.curve[0])]
+    loads.clear()
+    _run_curve(tmp_path, job)
+    assert loads == []
+
+
+def test_curve_run_with_a_missing_checkpoint_fails_with_one_line(monkeypatch, tmp_path):
+    import shutil
+
+    from megatron_apex.checkpoint import checkpoint_dir
+
+    job, loads, _ = _curve_fakes(monkeypatch, tmp_path)
+    bq.train(tmp_path, job)
+    save = bq.run_dir(tmp_path, job.name)
+    shutil.rmtree(checkpoint_dir(str(save), job.curve[1]))
+    _run_curve(tmp_path, job)
+    record = json.loads(bq.result_path(tmp_path, job.name).read_text())
+    assert record["status"] == "failed" and loads == []
+    assert f"curve checkpoints [{job.curve[1]}] are missing under {save}" in record["error"]
+    assert "\n" not in record["error"]
+
+
+def _curve_result(fd1_by_iters, seed=1234, flags=("--x",), base="fm-drop", index=30):
+    """A curve row's result: NFE=1 FD per length as given, NFE=4 half of it."""
+    curve = [{"iters": n, "evals": _result("x", {1: fd, 4: fd / 2}, {}, acc=0.5 + n / 10000)["evals"]}
+             for n, fd in fd1_by_iters.items()]
+    r = _result("release-preset-curve", {}, {"curve": "preset curve"}, seed=seed,
+                job=f"release-preset-curve-s{seed}", index=index)
+    r.update(curve=curve, evals=curve[-1]["evals"], flags=list(flags), base=base)
+    return r
+
+
+def _curve_results(noise_fds=(110.0, 115.0, 112.0)):
+    rows = _headline((300.0, 305.0, 295.0), (120.0, 130.0, 125.0))
+    rows.append(_result("fm-drop", {1: 310.0, 50: 57.5}, {"headline": "FM drop"}, index=12))
+    for s, v in zip((1, 2, 3), noise_fds):
+        r = _result("release-preset", {1: v}, {"options": "preset"}, seed=s, job=f"release-preset-s{s}", index=20)
+        r["flags"] = ["--x"]
+        rows.append(r)
+    rows.append(_curve_result({250: 150.0, 500: 120.0, 1000: 104.0, 2000: 100.0}, seed=1))
+    rows.append(_curve_result({250: 160.0, 500: 118.0, 1000: 106.0, 2000: 98.0}, seed=2))
+    return rows
+
+
+def test_curve_section_values_come_from_the_curve_json():
+    results = _curve_results()
+    lines = rp.curve_section(rc.aggregate(results))
+    assert lines[0] == "## Training length"
+    curves = [r for r in results if "curve" in r]
+    table = [line for line in lines if line.startswith("| preset curve")]
+    assert len(table) == 4
+    for line, n in zip(table, (250, 500, 1000, 2000)):
+        evals = [e for r in curves for p in r["curve"] if p["iters"] == n for e in p["evals"]]
+        def cell(key, nfe, digits=1):
+            vals = [e[key] for e in evals if e["nfe"] == nfe]
+            return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+        assert line == (f"| preset curve | {n} | {cell('fd', 1)} | {cell('fd', 4)} | {cell('diversity', 1)} | "
+                        f"{cell('acc', 1, 3)} |")
+    text = "\n".join(lines)
+    assert f"`fm` FD {statistics.mean((60.0, 62.0, 61.0)):.1f} ± {statistics.stdev((60.0, 62.0, 61.0)):.1f}" in text
+    assert "`fm-drop` FD 57.5" in text
+    change = statistics.mean((100.0, 98.0)) - statistics.mean((104.0, 106.0))
+    noise = statistics.stdev((110.0, 115.0, 112.0))
+    assert f"from 1000 to 2000 iterations it changed by {change:+.1f}: still improving" in text
+    assert f"seed spread {noise:.1f}" in text and "`release-preset`" in text
+    # a wider seed spread makes the same change noise
+    noisy = "\n".join(rp.curve_section(rc.aggregate(_curve_results((100.0, 120.0, 140.0)))))
+    assert f"changed by {change:+.1f}: within seed noise" in noisy
+
+
+def test_curve_section_without_curve_results():
+    assert rp.curve_section(rc.aggregate(_all_results())) == []
+    failed = _result("release-preset-curve", {}, {"curve": "preset curve"}, status="failed", index=30)
+    lines = rp.curve_section(rc.aggregate(_all_results() + [failed]))
+    assert "| preset curve | - | - | - | - | failed: release-preset-curve: boom |" in lines
+
+
+def test_write_report_draws_the_curve_plot_only_with_curve_results(tmp_path):
+    from PIL import Image
+
+    for r in _curve_results():
+        bq.write_json(tmp_path / "results" / f"{r['job']}.json", r)
+    text = rp.write_report(tmp_path).read_text()
+    assert "## Training length" in text and f"![{rp.PLOT_CURVE}]({rp.PLOT_CURVE})" in text
+    with Image.open(tmp_path / rp.PLOT_CURVE) as img:
+        assert img.size[0] > 200 and img.size[1] > 100
+    assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]
+    bare = tmp_path / "bare"
+    for r in _all_results():
+        bq.write_json(bare / "results" / f"{r['job']}.json", r)
+    text = rp.write_report(bare).read_text()
+    assert "Training length" not in text and rp.PLOT_CURVE not in text and not (bare / rp.PLOT_CURVE).exists()
 
 
 # ---- end to end: the FM teacher and one fine-tune through the launcher, then a rerun --------
