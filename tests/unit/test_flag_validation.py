@@ -221,32 +221,34 @@ def launcher_flags(tmp_path: Path, *user) -> list:
     return argv[argv.index("examples/pretrain_apex_dit.py") + 1:]
 
 
-@pytest.mark.parametrize("user, objective, variant, start, released_options", [
-    ((), "apex", "released", 1500, True),
-    (("--objective", "fm"), "fm", None, 0, False),
-    (("--objective=fm", "--caption-dropout", "0.1"), "fm", None, 0, False),
-    (("--apex-variant", "paper"), "apex", "paper", 1500, False),
-    (("--apex-variant=paper", "--lam", "0.3"), "apex", "paper", 1500, False),
-    (("--apex-variant", "released", "--teacher", "online"), "apex", "released", 1500, True),
-    (("--train-iters", "40", "--apex-start-iter", "30"), "apex", "released", 30, True),
-], ids=["defaults", "fm", "fm-equals", "paper", "paper-equals-lam", "released-online", "short"])
-def test_launcher_defaults_step_aside_for_the_users_choice(tmp_path, user, objective, variant, start,
-                                                           released_options):
+@pytest.mark.parametrize("user, objective, variant, start, recipe", [
+    ((), "apex", "released", 1500, "preset"),
+    (("--objective", "fm"), "fm", None, 0, None),
+    (("--objective=fm", "--caption-dropout", "0.1"), "fm", None, 0, None),
+    (("--apex-variant", "paper"), "apex", "paper", 1500, None),
+    (("--apex-variant=paper", "--lam", "0.3"), "apex", "paper", 1500, None),
+    (("--apex-variant", "released", "--teacher", "online"), "apex", "released", 1500, "released"),
+    (("--train-iters", "40", "--apex-start-iter", "30"), "apex", "released", 30, "preset"),
+    (("--apex-preset", "release"), "apex", "released", 1500, "preset"),
+], ids=["defaults", "fm", "fm-equals", "paper", "paper-equals-lam", "released-online", "short", "user-preset"])
+def test_launcher_defaults_step_aside_for_the_users_choice(tmp_path, user, objective, variant, start, recipe):
+    """No choice: the release preset, with caption dropout for its CFG target's empty-prompt
+    branch; an explicit --apex-variant released: that variant's launcher values; anything else:
+    the launcher's APEX values stay out (the preset's values are not overridden by them)."""
+    from megatron_apex.objectives.apex import preset_fields
+
     cfg = parse_args(launcher_flags(tmp_path, *user))
     obj = cfg.objective
     assert (obj.objective, obj.apex.get("variant"), obj.apex_start_iter) == (objective, variant, start)
-    assert (obj.apex.get("w_dm"), obj.apex.get("dm_warmup_steps")) == ((1.0, 80) if released_options else (None, None))
+    expected = {"preset": preset_fields("release"),
+                "released": {"variant": "released", "w_dm": 1.0, "dm_warmup_steps": 80}}.get(recipe, None)
+    if expected is None:
+        assert "w_dm" not in obj.apex and "any_step" not in obj.apex
+    else:
+        assert obj.apex == expected
+    user_dropout = 0.1 if "--caption-dropout" in user else 0.0
+    assert cfg.data.caption_dropout == (0.1 if recipe == "preset" else user_dropout)
     assert cfg.checkpoint.save == str(tmp_path / "run")
-
-
-def test_launcher_steps_aside_for_a_preset(tmp_path):
-    """The launcher's released-variant values (w_dm, dm_warmup_steps) would override the
-    preset's; with --apex-preset they are left out and the preset's values reach the config."""
-    from megatron_apex.objectives.apex import preset_fields
-
-    obj = parse_args(launcher_flags(tmp_path, "--apex-preset", "release")).objective
-    assert (obj.objective, obj.apex_start_iter) == ("apex", 1500)
-    assert obj.apex == preset_fields("release")
 
 
 def test_launcher_default_start_with_a_short_run_names_both_flags(tmp_path):
