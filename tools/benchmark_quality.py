@@ -143,7 +143,7 @@ RUNS: Tuple[Run, ...] = (
         cells={"options": "+ consistency term (w 1)"}),
     Run("released-split", "fm", "ft", RELEASED + opt("batch_split=0.5"), cells={"options": "batch split 0.5"}),
     # the CFG-enhanced target queries the teacher on the empty prompt: a teacher trained with caption dropout
-    Run("fm-drop", None, "fm", FM + ("--caption-dropout", "0.1"), nfes=FM_NFES, method="euler",
+    Run("fm-drop", None, "fm", FM + ("--caption-dropout", "0.1"), seeds="sample", nfes=FM_NFES, method="euler",
         cells={"headline": "FM teacher, caption dropout 0.1 (Euler)"}),
     Run("released-cfg", "fm-drop", "ft", RELEASED + opt("cfg_scale=0.8"),
         cells={"options": "CFG-enhanced target r 0.8 (from fm-drop)"}),
@@ -163,6 +163,9 @@ RUNS: Tuple[Run, ...] = (
         cells={"options": "release preset, online teacher (from fm-drop)"}),
     Run("release-preset-velocity-online", "fm-drop", "ft", PRESET + opt("any_step=false") + ("--teacher", "online"),
         cells={"options": "release preset without any-step rows, online teacher (from fm-drop)"}),
+    # the best one-step rows combined: the preset with the paper's best shift cell (Table 7, input site)
+    Run("release-preset-input-shift", "fm-drop", "ft", PRESET + shift(*INPUT_SHIFT_CANDIDATE) + INPUT_SITE,
+        cells={"options": "release preset + input-site shift (-0.5, 1) (from fm-drop)"}),
     # does one-step quality keep improving with compute? One run, evaluated at every curve length
     Run("release-preset-curve", "fm-drop", "ft", PRESET, curve=True, cells={"curve": "release preset (from fm-drop)"}),
     Run("paper-input-best", "fm", "ft", PAPER + shift(*INPUT_SHIFT_CANDIDATE) + INPUT_SITE,
