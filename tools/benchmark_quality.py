@@ -2,7 +2,7 @@
 """Small-scale reproduction of the APEX paper's claims as one resumable command.
 
     python tools/benchmark_quality.py --quick          # 7 runs, ~19 min on the idle 2-core machine
-    python tools/benchmark_quality.py                  # full: 56 runs, ~6.6 h on the idle 2-core machine
+    python tools/benchmark_quality.py                  # full: 57 runs, ~6.8 h on the idle 2-core machine
     python tools/benchmark_quality.py --smoke --only fm,released-ft   # seconds per run (tests)
     python tools/benchmark_quality.py --list [--quick] # the plan, its launcher flags and time estimate
     python tools/benchmark_quality.py --report-only [--quick]
@@ -156,9 +156,12 @@ RUNS: Tuple[Run, ...] = (
     Run("released-tan", "fm", "ft", RELEASED + opt("tan_weight=true"), cells={"options": "tan weight on base rows"}),
     Run("released-any-step", "fm", "ft", RELEASED + opt("any_step=true"),
         cells={"options": "any-step rows on RCGM targets"}),
-    Run("release-preset", "fm-drop", "ft", PRESET, seeds="train", cells={"options": "release preset (from fm-drop)"}),
+    Run("release-preset", "fm-drop", "ft", PRESET, seeds="train",
+        cells={"headline": "APEX release preset (the default job's), fine-tuned from fm-drop",
+               "options": "release preset (from fm-drop)"}),
     Run("release-preset-velocity", "fm-drop", "ft", PRESET + opt("any_step=false"), seeds="train",
-        cells={"options": "release preset without any-step rows (from fm-drop)"}),
+        cells={"headline": "APEX release preset without any-step rows, fine-tuned from fm-drop",
+               "options": "release preset without any-step rows (from fm-drop)"}),
     Run("release-preset-online", "fm-drop", "ft", PRESET + ("--teacher", "online"),
         cells={"options": "release preset, online teacher (from fm-drop)"}),
     Run("release-preset-velocity-online", "fm-drop", "ft", PRESET + opt("any_step=false") + ("--teacher", "online"),
