@@ -96,14 +96,23 @@ HAND_LENS = {1: (0, 0, 1), 2: (1, 1, 0), 3: (1, 1, 1), 4: (1, 1, 2), 5: (2, 2, 1
              8: (3, 3, 2), 9: (3, 3, 3)}
 
 
-def hand_target_times(t, u):
+def hand_groups(n, seed_generator=None):
+    """Each row's group name: consecutive thirds (HAND_LENS) from three rows on; under three, one
+    uniform draw of {0, 1, 2} per row from the generator, after the rows' u."""
+    if n >= 3:
+        n_e2e, n_mul, n_any = HAND_LENS[n]
+        return ["e2e"] * n_e2e + ["mul"] * n_mul + ["any"] * n_any
+    return [("e2e", "mul", "any")[int(k)] for k in torch.randint(3, (n,), generator=seed_generator)]
+
+
+def hand_target_times(t, u, groups=None):
     """(t, tt) row by row: e2e (1, 0), mul tt = t - u t 0.05, any tt = t - u t."""
-    n_e2e, n_mul, _ = HAND_LENS[len(t)]
+    groups = hand_groups(len(t)) if groups is None else groups
     t_out, tt_out = [], []
-    for i, (ti, ui) in enumerate(zip(t.tolist(), u.tolist())):
-        if i < n_e2e:
+    for group, ti, ui in zip(groups, t.tolist(), u.tolist()):
+        if group == "e2e":
             t_out.append(1.0), tt_out.append(0.0)
-        elif i < n_e2e + n_mul:
+        elif group == "mul":
             t_out.append(ti), tt_out.append(ti - ui * ti * 0.05)
         else:
             t_out.append(ti), tt_out.append(ti - ui * ti)
@@ -198,13 +207,15 @@ def test_group_sizes_are_the_releases_lens(n):
 def test_draw_target_times_by_hand(n, dtype):
     t = torch.rand(n, generator=torch.Generator().manual_seed(100 + n), dtype=dtype) * 0.9 + 0.05
     got_t, got_tt = any_step.draw_target_times(t, torch.Generator().manual_seed(n))
-    u = torch.rand(n, generator=torch.Generator().manual_seed(n), dtype=dtype)
-    want_t, want_tt = hand_target_times(t, u)
+    replay = torch.Generator().manual_seed(n)
+    u = torch.rand(n, generator=replay, dtype=dtype)
+    groups = hand_groups(n, replay)
+    want_t, want_tt = hand_target_times(t, u, groups)
     torch.testing.assert_close(got_t, want_t, rtol=0, atol=0)
     tol = 1e-15 if dtype == torch.float64 else 1e-6
     torch.testing.assert_close(got_tt, want_tt, rtol=0, atol=tol)
-    n_e2e, n_mul, _ = HAND_LENS[n]
-    e2e, mul, anywhere = slice(0, n_e2e), slice(n_e2e, n_e2e + n_mul), slice(n_e2e + n_mul, n)
+    rows = {name: torch.tensor([g == name for g in groups], dtype=torch.bool) for name in ("e2e", "mul", "any")}
+    e2e, mul, anywhere = rows["e2e"], rows["mul"], rows["any"]
     assert (got_t[e2e] == 1).all() and (got_tt[e2e] == 0).all()
     for rows in (mul, anywhere):
         assert torch.equal(got_t[rows], t[rows])
@@ -213,6 +224,27 @@ def test_draw_target_times_by_hand(n, dtype):
     assert ((got_tt[anywhere] >= 0) & (got_tt[anywhere] <= got_t[anywhere])).all()
     # the caller's t is left as it was (released_batch's t is the caller's batch)
     assert torch.equal(t, torch.rand(n, generator=torch.Generator().manual_seed(100 + n), dtype=dtype) * 0.9 + 0.05)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_micro_batch_under_three_rows_draws_every_group(n):
+    """A micro-batch of 1 or 2 (a 20B model's) cannot hold the three consecutive groups; its rows
+    draw theirs, so over many micro-batches each group gets about a third of the rows."""
+    counts = {"e2e": 0, "mul": 0, "any": 0}
+    draws = 600
+    for seed in range(draws):
+        t = torch.full((n,), 0.5, dtype=torch.float64)
+        got_t, got_tt = any_step.draw_target_times(t, torch.Generator().manual_seed(seed))
+        for ti, tti in zip(got_t.tolist(), got_tt.tolist()):
+            if (ti, tti) == (1.0, 0.0):
+                counts["e2e"] += 1
+            elif ti - tti <= 0.05 * ti:
+                counts["mul"] += 1  # (an "any" row with u <= 0.05 lands here too: ~5 % of a third)
+            else:
+                counts["any"] += 1
+    total = draws * n
+    for name, count in counts.items():
+        assert abs(count / total - 1 / 3) < 0.06, counts
 
 
 @pytest.mark.parametrize("batch_split", [None, 0.5])

@@ -6,7 +6,8 @@ to a target time tt <= t, in three equal groups (in this order):
   e2e  (t, tt) = (1, 0): the one-step jump from pure noise (x_t = z), paired with its data row;
   mul  tt just below t: tt = t - u * t * NEAR_DIAGONAL (a short jump; a velocity query as u -> 0);
   any  tt anywhere in [0, t]: tt = t - u * t;
-with u uniform on [0, 1) drawn per row (draw_target_times).
+with u uniform on [0, 1) drawn per row (draw_target_times); under three rows each row draws its
+group (row_groups).
 
 Each row's target is the RCGM consistency target: a jump from t to tt is a step of length d
 (consistency_step) along the row's velocity target v, then the model's own jump from t - d to tt,
@@ -44,21 +45,32 @@ def group_sizes(n: int) -> Tuple[int, int, int]:
     return first, second, n - first - second
 
 
+def row_groups(n: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """Each base row's group (n,), an index into GROUPS. From three rows on: the consecutive thirds
+    of group_sizes. Fewer rows (a micro-batch of 1 or 2, as large models train) could not hold
+    every group, so each row draws its group uniformly from ``generator``: over a global batch the
+    groups are thirds in expectation."""
+    if n >= len(GROUPS):
+        sizes = torch.tensor(group_sizes(n), device=device)
+        return torch.repeat_interleave(torch.arange(len(GROUPS), device=device), sizes)
+    draw_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randint(len(GROUPS), (n,), generator=generator, device=draw_device).to(device)
+
+
 def draw_target_times(t: torch.Tensor, generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
     """(t, tt) of the base rows from their sampled times t (n,): e2e rows become (1, 0), mul and
     any rows keep t and get tt from one uniform u per row, drawn (n,) from ``generator`` on its
-    device (CPU without one) in at least float32."""
+    device (CPU without one) in at least float32; then, for fewer than three rows, their groups
+    (row_groups)."""
     n = t.shape[0]
     draw_device = generator.device if generator is not None else torch.device("cpu")
     u = torch.rand(n, generator=generator, device=draw_device,
                    dtype=torch.promote_types(t.dtype, torch.float32)).to(device=t.device, dtype=t.dtype)
-    n_e2e, n_mul, _ = group_sizes(n)
-    t = t.clone()
-    tt = t - u * t
-    t[:n_e2e], tt[:n_e2e] = 1.0, 0.0
-    mul = slice(n_e2e, n_e2e + n_mul)
-    tt[mul] = t[mul] - u[mul] * t[mul] * NEAR_DIAGONAL
-    return t, tt
+    group = row_groups(n, generator, t.device)
+    e2e, mul = group == GROUPS.index("e2e"), group == GROUPS.index("mul")
+    near = torch.where(mul, torch.full_like(u, NEAR_DIAGONAL), torch.ones_like(u))
+    tt = torch.where(e2e, torch.zeros_like(t), t - u * t * near)
+    return torch.where(e2e, torch.ones_like(t), t), tt
 
 
 @dataclass

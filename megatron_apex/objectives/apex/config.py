@@ -87,7 +87,8 @@ class APEXConfig:
                  gets the weight of its own (t, tt): 1 for the e2e rows (1, 0).
       any_step:  the base rows train the any-step flow map as the release does (any_step.py):
                  a third at (t, tt) = (1, 0) from pure noise, a third with tt just below t,
-                 a third with tt anywhere in [0, t], each on its RCGM consistency target (a
+                 a third with tt anywhere in [0, t] (under three base rows, each row draws its
+                 group), each on its RCGM consistency target (a
                  step of consistency_step along the row's velocity target, then the model's
                  own no-grad jump to tt in any_step_order segments; the residual clamped to
                  consistency_clamp). Off = velocity queries (tt = t). Replaces the
