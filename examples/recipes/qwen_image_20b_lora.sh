@@ -24,8 +24,7 @@ ARGS=(
   --use-distributed-optimizer --recompute-granularity full
   --micro-batch-size 1 --global-batch-size 64
   --train-iters 3000 --lr 1e-4 --lr-warmup-iters 100 --lr-decay-style constant --clip-grad 1.0
-  --objective apex --apex-variant released --teacher frozen
-  --apex-option w_dm=1.0 --apex-option dm_warmup_steps=80
+  --objective apex --apex-preset release --teacher frozen  # the release's recipe: docs/apex_method.md
   --data-path "${DATA_PATH:-data/shards}"
   --save-interval 250 --log-interval 10
 )

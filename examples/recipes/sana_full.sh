@@ -28,8 +28,7 @@ ARGS=(
   --use-distributed-optimizer
   --micro-batch-size 4 --global-batch-size 256
   --train-iters 5000 --lr 2e-5 --lr-warmup-iters 200 --lr-decay-style constant --clip-grad 1.0
-  --objective apex --apex-variant released --teacher frozen
-  --apex-option w_dm=1.0 --apex-option dm_warmup_steps=80
+  --objective apex --apex-preset release --teacher frozen  # the release's recipe: docs/apex_method.md
   --data-path "${DATA_PATH:-data/shards}"
   --save-interval 250 --log-interval 10
 )
