@@ -20,7 +20,8 @@ rows: R = F - v. The division by d keeps R from vanishing with the step: R -> th
 derivative as d -> 0.
 
 The segments are written as queries (segment_query) and steps (advance) so both schedules run
-them: the direct form in a loop (rcgm_target), the two-phase form one segment per no-grad round.
+them: the direct form in a loop (displacement_by_segments), the two-phase form one segment per
+no-grad round (two_phase.ReleasedTwoPhase).
 """
 
 from __future__ import annotations
