@@ -2,7 +2,7 @@
 """Small-scale reproduction of the APEX paper's claims as one resumable command.
 
     python tools/benchmark_quality.py --quick          # 7 runs, ~19 min on the idle 2-core machine
-    python tools/benchmark_quality.py                  # full: 57 runs, ~6.8 h on the idle 2-core machine
+    python tools/benchmark_quality.py                  # full: 59 runs, ~7.1 h on the idle 2-core machine
     python tools/benchmark_quality.py --smoke --only fm,released-ft   # seconds per run (tests)
     python tools/benchmark_quality.py --list [--quick] # the plan, its launcher flags and time estimate
     python tools/benchmark_quality.py --report-only [--quick]
