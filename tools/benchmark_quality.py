@@ -2,7 +2,7 @@
 """Small-scale reproduction of the APEX paper's claims as one resumable command.
 
     python tools/benchmark_quality.py --quick          # 7 runs, ~19 min on the idle 2-core machine
-    python tools/benchmark_quality.py                  # full: 59 runs, ~7.1 h on the idle 2-core machine
+    python tools/benchmark_quality.py                  # full: 60 runs, ~7.2 h on the idle 2-core machine
     python tools/benchmark_quality.py --smoke --only fm,released-ft   # seconds per run (tests)
     python tools/benchmark_quality.py --list [--quick] # the plan, its launcher flags and time estimate
     python tools/benchmark_quality.py --report-only [--quick]
@@ -166,6 +166,10 @@ RUNS: Tuple[Run, ...] = (
         cells={"options": "release preset, online teacher (from fm-drop)"}),
     Run("release-preset-velocity-online", "fm-drop", "ft", PRESET + opt("any_step=false") + ("--teacher", "online"),
         cells={"options": "release preset without any-step rows, online teacher (from fm-drop)"}),
+    # the release's few-step sampler (jump to tt = 0, re-noise on its grids) on the preset's model (the
+    # release-preset-s1234 training, repeated: the same seed gives the same weights)
+    Run("release-preset-release-sampler", "fm-drop", "ft", PRESET, nfes=(2, 4), method="release",
+        cells={"options": "release preset, sampled with the release's few-step sampler (from fm-drop)"}),
     # the best one-step rows combined: the preset with the paper's best shift cell (Table 7, input site)
     Run("release-preset-input-shift", "fm-drop", "ft", PRESET + shift(*INPUT_SHIFT_CANDIDATE) + INPUT_SITE,
         seeds="train", cells={"options": "release preset + input-site shift (-0.5, 1) (from fm-drop)"}),
