@@ -233,6 +233,23 @@ def test_run_job_skips_evaluates_and_records_failures(tmp_path, monkeypatch):
     assert trained == ["released-ft"] and evaluated == []
 
 
+def test_a_row_without_nfe_1_is_recorded_and_reports_its_lowest_nfe(tmp_path, monkeypatch, capsys):
+    """The few-step sampler's row samples NFE 2 and 4 only; its result is written and the progress
+    line names its lowest NFE's FD (an NFE=1 summary divided by zero here once)."""
+    mode = bq.MODES["full"]
+    job = next(j for j in bq.build_plan(mode) if j.name == "release-preset-release-sampler")
+    assert 1 not in job.run.nfes
+    _fake_checkpoint(tmp_path / "runs" / job.base_job, mode.iters["fm"])
+    _fake_checkpoint(tmp_path / "runs" / job.name, job.iters)
+    monkeypatch.setattr(bq, "Scorer", lambda k: "scorer")
+    monkeypatch.setattr(bq, "evaluate", lambda out, j, scorer: [{"nfe": n, "fd": 10.0 * n} for n in j.run.nfes])
+    bq.run_job(tmp_path, mode, job, bq.Progress([job], mode, tmp_path), [])
+    record = json.loads(bq.result_path(tmp_path, job.name).read_text())
+    assert record["status"] == "ok" and [e["nfe"] for e in record["evals"]] == list(job.run.nfes)
+    lowest = min(job.run.nfes)
+    assert f"NFE={lowest} FD {10.0 * lowest:.1f}" in capsys.readouterr().out
+
+
 def test_dependents_of_an_untrained_base_wait(tmp_path, monkeypatch, capsys):
     mode = bq.MODES["quick"]
     (rel,) = _quick_jobs("released-ft")
