@@ -11,7 +11,7 @@ can be regenerated at any time and tested on synthetic numbers. A result dict ho
   fd_class_means, diversity_real, num_generated, grid}. A `curve` row's result also holds
   curve: [{iters, evals}] (one training run evaluated at several lengths; evals is its last).
 The numbers and verdicts come from megatron_apex/eval/report_claims.py, the plots from
-megatron_apex/eval/report_plots.py (the training-length plot from here).
+megatron_apex/eval/report_plots.py.
 """
 
 from __future__ import annotations
@@ -21,13 +21,11 @@ import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from megatron_apex.eval.report_claims import (TABLE7_A, TABLE7_B, TABLE7_PAPER_BEST, TABLE7_SITES, Entry, Stat,
-                                              aggregate, fmt, headline_claim, references, seed_noise, stat,
-                                              table6_ordering, table7_ordering, with_cell)
+from megatron_apex.eval.report_claims import (TABLE7_A, TABLE7_B, TABLE7_PAPER_BEST, TABLE7_SITES, Entry,
+                                              aggregate, curve_points, curve_teachers, fmt, headline_claim,
+                                              point_metric, references, seed_noise, stat, table6_ordering,
+                                              table7_ordering, with_cell)
 from megatron_apex.eval.report_plots import write_plots
-
-PLOT_CURVE = "curve.png"
-
 
 # ---------------------------------------------------------------------------------------------
 # Markdown
@@ -157,32 +155,6 @@ def ablation_section(entries: Dict[str, Entry], cell: str, title: str) -> List[s
 
 # ---- training length: a curve row's one run evaluated at several lengths ---------------------
 
-def curve_points(entry: Entry) -> Dict[int, List[Dict]]:
-    """Training length -> the row's evaluations at that length, pooled over its ok jobs."""
-    points: Dict[int, List[Dict]] = {}
-    for job in entry.ok_jobs:
-        for point in job.get("curve") or []:
-            points.setdefault(int(point["iters"]), []).extend(point.get("evals", []))
-    return dict(sorted(points.items()))
-
-
-def point_metric(evals: Sequence[Dict], key: str, nfe: int) -> Optional[Stat]:
-    return stat(e.get(key) for e in evals if int(e["nfe"]) == nfe)
-
-
-def curve_teachers(entries: Dict[str, Entry]) -> List[Tuple[Entry, Stat]]:
-    """The FM teachers a curve is measured against, with their NFE=50 FD: the headline teacher
-    and each curve row's base (fm-drop for the release preset)."""
-    names = [e.name for e in entries.values() if e.cells.get("claim") == "teacher"]
-    names += [j.get("base") for e in with_cell(entries, "curve") for j in e.jobs]
-    found = []
-    for name in dict.fromkeys(n for n in names if n in entries):
-        fd50 = entries[name].metric("fd", 50)
-        if fd50 is not None:
-            found.append((entries[name], fd50))
-    return found
-
-
 def _same_flags_noise(entries: Dict[str, Entry], curve: Entry) -> Tuple[Optional[float], Optional[Entry]]:
     """The NFE=1 FD seed spread of a multi-seed row trained with the curve row's flags."""
     flags = {tuple(j.get("flags", [])) for j in curve.jobs}
@@ -235,47 +207,6 @@ def curve_section(entries: Dict[str, Entry]) -> List[str]:
                 + "; ".join(f"`{t.name}` FD {fmt(fd50)}" for t, fd50 in teachers) + ".", ""]
     sentences = [_curve_sentence(entries, e, curve_points(e)) for e in rows]
     return out + [s for s in sentences if s] + ([""] if any(sentences) else [])
-
-
-def write_curve_plot(results: Sequence[Dict], out_dir) -> List[str]:
-    """curve.png: NFE=1 and NFE=4 FD against training length, the FM teachers' NFE=50 FD as
-    horizontal lines; [] without matplotlib or without curve results."""
-    entries = aggregate(results)
-    rows = [(e, curve_points(e)) for e in with_cell(entries, "curve")]
-    rows = [(e, p) for e, p in rows if p]
-    if not rows:
-        return []
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for e, points in rows:
-        for nfe, marker in ((1, "o"), (4, "s")):
-            stats = [(n, point_metric(ev, "fd", nfe)) for n, ev in points.items()]
-            stats = [(n, s) for n, s in stats if s is not None]
-            if stats:
-                ax.errorbar([n for n, _ in stats], [s.mean for _, s in stats], yerr=[s.std for _, s in stats],
-                            marker=marker, capsize=3, label=f"{e.cells['curve']}, NFE={nfe}")
-    for (teacher, fd50), style in zip(curve_teachers(entries), ("--", ":", "-.")):
-        ax.axhline(fd50.mean, color="grey", linestyle=style, label=f"{teacher.cells.get('headline', teacher.name)}, NFE=50")
-    ax.set_xscale("log")
-    lengths = sorted({n for _, points in rows for n in points})
-    ax.set_xticks(lengths, [str(n) for n in lengths])
-    ax.set_xticks([], minor=True)  # a log axis labels its minor ticks (3x10^2 ...) between the lengths
-    ax.set_xlabel("APEX fine-tuning iterations")
-    ax.set_ylabel("Frechet distance (lower is better)")
-    ax.legend(fontsize=7)
-    ax.set_title("One-step quality against training length")
-    path = Path(out_dir) / PLOT_CURVE
-    tmp = path.with_name(f".{PLOT_CURVE}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return [PLOT_CURVE]
 
 
 def references_section(results: Sequence[Dict]) -> List[str]:
@@ -363,7 +294,7 @@ def write_report(out_dir, expected_seconds: Optional[float] = None) -> Path:
     """Read OUT/results/*.json, write OUT/report.md and the plots; returns report.md's path."""
     out_dir = Path(out_dir)
     results = load_results(out_dir / "results")
-    plots = write_plots(results, out_dir) + write_curve_plot(results, out_dir)
+    plots = write_plots(results, out_dir)
     path = out_dir / "report.md"
     tmp = path.with_name(f".report.md.tmp-{os.getpid()}")
     tmp.write_text(render_report(results, expected_seconds, plots))

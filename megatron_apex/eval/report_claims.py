@@ -232,3 +232,29 @@ def headline_claim(entries: Dict[str, Entry]) -> str:
     return text
 
 
+# ---- training length: a curve row's one run evaluated at several lengths ---------------------
+
+def curve_points(entry: Entry) -> Dict[int, List[Dict]]:
+    """Training length -> the row's evaluations at that length, pooled over its ok jobs."""
+    points: Dict[int, List[Dict]] = {}
+    for job in entry.ok_jobs:
+        for point in job.get("curve") or []:
+            points.setdefault(int(point["iters"]), []).extend(point.get("evals", []))
+    return dict(sorted(points.items()))
+
+
+def point_metric(evals: Sequence[Dict], key: str, nfe: int) -> Optional[Stat]:
+    return stat(e.get(key) for e in evals if int(e["nfe"]) == nfe)
+
+
+def curve_teachers(entries: Dict[str, Entry]) -> List[Tuple[Entry, Stat]]:
+    """The FM teachers a curve is measured against, with their NFE=50 FD: the headline teacher
+    and each curve row's base (fm-drop for the release preset)."""
+    names = [e.name for e in entries.values() if e.cells.get("claim") == "teacher"]
+    names += [j.get("base") for e in with_cell(entries, "curve") for j in e.jobs]
+    found = []
+    for name in dict.fromkeys(n for n in names if n in entries):
+        fd50 = entries[name].metric("fd", 50)
+        if fd50 is not None:
+            found.append((entries[name], fd50))
+    return found

@@ -6,11 +6,12 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from megatron_apex.eval.report_claims import (TABLE6_PAPER, TABLE7_SITES, Entry, Stat, aggregate, references,
-                                              shift_key, with_cell)
+from megatron_apex.eval.report_claims import (TABLE6_PAPER, TABLE7_SITES, Entry, Stat, aggregate, curve_points,
+                                              curve_teachers, point_metric, references, shift_key, with_cell)
 
 PLOT_NFE = "fd_vs_nfe.png"
 PLOT_ABLATIONS = "ablations.png"
+PLOT_CURVE = "curve.png"
 
 
 def write_plots(results: Sequence[Dict], out_dir) -> List[str]:
@@ -24,7 +25,7 @@ def write_plots(results: Sequence[Dict], out_dir) -> List[str]:
         return []
     entries = aggregate(results)
     written = []
-    for name, draw in ((PLOT_NFE, _plot_nfe), (PLOT_ABLATIONS, _plot_ablations)):
+    for name, draw in ((PLOT_NFE, _plot_nfe), (PLOT_ABLATIONS, _plot_ablations), (PLOT_CURVE, _plot_curve)):
         fig = draw(plt, entries, references(results))
         if fig is None:
             continue
@@ -102,3 +103,30 @@ def _plot_ablations(plt, entries: Dict[str, Entry], ref: Dict):
     fig.tight_layout()
     return fig
 
+
+def _plot_curve(plt, entries: Dict[str, Entry], ref: Dict):
+    """NFE=1 and NFE=4 FD against training length, the FM teachers' NFE=50 FD as horizontal
+    lines; None without curve results."""
+    rows = [(e, curve_points(e)) for e in with_cell(entries, "curve")]
+    rows = [(e, p) for e, p in rows if p]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for e, points in rows:
+        for nfe, marker in ((1, "o"), (4, "s")):
+            stats = [(n, point_metric(ev, "fd", nfe)) for n, ev in points.items()]
+            stats = [(n, s) for n, s in stats if s is not None]
+            if stats:
+                ax.errorbar([n for n, _ in stats], [s.mean for _, s in stats], yerr=[s.std for _, s in stats],
+                            marker=marker, capsize=3, label=f"{e.cells['curve']}, NFE={nfe}")
+    for (teacher, fd50), style in zip(curve_teachers(entries), ("--", ":", "-.")):
+        ax.axhline(fd50.mean, color="grey", linestyle=style, label=f"{teacher.cells.get('headline', teacher.name)}, NFE=50")
+    ax.set_xscale("log")
+    lengths = sorted({n for _, points in rows for n in points})
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_xticks([], minor=True)  # a log axis labels its minor ticks (3x10^2 ...) between the lengths
+    ax.set_xlabel("APEX fine-tuning iterations")
+    ax.set_ylabel("Frechet distance (lower is better)")
+    ax.legend(fontsize=7)
+    ax.set_title("One-step quality against training length")
+    return fig

@@ -712,15 +712,15 @@ def test_write_report_draws_the_curve_plot_only_with_curve_results(tmp_path):
     for r in _curve_results():
         bq.write_json(tmp_path / "results" / f"{r['job']}.json", r)
     text = rp.write_report(tmp_path).read_text()
-    assert "## Training length" in text and f"![{rp.PLOT_CURVE}]({rp.PLOT_CURVE})" in text
-    with Image.open(tmp_path / rp.PLOT_CURVE) as img:
+    assert "## Training length" in text and f"![{plots.PLOT_CURVE}]({plots.PLOT_CURVE})" in text
+    with Image.open(tmp_path / plots.PLOT_CURVE) as img:
         assert img.size[0] > 200 and img.size[1] > 100
     assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]
     bare = tmp_path / "bare"
     for r in _all_results():
         bq.write_json(bare / "results" / f"{r['job']}.json", r)
     text = rp.write_report(bare).read_text()
-    assert "Training length" not in text and rp.PLOT_CURVE not in text and not (bare / rp.PLOT_CURVE).exists()
+    assert "Training length" not in text and plots.PLOT_CURVE not in text and not (bare / plots.PLOT_CURVE).exists()
 
 
 # ---- end to end: the FM teacher and one fine-tune through the launcher, then a rerun --------
