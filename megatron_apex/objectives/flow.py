@@ -109,6 +109,12 @@ class TimeSamplerConfig:
             raise ValueError(f"TimeSamplerConfig.frac_at_one must be in [0, 1], got {self.frac_at_one}")
 
 
+def draw_device(generator: Optional[torch.Generator]) -> torch.device:
+    """Where random draws happen: the generator's device, the CPU (global RNG) without one, so the
+    same seed gives the same numbers whatever device the result goes to."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 def sample_time(batch_size: int, cfg: TimeSamplerConfig,
                 generator: Optional[torch.Generator] = None,
                 device: Optional[torch.device] = None) -> torch.Tensor:
@@ -118,8 +124,7 @@ def sample_time(batch_size: int, cfg: TimeSamplerConfig,
     times, then the t = 1 coin flips; the result is then moved to ``device``."""
     if batch_size < 1:
         raise ValueError(f"sample_time: batch_size must be >= 1, got {batch_size}")
-    draw_device = generator.device if generator is not None else torch.device("cpu")
-    kw = dict(generator=generator, device=draw_device, dtype=torch.float32)
+    kw = dict(generator=generator, device=draw_device(generator), dtype=torch.float32)
     if cfg.kind == "uniform":
         t = cfg.t_min + (1 - cfg.t_min) * torch.rand(batch_size, **kw)
     else:

@@ -32,7 +32,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from megatron_apex.objectives.apex.queries import ModelQuery, answer_query
-from megatron_apex.objectives.flow import expand_time
+from megatron_apex.objectives.flow import draw_device, expand_time
 
 GROUPS = ("e2e", "mul", "any")
 # The release's "mul" rows jump at most this fraction of t (its min(0.05, consistc_ratio)).
@@ -54,8 +54,7 @@ def row_groups(n: int, generator: Optional[torch.Generator], device: torch.devic
     if n >= len(GROUPS):
         sizes = torch.tensor(group_sizes(n), device=device)
         return torch.repeat_interleave(torch.arange(len(GROUPS), device=device), sizes)
-    draw_device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randint(len(GROUPS), (n,), generator=generator, device=draw_device).to(device)
+    return torch.randint(len(GROUPS), (n,), generator=generator, device=draw_device(generator)).to(device)
 
 
 def draw_target_times(t: torch.Tensor, generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -64,8 +63,7 @@ def draw_target_times(t: torch.Tensor, generator: Optional[torch.Generator]) -> 
     device (CPU without one) in at least float32; then, for fewer than three rows, their groups
     (row_groups)."""
     n = t.shape[0]
-    draw_device = generator.device if generator is not None else torch.device("cpu")
-    u = torch.rand(n, generator=generator, device=draw_device,
+    u = torch.rand(n, generator=generator, device=draw_device(generator),
                    dtype=torch.promote_types(t.dtype, torch.float32)).to(device=t.device, dtype=t.dtype)
     group = row_groups(n, generator, t.device)
     e2e, mul = group == GROUPS.index("e2e"), group == GROUPS.index("mul")

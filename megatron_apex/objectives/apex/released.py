@@ -30,7 +30,8 @@ from megatron_apex.objectives.apex.config import APEXConfig
 from megatron_apex.objectives.apex.paper import fake_flow_query, fake_flow_term
 from megatron_apex.objectives.apex.queries import ModelQuery, answer_query, batch_queries, call_model, split_output
 from megatron_apex.objectives.apex.release_options import flag_fake_time, per_sample_loss, tan_weight, weighted_mean
-from megatron_apex.objectives.flow import WEIGHT_T_EPS, expand_time, interpolate, per_sample_mse, velocity_target
+from megatron_apex.objectives.flow import (WEIGHT_T_EPS, draw_device, expand_time, interpolate, per_sample_mse,
+                                          velocity_target)
 
 # ---- the batch: rows, fresh draws, which terms are on -------------------------------------
 
@@ -52,17 +53,17 @@ def draw_fresh(n: int, sample_shape: Tuple[int, ...], cfg: APEXConfig, generator
     float32 (the input dtype when wider), then move them to ``device``/``dtype``.
     Times are ``fresh_t_min + (fresh_t_max - fresh_t_min) * u``. All four are always drawn,
     so the stream does not depend on which terms are on."""
-    draw_device = generator.device if generator is not None else torch.device("cpu")
+    where = draw_device(generator)
     x_draw = torch.promote_types(dtype, torch.float32)
     t_draw = torch.promote_types(t_dtype, torch.float32)
     span = cfg.fresh_t_max - cfg.fresh_t_min
 
     def times():
-        u = torch.rand(n, generator=generator, device=draw_device, dtype=t_draw)
+        u = torch.rand(n, generator=generator, device=where, dtype=t_draw)
         return (cfg.fresh_t_min + span * u).to(device=device, dtype=t_dtype)
 
     def noise():
-        z = torch.randn((n, *sample_shape), generator=generator, device=draw_device, dtype=x_draw)
+        z = torch.randn((n, *sample_shape), generator=generator, device=where, dtype=x_draw)
         return z.to(device=device, dtype=dtype)
 
     t_fake = times()
